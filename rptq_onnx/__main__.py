@@ -1,0 +1,3 @@
+from rptq_onnx.cli import main
+
+raise SystemExit(main())

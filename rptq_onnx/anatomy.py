@@ -1,0 +1,436 @@
+"""Where the RPTQ reorder points are: a typed map of every OPT decoder layer in an ONNX graph.
+
+Matching is structural, never by tensor or node names (the dynamo exporter generates names
+like ``node_MatMul_106``; the TorchScript exporter uses scope paths). Each attention block is
+anchored on its ``Softmax``; from there the pattern is walked through the data path:
+
+    x ─ LayerNorm(attn) ─┬─ q_proj ─ (·scale) ─ Reshape ─ Transpose ─┐
+                         ├─ k_proj ─ Reshape ─ Transpose ─ [Concat past] ─ Transpose ─ MatMul(QKᵀ) ─ … ─ Softmax
+                         └─ v_proj ─ Reshape ─ Transpose ─ [Concat past] ─────────────── MatMul(PV) ─┘
+      PV ─ Transpose ─ Reshape ─ out_proj ─ Add(residual) ─ [Reshape] ─ LayerNorm(final)
+         ─ fc1 ─ ReLU ─ fc2
+
+R-points (see DESIGN.md §1):
+    R1  attention LayerNorm output        (→ rows of q/k/v)
+    R2  q_proj and k_proj outputs         (one shared permutation, per head)
+    R3  out_proj input                    (channels of v, per head)
+    R4  final LayerNorm output            (→ rows of fc1)
+    R5  fc2 input                         (after the activation)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+
+from rptq_onnx.errors import RptqError
+from rptq_onnx.graph import GraphIndex
+
+POINTS = ("R1", "R2", "R3", "R4", "R5")
+
+# Ops that carry a tensor's values to another layout without mixing channels of different
+# tokens; the walks below pass through them. Input 0 is the data input unless listed below.
+_DATA_PATH_OPS = {"Reshape", "Transpose", "Cast", "Identity", "Expand", "Unsqueeze", "Squeeze",
+                  "Mul", "Div", "Add", "Sub", "Concat", "Dropout", "Flatten", "Slice"}
+_ELEMENTWISE_MULTI = {"Mul", "Div", "Add", "Sub", "Concat"}
+_FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                    "PackedMultiHeadAttention", "SparseAttention"}
+_ACTIVATIONS = {"Relu", "Gelu", "FastGelu", "Tanh", "Sigmoid", "Erf", "Mul", "Div", "Add", "Cast", "Identity"}
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A LayerNormalization node: its input (the residual stream), output, γ and β initializers."""
+
+    node: str
+    input: str
+    output: str
+    weight: str
+    bias: str | None
+    channels: int
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer: MatMul [in, out] (+ Add bias) or Gemm (transB=1: [out, in])."""
+
+    node: str
+    op: str
+    input: str
+    output: str  # after the bias
+    weight: str  # initializer name (Identity chains resolved)
+    weight_layout: str  # "in_out" (MatMul, Gemm transB=0) or "out_in" (Gemm transB=1)
+    bias: str | None
+    bias_node: str | None  # the Add of a MatMul's bias; None for Gemm (bias is input C)
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class OptLayer:
+    """Everything an RPTQ pass needs to know about one pre-LN OPT decoder layer."""
+
+    index: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    ffn_dim: int
+    attn_norm: Norm
+    q_proj: Linear
+    k_proj: Linear
+    v_proj: Linear
+    qk_matmul: str
+    softmax: str
+    softmax_output: str
+    pv_matmul: str
+    out_proj: Linear
+    final_norm: Norm
+    fc1: Linear
+    activation: str
+    fc2: Linear
+    past_key: str | None = None
+    past_value: str | None = None
+    present_key: str | None = None
+    present_value: str | None = None
+
+    @property
+    def key(self) -> str:
+        """K as quantized for the cache: the k_proj output (after bias), [B, S, hidden]."""
+        return self.k_proj.output
+
+    @property
+    def value(self) -> str:
+        return self.v_proj.output
+
+    def points(self) -> dict[str, tuple[str, ...]]:
+        """R-point → the tensor(s) whose channels are clustered there."""
+        return {
+            "R1": (self.attn_norm.output,),
+            "R2": (self.q_proj.output, self.k_proj.output),
+            "R3": (self.out_proj.input,),
+            "R4": (self.final_norm.output,),
+            "R5": (self.fc2.input,),
+        }
+
+    def point_channels(self) -> dict[str, int]:
+        return {"R1": self.hidden_size, "R2": self.hidden_size, "R3": self.hidden_size,
+                "R4": self.hidden_size, "R5": self.ffn_dim}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["points"] = {k: list(v) for k, v in self.points().items()}
+        d["point_channels"] = self.point_channels()
+        return d
+
+
+@dataclass(frozen=True)
+class ModelMap:
+    """The layer map plus model-level facts passes need (final norm, LM head, sharing)."""
+
+    layers: tuple[OptLayer, ...]
+    with_past: bool
+    shared_initializers: frozenset[str]
+
+    def is_shared(self, initializer: str) -> bool:
+        """True when more than one node reads this initializer: copy it before modifying."""
+        return initializer in self.shared_initializers
+
+
+def find_opt_layers(model: onnx.ModelProto) -> list[OptLayer]:
+    """The pre-LN OPT decoder layers of ``model`` in order, or a one-line RptqError."""
+    return list(map_model(model).layers)
+
+
+def map_model(model: onnx.ModelProto) -> ModelMap:
+    index = GraphIndex(model)
+    fused = sorted({n.op_type for n in index.nodes if n.op_type in _FUSED_ATTENTION})
+    if fused:
+        raise RptqError(f"the graph has fused attention ({', '.join(fused)}), which hides q/k/v and QKᵀ; "
+                        "export it without attention fusion (rptq-onnx export)")
+    softmaxes = sorted((n for n in index.nodes if n.op_type == "Softmax"), key=lambda n: index.position[id(n)])
+    if not softmaxes:
+        raise RptqError("not an OPT decoder graph: no attention Softmax found; export an OPT model with `rptq-onnx export`")
+    shapes = _infer_shapes(model)
+    layers = [_match_layer(index, shapes, i, sm) for i, sm in enumerate(softmaxes)]
+    with_past = all(layer.past_key and layer.present_key for layer in layers)
+    shared = frozenset(name for name in index.initializers if len(index.readers_of_initializer(name)) > 1)
+    return ModelMap(layers=tuple(layers), with_past=with_past, shared_initializers=shared)
+
+
+class _Matcher:
+    """Walks from one attention Softmax; every failure names the layer and the part missing."""
+
+    def __init__(self, index: GraphIndex, shapes: dict[str, list], layer: int):
+        self.g = index
+        self.shapes = shapes
+        self.layer = layer
+
+    def fail(self, what: str) -> RptqError:
+        return RptqError(f"layer {self.layer}: {what}; rptq-onnx supports pre-LN OPT decoder graphs from `rptq-onnx export`")
+
+    def node_input(self, node: onnx.NodeProto, i: int) -> str:
+        return node.input[i] if len(node.input) > i else ""
+
+    def data_inputs(self, node: onnx.NodeProto) -> list[str]:
+        if node.op_type in _ELEMENTWISE_MULTI:
+            return self.g.dynamic_inputs(node)
+        return [node.input[0]] if node.input and node.input[0] else []
+
+    def back_to(self, tensor: str, predicate, max_depth: int = 10) -> tuple[onnx.NodeProto, str] | None:
+        """Walk producers along data inputs until ``predicate(node)``; return (node, tensor)."""
+        frontier = [(tensor, 0)]
+        seen = set()
+        while frontier:
+            name, depth = frontier.pop(0)
+            if name in seen or depth > max_depth:
+                continue
+            seen.add(name)
+            node = self.g.producer.get(name)
+            if node is None:
+                continue
+            if predicate(node):
+                return node, name
+            if node.op_type in _DATA_PATH_OPS or node.op_type in ("Where", "Max", "Min"):
+                frontier.extend((t, depth + 1) for t in self.data_inputs(node))
+        return None
+
+    def forward_to(self, tensor: str, predicate, through: set[str], max_depth: int = 10) -> tuple[onnx.NodeProto, int] | None:
+        """Walk consumers through ``through`` ops until ``predicate(node)``; return (node, input index)."""
+        frontier = [(tensor, 0)]
+        seen = set()
+        while frontier:
+            name, depth = frontier.pop(0)
+            if name in seen or depth > max_depth:
+                continue
+            seen.add(name)
+            for node in self.g.consumers.get(name, []):
+                if predicate(node):
+                    return node, list(node.input).index(name)
+                if node.op_type in through:
+                    frontier.extend((o, depth + 1) for o in node.output if o)
+        return None
+
+    def is_dynamic_matmul(self, node: onnx.NodeProto) -> bool:
+        return node.op_type == "MatMul" and len(self.g.dynamic_inputs(node)) == 2
+
+    def is_linear(self, node: onnx.NodeProto) -> bool:
+        if node.op_type == "MatMul":
+            shape = self.g.constant_shape(node.input[1])
+            return shape is not None and len(shape) == 2 and not self.g.is_constant(node.input[0])
+        if node.op_type == "Gemm":
+            shape = self.g.constant_shape(node.input[1])
+            return shape is not None and len(shape) == 2
+        return False
+
+    def linear(self, node: onnx.NodeProto, role: str) -> Linear:
+        weight = self.g.constant_source(node.input[1])
+        if weight not in self.g.initializers:
+            raise self.fail(f"{role} weight is not an initializer")
+        dims = tuple(self.g.initializers[weight].dims)
+        if node.op_type == "Gemm":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transA", 0):
+                raise self.fail(f"{role} is a Gemm with transA=1")
+            layout = "out_in" if attrs.get("transB", 0) else "in_out"
+            bias = self.g.constant_source(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            out_t, bias_node = node.output[0], None
+        else:
+            layout = "in_out"
+            bias, bias_node, out_t = None, None, node.output[0]
+            users = self.g.value_readers(node.output[0])
+            if len(users) == 1 and users[0].op_type == "Add":
+                add = users[0]
+                other = [t for t in add.input if t != node.output[0]]
+                src = self.g.constant_source(other[0]) if other else None
+                if src is not None and len(self.g.constant_shape(src) or ()) == 1:
+                    bias, bias_node, out_t = src, add.name, add.output[0]
+        in_f, out_f = (dims[1], dims[0]) if layout == "out_in" else (dims[0], dims[1])
+        return Linear(node=node.name, op=node.op_type, input=node.input[0], output=out_t, weight=weight,
+                      weight_layout=layout, bias=bias, bias_node=bias_node, in_features=int(in_f), out_features=int(out_f))
+
+    def linear_behind(self, tensor: str, role: str) -> Linear:
+        found = self.back_to(tensor, self.is_linear)
+        if found is None:
+            raise self.fail(f"no {role} linear (MatMul/Gemm with a weight initializer) feeds the attention")
+        return self.linear(found[0], role)
+
+    def norm(self, node: onnx.NodeProto, role: str) -> Norm:
+        weight = self.g.constant_source(self.node_input(node, 1))
+        bias = self.g.constant_source(self.node_input(node, 2)) if self.node_input(node, 2) else None
+        if weight not in self.g.initializers:
+            raise self.fail(f"{role} LayerNorm γ is not an initializer")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("axis", -1) != -1:
+            rank = len(self.shapes.get(node.input[0]) or [])
+            if attrs.get("axis") != rank - 1:
+                raise self.fail(f"{role} LayerNorm does not normalize the last axis")
+        return Norm(node=node.name, input=node.input[0], output=node.output[0], weight=weight, bias=bias,
+                    channels=int(self.g.initializers[weight].dims[0]))
+
+    def heads(self, qk: onnx.NodeProto, hidden: int, present: str | None) -> tuple[int, int]:
+        for tensor in (qk.input[1], qk.input[0], present):
+            dims = self.shapes.get(tensor) if tensor else None
+            if dims and len(dims) == 4:
+                h = dims[1]
+                d = dims[2] if tensor == qk.input[1] else dims[3]
+                if isinstance(h, int) and isinstance(d, int) and h * d == hidden:
+                    return h, d
+        raise self.fail("cannot determine the number of attention heads from the graph's shapes")
+
+
+def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax: onnx.NodeProto) -> OptLayer:
+    m = _Matcher(index, shapes, layer)
+    found = m.back_to(softmax.input[0], m.is_dynamic_matmul, max_depth=6)
+    if found is None:
+        raise m.fail("no QKᵀ MatMul before the attention Softmax")
+    qk = found[0]
+    pv_hit = m.forward_to(softmax.output[0], lambda n: m.is_dynamic_matmul(n), through={"Cast", "Identity", "Dropout", "Where"})
+    if pv_hit is None or pv_hit[1] != 0:
+        raise m.fail("no PV MatMul after the attention Softmax")
+    pv = pv_hit[0]
+
+    q = m.linear_behind(qk.input[0], "q_proj")
+    k = m.linear_behind(qk.input[1], "k_proj")
+    v = m.linear_behind(pv.input[1], "v_proj")
+    if len({q.node, k.node, v.node}) != 3:
+        raise m.fail("q, k and v do not come from three separate linears (fused QKV, as in GPT-2?)")
+    if not (q.input == k.input == v.input):
+        raise m.fail("q_proj, k_proj and v_proj do not read the same tensor")
+
+    # R1: pre-LN means q/k/v read a LayerNormalization whose output nothing else reads.
+    ln_node = index.producer.get(q.input)
+    if ln_node is None or ln_node.op_type != "LayerNormalization":
+        what = ln_node.op_type if ln_node is not None else "a graph input"
+        raise m.fail(f"q/k/v read {what}, not a LayerNormalization output (post-LN OPT such as opt-350m, "
+                     "do_layer_norm_before=False, is not supported)")
+    readers = {n.name for n in index.value_readers(q.input)}
+    if readers != {q.node, k.node, v.node}:
+        raise m.fail("the attention LayerNorm output also feeds the residual (post-LN OPT such as opt-350m, "
+                     "do_layer_norm_before=False, is not supported)")
+    attn_norm = m.norm(ln_node, "attention")
+
+    # R3: PV → Transpose → Reshape → out_proj
+    hit = m.forward_to(pv.output[0], m.is_linear, through={"Transpose", "Reshape", "Cast", "Identity"})
+    if hit is None or hit[1] != 0:
+        raise m.fail("no out_proj linear after the attention")
+    out_proj = m.linear(hit[0], "out_proj")
+
+    # residual add, then R4: the final LayerNorm (through the reshape to 2-D)
+    residual = next((n for n in index.consumers.get(out_proj.output, []) if n.op_type == "Add"), None)
+    if residual is None or attn_norm.input not in _reshape_sources(index, residual):
+        raise m.fail("no residual Add of the attention output and the attention LayerNorm input")
+    hit = m.forward_to(residual.output[0], lambda n: n.op_type == "LayerNormalization",
+                       through={"Reshape", "Identity", "Flatten", "Cast"}, max_depth=3)
+    if hit is None:
+        raise m.fail("no final LayerNorm after the attention residual (post-LN OPT such as opt-350m is not supported)")
+    final_ln_node = hit[0]
+    final_norm = m.norm(final_ln_node, "final")
+    fc1_readers = index.value_readers(final_norm.output)
+    if len(fc1_readers) != 1 or not m.is_linear(fc1_readers[0]):
+        raise m.fail("the final LayerNorm output does not feed exactly one linear (fc1)")
+    fc1 = m.linear(fc1_readers[0], "fc1")
+
+    # R5: fc1 → activation → fc2
+    act_users = index.value_readers(fc1.output)
+    if len(act_users) != 1 or act_users[0].op_type not in _ACTIVATIONS:
+        raise m.fail("no activation (ReLU) after fc1")
+    act = act_users[0]
+    hit = m.forward_to(act.output[0], m.is_linear, through=_ACTIVATIONS, max_depth=6)
+    if hit is None or hit[1] != 0:
+        raise m.fail("no fc2 linear after the fc1 activation")
+    fc2 = m.linear(hit[0], "fc2")
+    if fc2.in_features != fc1.out_features or fc2.out_features != fc1.in_features:
+        raise m.fail("fc1/fc2 shapes do not form an MLP")
+
+    hidden = q.out_features
+    present_key = _graph_output_on_path(index, k.output, qk.input[1])
+    present_value = _graph_output_on_path(index, v.output, pv.input[1])
+    num_heads, head_dim = m.heads(qk, hidden, present_key)
+    return OptLayer(
+        index=layer, num_heads=num_heads, head_dim=head_dim, hidden_size=hidden, ffn_dim=fc1.out_features,
+        attn_norm=attn_norm, q_proj=q, k_proj=k, v_proj=v, qk_matmul=qk.name, softmax=softmax.name,
+        softmax_output=softmax.output[0], pv_matmul=pv.name, out_proj=out_proj, final_norm=final_norm,
+        fc1=fc1, activation=act.name, fc2=fc2,
+        past_key=_past_input(index, present_key), past_value=_past_input(index, present_value),
+        present_key=present_key, present_value=present_value)
+
+
+def _reshape_sources(index: GraphIndex, node: onnx.NodeProto) -> set[str]:
+    """Inputs of ``node`` and what they were reshaped from (the residual is [B*S, C] in the MLP)."""
+    names = set(node.input)
+    for t in list(node.input):
+        producer = index.producer.get(t)
+        if producer is not None and producer.op_type in ("Reshape", "Identity"):
+            names.add(producer.input[0])
+    return names
+
+
+def _graph_output_on_path(index: GraphIndex, start: str, end: str) -> str | None:
+    """A graph output (present K/V) produced between ``start`` and ``end`` on the data path."""
+    outputs = set(index.graph_outputs)
+    name, steps = end, 0
+    while name and steps < 8:
+        if name in outputs:
+            return name
+        node = index.producer.get(name)
+        if node is None or name == start:
+            return None
+        if node.op_type == "Concat":
+            if any(t in outputs for t in node.output):
+                return node.output[0]
+        name = node.input[0] if node.op_type != "Concat" else next(
+            (t for t in node.input if t not in index.graph_inputs), "")
+        steps += 1
+    return None
+
+
+def _past_input(index: GraphIndex, present: str | None) -> str | None:
+    if present is None:
+        return None
+    node = index.producer.get(present)
+    if node is None or node.op_type != "Concat":
+        return None
+    for tensor in node.input:
+        for _ in range(4):  # the TorchScript exporter routes the past through a one-input Concat
+            if tensor in index.graph_inputs:
+                return tensor
+            producer = index.producer.get(tensor)
+            if producer is None or producer.op_type not in ("Concat", "Identity", "Cast") or len(producer.input) != 1:
+                break
+            tensor = producer.input[0]
+    return None
+
+
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Static shapes by ONNX shape inference (with data propagation), run on a weight-free copy."""
+    light = onnx.ModelProto()
+    _copy_without_weights(model, light)
+    try:
+        inferred = shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:
+        inferred = light
+    shapes: dict[str, list] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    return shapes
+
+
+def _copy_without_weights(model: onnx.ModelProto, dest: onnx.ModelProto) -> None:
+    dest.ir_version = model.ir_version
+    dest.opset_import.extend(model.opset_import)
+    g = dest.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) <= 64:
+            g.initializer.append(init)
+        else:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))

@@ -1,0 +1,85 @@
+"""`rptq-onnx` command line. Each subcommand's flags mirror the Python API one to one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rptq_onnx.errors import RptqError
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rptq_onnx.export import export
+
+    result = export(args.model, args.output, with_past=args.with_past, opset=args.opset, exporter=args.exporter)
+    rec = result.record
+    print(f"exported {rec['model_type']} ({rec['config']['num_hidden_layers']} layers, hidden {rec['config']['hidden_size']}) "
+          f"→ {result.model_path}  [opset {rec['opset']}, {rec['exporter']}, {'with past' if rec['with_past'] else 'no cache'}]")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from rptq_onnx.inspection import describe, format_table
+
+    desc = describe(args.model)
+    print(json.dumps(desc, indent=2) if args.json else format_table(desc))
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Library warnings and progress bars are not ours to print; errors still are."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rptq_onnx import __version__
+    from rptq_onnx.export import DEFAULT_OPSET, EXPORTERS
+
+    parser = argparse.ArgumentParser(prog="rptq-onnx", description="RPTQ low-bit quantization of OPT graphs in ONNX.")
+    parser.add_argument("--version", action="version", version=f"rptq-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export a Hugging Face OPT model to ONNX",
+                       description="Export a Hugging Face OPT model (hub id or local directory) to OUT_DIR/model.onnx.")
+    p.add_argument("model", metavar="MODEL", help="Hugging Face hub id or local directory (config.json + weights)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
+    past = p.add_mutually_exclusive_group()
+    past.add_argument("--with-past", dest="with_past", action="store_true", default=True,
+                      help="graph with past_key_values inputs and present outputs (default)")
+    past.add_argument("--no-past", dest="with_past", action="store_false", help="graph without a KV cache")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
+                   help="torch exporter: dynamo (default) or the legacy torchscript one")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("inspect", help="show the RPTQ layer map of an ONNX model",
+                       description="Locate every RPTQ reorder point (R1–R5), K/V and heads in an OPT ONNX graph.")
+    p.add_argument("model", metavar="MODEL.onnx", help="an .onnx file (or a directory holding model.onnx)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except RptqError as exc:
+        print(f"rptq-onnx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rptq-onnx: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("rptq-onnx: error: out of memory; use a smaller batch or model", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Loading, indexing and writing ONNX graphs.
+
+This is the only module that writes model files. Everything is written into a staging
+directory beside the destination and moved into place only once complete, so a failed run
+leaves nothing partial behind and never touches its input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from rptq_onnx.errors import RptqError
+
+# Above this serialized size a model is saved with its weights in an external data file
+# (protobuf cannot hold more than 2 GiB in one message).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+EXTERNAL_DATA_SUFFIX = ".data"
+
+
+def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
+    """Read an .onnx file (external data beside it is supported) or raise a one-line RptqError."""
+    path = Path(path)
+    if not path.exists():
+        raise RptqError(f"{path}: no such file; pass the path of an .onnx model (e.g. OUT_DIR/model.onnx from `rptq-onnx export`)")
+    if path.is_dir():
+        candidate = path / "model.onnx"
+        if candidate.is_file():
+            path = candidate
+        else:
+            raise RptqError(f"{path}: is a directory without model.onnx; pass the .onnx file itself")
+    try:
+        model = onnx.load(str(path), load_external_data=load_weights)
+    except Exception as exc:  # protobuf raises several unrelated types for damaged files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RptqError(f"{path}: not a readable ONNX model ({reason}); the file may be truncated, re-export it with `rptq-onnx export`") from None
+    if not model.graph.node:
+        raise RptqError(f"{path}: the ONNX file holds no graph nodes (truncated or empty); re-export it with `rptq-onnx export`")
+    return model
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging directory; on success move its files into ``out_dir``.
+
+    On any exception the staging directory is deleted and ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RptqError(f"{out_dir}: exists and is not a directory; choose another -o/--output")
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    created = not out_dir.exists()
+    out_dir.mkdir(exist_ok=True)
+    try:
+        for item in sorted(stage.iterdir()):
+            target = out_dir / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` (inside a staging directory), with external data when large."""
+    path = Path(path)
+    data_name = path.name + EXTERNAL_DATA_SUFFIX
+    if _serialized_size(model) > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def _serialized_size(model: onnx.ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except Exception:  # protobuf refuses to size messages past 2 GiB
+        return 1 << 62
+
+
+def topological_order(nodes: Iterable[onnx.NodeProto], graph_inputs: Iterable[str] = ()) -> list[onnx.NodeProto]:
+    """Kahn's algorithm, iterative (deep LLM graphs overflow recursive sorts). Keeps file order on ties."""
+    nodes = list(nodes)
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                producer[out] = i
+    deps: list[set[int]] = []
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, node in enumerate(nodes):
+        d = {producer[t] for t in _all_inputs(node) if t in producer and producer[t] != i}
+        deps.append(d)
+        for j in d:
+            users[j].append(i)
+    remaining = [len(d) for d in deps]
+    ready = deque(i for i, r in enumerate(remaining) if r == 0)
+    order: list[int] = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for j in users[i]:
+            remaining[j] -= 1
+            if remaining[j] == 0:
+                ready.append(j)
+    if len(order) != len(nodes):
+        raise RptqError("the graph has a cycle; it is not a valid ONNX model")
+    return [nodes[i] for i in order]
+
+
+def _all_inputs(node: onnx.NodeProto) -> list[str]:
+    """Inputs of a node including those its subgraphs (If/Loop bodies) read from the outer scope."""
+    names = [t for t in node.input if t]
+    for attr in node.attribute:
+        for sub in list(attr.g and [attr.g] or []) + list(attr.graphs):
+            for n in sub.node:
+                names.extend(_all_inputs(n))
+    return names
+
+
+class GraphIndex:
+    """Producer/consumer maps and constant lookup for one (main) graph. Read-only."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        graph = model.graph
+        self.nodes = list(graph.node)
+        self.node_by_name = {n.name: n for n in self.nodes if n.name}
+        self.position = {id(n): i for i, n in enumerate(topological_order(self.nodes))}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {i.name for i in graph.input} - set(self.initializers)
+        self.graph_outputs = [o.name for o in graph.output]
+
+    def constant_source(self, name: str) -> str | None:
+        """The initializer (or Constant node output) behind ``name``, following Identity chains."""
+        seen = 0
+        while seen < 16:
+            if name in self.initializers:
+                return name
+            node = self.producer.get(name)
+            if node is None:
+                return None
+            if node.op_type == "Constant":
+                return name
+            if node.op_type != "Identity":
+                return None
+            name = node.input[0]
+            seen += 1
+        return None
+
+    def is_constant(self, name: str) -> bool:
+        return self.constant_source(name) is not None
+
+    def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        src = self.constant_source(name)
+        if src is None:
+            return None
+        if src in self.initializers:
+            return tuple(self.initializers[src].dims)
+        value = self.constant_value(src)
+        return None if value is None else tuple(value.shape)
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        src = self.constant_source(name)
+        if src is None:
+            return None
+        if src in self.initializers:
+            return numpy_helper.to_array(self.initializers[src])
+        node = self.producer[src]
+        for attr in node.attribute:
+            if attr.name == "value":
+                return numpy_helper.to_array(attr.t)
+            if attr.name in ("value_float", "value_int"):
+                return np.array(onnx.helper.get_attribute_value(attr))
+            if attr.name in ("value_floats", "value_ints"):
+                return np.array(onnx.helper.get_attribute_value(attr))
+        return None
+
+    def readers_of_initializer(self, init_name: str) -> list[onnx.NodeProto]:
+        """Non-Identity nodes that read ``init_name`` directly or through Identity chains."""
+        found: list[onnx.NodeProto] = []
+        frontier = [init_name]
+        while frontier:
+            tensor = frontier.pop()
+            for node in self.consumers.get(tensor, []):
+                if node.op_type == "Identity":
+                    frontier.extend(node.output)
+                else:
+                    found.append(node)
+        return found
+
+    def value_readers(self, tensor: str) -> list[onnx.NodeProto]:
+        """Consumers that read the values of ``tensor`` (Shape/Size read only its shape)."""
+        return [n for n in self.consumers.get(tensor, []) if n.op_type not in ("Shape", "Size")]
+
+    def dynamic_inputs(self, node: onnx.NodeProto) -> list[str]:
+        return [t for t in node.input if t and not self.is_constant(t)]

@@ -1,0 +1,93 @@
+"""`rptq-onnx inspect`: the layer map and graph facts of an ONNX model, as a table or JSON."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import onnx
+
+from rptq_onnx.anatomy import map_model
+from rptq_onnx.graph import load_model
+
+
+def describe(model_path: str | os.PathLike) -> dict:
+    """Everything `inspect` prints, as plain data (JSON-serialisable)."""
+    model = load_model(model_path, load_weights=False)
+    mm = map_model(model)
+    init_bytes: Counter[str] = Counter()
+    for init in model.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        count = 1
+        for d in init.dims:
+            count *= d
+        bits = 4 if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else dtype.itemsize * 8
+        init_bytes[onnx.helper.tensor_dtype_to_string(init.data_type).removeprefix("TensorProto.").lower()] += (count * bits + 7) // 8
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    layers = []
+    for layer in mm.layers:
+        d = layer.to_dict()
+        d["shared_weights"] = sorted({w for w in _weights(layer) if mm.is_shared(w)})
+        layers.append(d)
+    return {
+        "model": str(model_path),
+        "family": "opt",
+        "opset": opset,
+        "num_layers": len(mm.layers),
+        "with_past": mm.with_past,
+        "inputs": [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}],
+        "outputs": [v.name for v in model.graph.output],
+        "node_count": len(model.graph.node),
+        "op_counts": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
+        "initializer_bytes": dict(sorted(init_bytes.items())),
+        "shared_initializers": sorted(mm.shared_initializers),
+        "layers": layers,
+    }
+
+
+def _weights(layer) -> list[str]:
+    names = []
+    for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj, layer.fc1, layer.fc2):
+        names += [lin.weight] + ([lin.bias] if lin.bias else [])
+    for norm in (layer.attn_norm, layer.final_norm):
+        names += [norm.weight] + ([norm.bias] if norm.bias else [])
+    return names
+
+
+def format_table(desc: dict) -> str:
+    """A human-readable rendering of :func:`describe`."""
+    lines = [f"model     {desc['model']}",
+             f"family    {desc['family']}   opset {desc['opset']}   layers {desc['num_layers']}   "
+             f"cache {'with past (present/past K/V)' if desc['with_past'] else 'none'}",
+             ""]
+    header = ["layer", "heads×dim", "R1 attn-LN out", "R2 q_proj / k_proj out", "R3 out_proj in", "R4 final-LN out",
+              "R5 fc2 in", "K / V (present)"]
+    rows = []
+    for layer in desc["layers"]:
+        pts, ch = layer["points"], layer["point_channels"]
+        kv = f"{layer['present_key']} / {layer['present_value']}" if layer["present_key"] else "k_proj / v_proj out"
+        rows.append([str(layer["index"]), f"{layer['num_heads']}×{layer['head_dim']}",
+                     f"{pts['R1'][0]} [{ch['R1']}]", f"{pts['R2'][0]} / {pts['R2'][1]} [{ch['R2']}]",
+                     f"{pts['R3'][0]} [{ch['R3']}]", f"{pts['R4'][0]} [{ch['R4']}]", f"{pts['R5'][0]} [{ch['R5']}]", kv])
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append("")
+    lines.append(f"nodes     {desc['node_count']}: " + ", ".join(f"{k} {v}" for k, v in
+                                                              sorted(desc["op_counts"].items(), key=lambda kv: -kv[1])))
+    lines.append("weights   " + ", ".join(f"{k} {_human(v)}" for k, v in desc["initializer_bytes"].items()))
+    shared = desc["shared_initializers"]
+    lines.append(f"shared    {len(shared)} initializer(s) read by more than one node" +
+                 (f" ({', '.join(shared[:4])}{', …' if len(shared) > 4 else ''})" if shared else ""))
+    lines.append(f"inputs    {', '.join(desc['inputs'][:4])}{', …' if len(desc['inputs']) > 4 else ''}")
+    lines.append(f"outputs   {', '.join(desc['outputs'][:4])}{', …' if len(desc['outputs']) > 4 else ''}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)

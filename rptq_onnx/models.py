@@ -1,0 +1,50 @@
+"""Seeded random OPT models with non-trivial weights, for tests, smoke runs and benchmarks.
+
+Biases and LayerNorm parameters are drawn at random too: with their default values (0 / 1)
+exporters merge identical initializers, which hides sharing bugs and makes reorders trivial.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The published opt-125m shapes (random weights here; no hub access needed).
+OPT_125M_SHAPES = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+                       max_position_embeddings=2048)
+TINY_SHAPES = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
+                   max_position_embeddings=256)
+
+
+def random_opt(seed: int = 0, **config):
+    """An ``OPTForCausalLM`` (eval mode, fp32) with seeded random weights; ``config`` overrides TINY_SHAPES."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    shapes = {**TINY_SHAPES, **config}
+    shapes.setdefault("word_embed_proj_dim", shapes["hidden_size"])
+    cfg = OPTConfig(**shapes, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("layer_norm.bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+            elif name.endswith(".bias"):
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+            elif "embed" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                fan_in = param.shape[-1]
+                param.copy_(torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
+    return model
+
+
+def save_random_opt(out_dir: str | os.PathLike, seed: int = 0, **config) -> Path:
+    """Write a random OPT as a Hugging Face directory (config.json + safetensors)."""
+    out_dir = Path(out_dir)
+    random_opt(seed, **config).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,45 @@
+"""Shared fixtures: seeded random OPT directories and their ONNX exports, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from rptq_onnx.export import export
+from rptq_onnx.models import save_random_opt
+
+# Three different small configs (layers / hidden / heads / ffn), plus the tiny default.
+CONFIGS = {
+    "tiny": dict(),
+    "l1h32": dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, ffn_dim=64),
+    "l3h96": dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=6, ffn_dim=384),
+    "l2h128": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=8, ffn_dim=256),
+}
+
+
+@pytest.fixture(scope="session")
+def opt_dir(tmp_path_factory):
+    """``opt_dir(name) -> Path`` of a saved random OPT with CONFIGS[name] (cached)."""
+    cache = {}
+
+    def get(name: str = "tiny", seed: int = 0):
+        key = (name, seed)
+        if key not in cache:
+            cache[key] = save_random_opt(tmp_path_factory.mktemp(f"hf-{name}"), seed=seed, **CONFIGS[name])
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(opt_dir, tmp_path_factory):
+    """``exported(name, with_past=True, exporter="dynamo") -> Path`` of model.onnx (cached)."""
+    cache = {}
+
+    def get(name: str = "tiny", with_past: bool = True, exporter: str = "dynamo"):
+        key = (name, with_past, exporter)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"onnx-{name}-{exporter}")
+            cache[key] = export(str(opt_dir(name)), out, with_past=with_past, exporter=exporter).model_path
+        return cache[key]
+
+    return get

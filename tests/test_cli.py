@@ -1,0 +1,89 @@
+"""The CLI end to end: success paths print what users need; bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rptq_onnx.models import save_random_opt
+
+
+def run_cli(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "rptq_onnx", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("rptq-onnx: error: ")
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+
+
+def test_export_then_inspect(opt_dir, tmp_path):
+    out = tmp_path / "onnx"
+    proc = run_cli("export", opt_dir("l2h128"), "-o", out, "--no-past")
+    assert proc.returncode == 0, proc.stderr
+    assert "→" in proc.stdout and (out / "model.onnx").is_file()
+    table = run_cli("inspect", out / "model.onnx")
+    assert table.returncode == 0, table.stderr
+    assert "R1 attn-LN out" in table.stdout and "8×16" in table.stdout
+    js = run_cli("inspect", out / "model.onnx", "--json")
+    desc = json.loads(js.stdout)
+    assert desc["num_layers"] == 2 and desc["with_past"] is False
+    assert set(desc["layers"][0]["points"]) == {"R1", "R2", "R3", "R4", "R5"}
+    assert desc["initializer_bytes"]["float"] > 0
+
+
+def test_missing_path(tmp_path):
+    assert_one_line_error(run_cli("inspect", tmp_path / "nope.onnx"), "no such file")
+    assert_one_line_error(run_cli("export", tmp_path / "nope", "-o", tmp_path / "o"), "no such directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_onnx(exported, tmp_path):
+    data = exported("tiny").read_bytes()
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(data[: len(data) // 3])
+    assert_one_line_error(run_cli("inspect", bad), "cut.onnx", "truncated")
+
+
+def test_post_ln_config(tmp_path):
+    src = save_random_opt(tmp_path / "post", do_layer_norm_before=False, num_hidden_layers=1)
+    proc = run_cli("export", src, "-o", tmp_path / "out")
+    assert_one_line_error(proc, "post-LN", "do_layer_norm_before=False")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_opt_config(tmp_path):
+    from transformers import GPT2Config
+
+    src = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100).save_pretrained(src)
+    proc = run_cli("export", src, "-o", tmp_path / "out")
+    assert_one_line_error(proc, "model_type 'gpt2' is not supported")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_offline(tmp_path):
+    proc = run_cli("export", "facebook/opt-125m", "-o", tmp_path / "out")
+    assert_one_line_error(proc, "facebook/opt-125m", "hub")
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("export", tmp_path / "empty", "-o", tmp_path / "out"), "no config.json")
+
+
+@pytest.mark.parametrize("opset", ["12", "30"])
+def test_bad_opset(opt_dir, tmp_path, opset):
+    assert_one_line_error(run_cli("export", opt_dir("tiny"), "-o", tmp_path / "out", "--opset", opset), "--opset")
