@@ -27,6 +27,24 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from rptq_onnx.compile import compile_model
+    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig
+
+    calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                        batch_size=args.batch_size)
+    config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
+                           layout=args.layout)
+    if args.calib == "random":
+        print("note: calibrating on random token ids (--calib random); pass --calib FILE for real statistics",
+              file=sys.stderr)
+    result = compile_model(args.model, args.output, config, with_past=args.with_past, progress=not args.quiet)
+    rep = result.report
+    print(f"compiled {rep['layers']} layers ({config.preset}, clusters {config.clusters}, layout {rep['layout']}, "
+          f"{rep['gathers_added']} Gather(s) added) → {result.model_path}  [{rep['timings_s']['total']:.1f} s]")
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Library warnings and progress bars are not ours to print; errors still are."""
     import os
@@ -55,6 +73,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                    help="torch exporter: dynamo (default) or the legacy torchscript one")
     p.set_defaults(func=_cmd_export)
+
+    from rptq_onnx.config import LAYOUTS, PRESETS, CalibConfig
+
+    d = CalibConfig()
+    p = sub.add_parser("compile", help="calibrate, cluster and reorder (RPTQ) an OPT model",
+                       description="Calibrate per-channel ranges, cluster channels with KMeans and fold the "
+                                   "reorders into the weights. MODEL is an .onnx file or anything `export` accepts.")
+    p.add_argument("model", metavar="MODEL", help=".onnx file, Hugging Face model directory or hub id")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
+    p.add_argument("--preset", default="reorder", choices=PRESETS, help="what to do (default: reorder only)")
+    p.add_argument("--calib", default="random", metavar="FILE|random",
+                   help="calibration text file (tokenized with the model's tokenizer), or 'random' token ids "
+                        "for smoke runs (default: random)")
+    p.add_argument("--nsamples", type=int, default=d.nsamples,
+                   help=f"calibration windows (default {d.nsamples}; the reference uses 128)")
+    p.add_argument("--seqlen", type=int, default=d.seqlen,
+                   help=f"tokens per window (default {d.seqlen}; the reference uses 2048)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per ORT run (default {d.batch_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing windows (default 0)")
+    p.add_argument("--clusters", default=None, metavar="R1=32,R2=4,...",
+                   help="KMeans clusters per point; defaults R1=32,R2=4,R3=4,R4=32,R5=32 (R2/R3 per head); all=K sets all")
+    p.add_argument("--layout", default="zero-copy", choices=LAYOUTS,
+                   help="zero-copy (default): R1/R4 stay in original order, no runtime copies; contiguous: "
+                        "R1/R4 reordered too, with one Gather before each LayerNorm")
+    past = p.add_mutually_exclusive_group()
+    past.add_argument("--with-past", dest="with_past", action="store_true", default=True,
+                      help="when exporting first: graph with a KV cache (default)")
+    past.add_argument("--no-past", dest="with_past", action="store_false", help="when exporting first: no KV cache")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("inspect", help="show the RPTQ layer map of an ONNX model",
                        description="Locate every RPTQ reorder point (R1–R5), K/V and heads in an OPT ONNX graph.")

@@ -48,3 +48,17 @@ def save_random_opt(out_dir: str | os.PathLike, seed: int = 0, **config) -> Path
     out_dir = Path(out_dir)
     random_opt(seed, **config).save_pretrained(out_dir)
     return out_dir
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE trained with the ``tokenizers`` library, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="</s>", pad_token="<pad>")

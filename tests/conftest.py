@@ -43,3 +43,13 @@ def exported(opt_dir, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def opt125m(tmp_path_factory):
+    """(HF dir, with-past model.onnx) of a random OPT with the opt-125m shapes (exported once)."""
+    from rptq_onnx.models import OPT_125M_SHAPES
+
+    root = tmp_path_factory.mktemp("opt125m")
+    model_dir = save_random_opt(root / "hf", seed=0, **OPT_125M_SHAPES)
+    return model_dir, export(str(model_dir), root / "onnx", with_past=True).model_path

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 from rptq_onnx.export import export
 from rptq_onnx.inspection import describe
-from rptq_onnx.models import OPT_125M_SHAPES, save_random_opt
 from rptq_onnx.runtime import make_session
 
 
@@ -104,9 +103,8 @@ def test_export_writes_record_and_tokenizer_files(opt_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
-def test_opt125m_shapes_export_matches_torch_and_maps_12_layers(tmp_path):
-    model_dir = save_random_opt(tmp_path / "hf", seed=0, **OPT_125M_SHAPES)
-    path = export(str(model_dir), tmp_path / "onnx", with_past=True).model_path
+def test_opt125m_shapes_export_matches_torch_and_maps_12_layers(opt125m):
+    model_dir, path = opt125m
     _check_prefill_and_decode(model_dir, path, batch=2, prompt=32)
     desc = describe(path)
     assert desc["num_layers"] == 12

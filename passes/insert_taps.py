@@ -1,0 +1,126 @@
+"""Pass: calibration taps — per-sample, per-channel max/min reductions as extra graph outputs.
+
+For every layer and tapped tensor it adds ``ReduceMax``/``ReduceMin`` over the token axes so
+that only [batch, channels] rows leave the graph (never [batch, seq, channels]). The original
+outputs (logits, present K/V) are dropped and dead nodes pruned, which cuts the LM head away:
+calibration then costs about as much memory as plain inference without logits.
+
+Tapped tensors per layer (``TAPS``):
+
+    attn_ln  R1  attention-LN output                 [B, S, C]
+    q_attn   R2  QKᵀ input q (after scaling)         [B, H, S, D]   (as the reference clusters)
+    k_attn   R2  QKᵀ input kᵀ                        [B, H, D, T]
+    q, k, v      q_proj/k_proj/v_proj outputs        [B, S, C]      (quantization ranges)
+    out_in   R3  out_proj input                      [B, S, C]
+    ffn_ln   R4  final-LN output                     [B·S, C]
+    fc2_in   R5  fc2 input                           [B·S, C]
+
+A tap kind other than min/max (e.g. an XᵀX accumulator for GPTQ) adds its own builder to
+``_BUILDERS``; the output naming scheme ``rptq.tap.L{layer}.{tap}.{stat}`` stays the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from rptq_onnx.anatomy import OptLayer
+from rptq_onnx.graph import GraphIndex
+
+TAPS = ("attn_ln", "q_attn", "k_attn", "q", "k", "v", "out_in", "ffn_ln", "fc2_in")
+TAP_POINT = {"attn_ln": "R1", "q_attn": "R2", "k_attn": "R2", "out_in": "R3", "ffn_ln": "R4", "fc2_in": "R5"}
+
+
+@dataclass(frozen=True)
+class Tap:
+    layer: int
+    name: str
+    tensor: str
+    layout: str  # "bsc", "flat" ([B·S, C]), "bhsd" (reduce axis 2), "bhdt" (reduce axis 3)
+    channels: int
+
+    def output(self, stat: str) -> str:
+        return f"rptq.tap.L{self.layer}.{self.name}.{stat}"
+
+
+def plan_taps(layers: list[OptLayer], model: onnx.ModelProto) -> list[Tap]:
+    index = GraphIndex(model)
+    taps = []
+    for layer in layers:
+        qk = index.node_by_name[layer.qk_matmul]
+        c, f = layer.hidden_size, layer.ffn_dim
+        taps += [
+            Tap(layer.index, "attn_ln", layer.attn_norm.output, "bsc", c),
+            Tap(layer.index, "q_attn", qk.input[0], "bhsd", c),
+            Tap(layer.index, "k_attn", qk.input[1], "bhdt", c),
+            Tap(layer.index, "q", layer.q_proj.output, "bsc", c),
+            Tap(layer.index, "k", layer.k_proj.output, "bsc", c),
+            Tap(layer.index, "v", layer.v_proj.output, "bsc", c),
+            Tap(layer.index, "out_in", layer.out_proj.input, "bsc", c),
+            Tap(layer.index, "ffn_ln", layer.final_norm.output, "flat", c),
+            Tap(layer.index, "fc2_in", layer.fc2.input, "flat", f),
+        ]
+    return taps
+
+
+def insert_taps(model: onnx.ModelProto, layers: list[OptLayer], batch_source: str = "input_ids") -> tuple[onnx.ModelProto, list[Tap]]:
+    """A new model whose outputs are the taps' per-sample max/min rows. ``model`` is not modified."""
+    taps = plan_taps(layers, model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    nodes, inits = [], []
+
+    def const(name: str, value) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
+        return name
+
+    const("rptq.tap.axes1", [1])
+    const("rptq.tap.axes2", [2])
+    const("rptq.tap.axes3", [3])
+    const("rptq.tap.flat2", [0, -1])
+    nodes.append(helper.make_node("Shape", [batch_source], ["rptq.tap.batch"], start=0, end=1, name="rptq.tap.batch"))
+    del g.output[:]
+    for tap in taps:
+        src, axes = tap.tensor, "rptq.tap.axes1"
+        prefix = f"rptq.tap.L{tap.layer}.{tap.name}"
+        if tap.layout == "flat":  # [B·S, C] → [B, S, C]
+            shape = f"{prefix}.shape"
+            tail = const(f"{prefix}.tail", [-1, tap.channels])
+            nodes.append(helper.make_node("Concat", ["rptq.tap.batch", tail], [shape], axis=0, name=shape))
+            nodes.append(helper.make_node("Reshape", [src, shape], [f"{prefix}.bsc"], name=f"{prefix}.bsc"))
+            src = f"{prefix}.bsc"
+        elif tap.layout in ("bhsd", "bhdt"):
+            axes = "rptq.tap.axes2" if tap.layout == "bhsd" else "rptq.tap.axes3"
+        for stat, op in (("max", "ReduceMax"), ("min", "ReduceMin")):
+            reduced = tap.output(stat) if tap.layout in ("bsc", "flat") else f"{prefix}.{stat}.bhd"
+            nodes.append(helper.make_node(op, [src, axes], [reduced], keepdims=0, name=reduced))
+            if tap.layout in ("bhsd", "bhdt"):  # [B, H, D] → [B, H·D] (channel h·D + d)
+                nodes.append(helper.make_node("Reshape", [reduced, "rptq.tap.flat2"], [tap.output(stat)],
+                                              name=tap.output(stat)))
+            g.output.append(helper.make_tensor_value_info(tap.output(stat), onnx.TensorProto.FLOAT, None))
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    _prune(out)
+    return out, taps
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers that no graph output depends on (the LM head, present K/V)."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(t for t in node.input if t)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    used = needed
+    kept_inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)

@@ -1,0 +1,119 @@
+"""Calibration: draw token windows, stream them through ORT on the tapped graph, observe ranges.
+
+Memory stays near plain inference: the tapped graph ends in per-sample [batch, channels]
+reductions (see passes/insert_taps.py) and has no LM head.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from rptq_onnx.anatomy import OptLayer
+from rptq_onnx.config import CalibConfig
+from rptq_onnx.errors import RptqError
+from rptq_onnx.graph import save_model
+from rptq_onnx.observers import ChannelStats
+from rptq_onnx.passes.insert_taps import Tap, insert_taps
+from rptq_onnx.runtime import make_session
+
+
+def load_tokenizer(model_dir: Path):
+    """The fast tokenizer saved beside the model (``export`` copies it), or None."""
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise RptqError(f"{model_dir}: the tokenizer files could not be loaded ({reason})") from None
+
+
+def read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise RptqError(f"--calib {path}: no such file; pass a UTF-8 text file, or 'random' for random token ids")
+    raw = p.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise RptqError(f"--calib {path}: looks binary (NUL bytes); pass a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RptqError(f"--calib {path}: not valid UTF-8 text; convert it to UTF-8") from None
+
+
+def calibration_windows(calib: CalibConfig, model_dir: Path, vocab_size: int, max_positions: int | None) -> np.ndarray:
+    """[nsamples, seqlen] int64 token windows, drawn with ``calib.seed``.
+
+    From a text file: the whole text is tokenized and windows start at seeded random offsets (as
+    the reference's loaders do). ``random``: seeded uniform token ids (smoke runs and tests only).
+    """
+    if max_positions is not None and calib.seqlen > max_positions:
+        raise RptqError(f"--seqlen {calib.seqlen} exceeds the model's {max_positions} positions; use --seqlen ≤ {max_positions}")
+    rng = np.random.default_rng(calib.seed)
+    if calib.source == "random":
+        return rng.integers(0, vocab_size, size=(calib.nsamples, calib.seqlen), dtype=np.int64)
+    text = read_text(calib.source)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise RptqError(f"{model_dir}: no tokenizer beside the model, so --calib text cannot be tokenized; "
+                        "export from a model directory with tokenizer files, or use --calib random")
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    if len(ids) < calib.seqlen + 1:
+        raise RptqError(f"--calib {calib.source}: {len(ids)} tokens, shorter than one window of --seqlen {calib.seqlen}; "
+                        "use a longer text or a smaller --seqlen")
+    starts = rng.integers(0, len(ids) - calib.seqlen, size=calib.nsamples)
+    return np.stack([ids[s:s + calib.seqlen] for s in starts])
+
+
+def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer]) -> dict[str, np.ndarray]:
+    """Inputs for a prefill of full windows: all-ones mask, empty past for with-past graphs."""
+    b = input_ids.shape[0]
+    feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
+    heads = {layer.past_key: layer for layer in layers} | {layer.past_value: layer for layer in layers}
+    for inp in session.get_inputs():
+        if inp.name in feed:
+            continue
+        layer = heads.get(inp.name)
+        if layer is None:
+            raise RptqError(f"the graph has an input '{inp.name}' that calibration does not know how to feed")
+        feed[inp.name] = np.zeros((b, layer.num_heads, 0, layer.head_dim), np.float32)
+    return feed
+
+
+def calibrate(model: onnx.ModelProto, layers: list[OptLayer], windows: np.ndarray, batch_size: int = 4,
+              progress: bool = True) -> dict[tuple[int, str], ChannelStats]:
+    """Per-channel range statistics for every tap of every layer, keyed by (layer, tap name)."""
+    tapped, taps = insert_taps(model, layers)
+    stats = {(t.layer, t.name): ChannelStats() for t in taps}
+    with tempfile.TemporaryDirectory(prefix="rptq-calib-") as tmp:
+        path = save_model(tapped, Path(tmp) / "tapped.onnx")
+        del tapped
+        session = make_session(path)
+        names = [o.name for o in session.get_outputs()]
+        by_output = {t.output(s): (t, s) for t in taps for s in ("max", "min")}
+        batches = range(0, len(windows), batch_size)
+        for start in tqdm(batches, desc="calibrating", unit="batch", disable=not progress or None,
+                          file=os.sys.stderr):
+            batch = windows[start:start + batch_size]
+            values = dict(zip(names, session.run(None, feeds_for(session, batch, layers))))
+            for tap in taps:
+                stats[(tap.layer, tap.name)].update(values[tap.output("max")], values[tap.output("min")])
+            del values
+        del session
+    _check(by_output, stats)
+    return stats
+
+
+def _check(by_output: dict[str, tuple[Tap, str]], stats: dict) -> None:
+    for tap, _ in by_output.values():
+        mx, mn = stats[(tap.layer, tap.name)].minmax.range()
+        if mx.shape != (tap.channels,) or not (np.isfinite(mx).all() and np.isfinite(mn).all()):
+            raise RptqError(f"layer {tap.layer}: calibration of {tap.name} produced non-finite or mis-shaped ranges")

@@ -1,0 +1,187 @@
+"""`rptq-onnx compile`: export (if needed) → calibrate → cluster → fold reorders → write.
+
+Stages are timed and reported in ``report.json``; the cluster plan goes to ``clusters.json``
+and the configuration into the model's ``metadata_props`` (key ``rptq.config``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from rptq_onnx import __version__
+from rptq_onnx.anatomy import OptLayer, find_opt_layers
+from rptq_onnx.calibrate import calibrate, calibration_windows
+from rptq_onnx.clustering import ClusterPlan, plan_clusters, range_features
+from rptq_onnx.config import CompileConfig
+from rptq_onnx.errors import RptqError
+from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
+from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output
+from rptq_onnx.observers import ChannelStats
+from rptq_onnx.passes.fold_reorder import fold_reorder
+
+CLUSTERS_NAME = "clusters.json"
+REPORT_NAME = "report.json"
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    model_path: Path
+    report: dict
+
+
+class _Timer:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def resolve_onnx_source(model: str, workdir: Path, with_past: bool, timer: _Timer) -> Path:
+    """An .onnx path for ``model``: used as is, or exported first from an HF dir / hub id."""
+    path = Path(model)
+    if path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file()):
+        if not path.exists():
+            raise RptqError(f"{model}: no such file; pass an .onnx model or a Hugging Face model directory")
+        return path / "model.onnx" if path.is_dir() else path
+    with timer.stage("export"):
+        return export(model, workdir / "export", with_past=with_past).model_path
+
+
+def model_limits(onnx_path: Path, model: onnx.ModelProto) -> tuple[int, int | None]:
+    """(vocab size, max positions) from export.json beside the model, else from the graph."""
+    record = onnx_path.parent / RECORD_NAME
+    if record.is_file():
+        cfg = json.loads(record.read_text()).get("config", {})
+        if "vocab_size" in cfg:
+            return int(cfg["vocab_size"]), cfg.get("max_position_embeddings")
+    index = GraphIndex(model)
+    for node in index.value_readers("input_ids"):
+        if node.op_type == "Gather" and node.input[1] == "input_ids":
+            shape = index.constant_shape(node.input[0])
+            if shape:
+                return int(shape[0]), None
+    raise RptqError("cannot tell the vocabulary size: no export.json beside the model and no token embedding found")
+
+
+def check_cluster_counts(config: CompileConfig, layers: list[OptLayer]) -> None:
+    counts = config.clusters.as_dict()
+    layer = layers[0]
+    limits = {"R1": (layer.hidden_size, "hidden channels"), "R2": (layer.head_dim, "channels per head"),
+              "R3": (layer.head_dim, "channels per head"), "R4": (layer.hidden_size, "hidden channels"),
+              "R5": (layer.ffn_dim, "fc1 channels")}
+    for point, k in counts.items():
+        limit, what = limits[point]
+        if k > limit:
+            raise RptqError(f"--clusters {point}={k} exceeds the model's {limit} {what}; use {point}≤{limit}")
+
+
+def plan_layer(layer: OptLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
+    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference)."""
+    k = config.clusters
+    i = layer.index
+
+    def rng(tap):
+        return stats[(i, tap)].minmax.range()
+
+    where = f"layer {i}"
+    return {
+        "R1": plan_clusters(range_features(rng("attn_ln")), k.R1, where=f"{where} R1"),
+        "R2": plan_clusters(range_features(rng("q_attn"), rng("k_attn")), k.R2, heads=layer.num_heads, where=f"{where} R2"),
+        "R3": plan_clusters(range_features(rng("out_in")), k.R3, heads=layer.num_heads, where=f"{where} R3"),
+        "R4": plan_clusters(range_features(rng("ffn_ln")), k.R4, where=f"{where} R4"),
+        "R5": plan_clusters(range_features(rng("fc2_in")), k.R5, where=f"{where} R5"),
+    }
+
+
+def reorder_graph(graph: onnx.ModelProto, layers: list[OptLayer], windows, config: CompileConfig,
+                  timer: _Timer | None = None, progress: bool = False):
+    """Calibrate on ``windows``, cluster, and fold: (reordered copy, plans per layer, FoldReport)."""
+    timer = timer or _Timer()
+    with timer.stage("calibrate"):
+        stats = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress)
+    with timer.stage("cluster"):
+        plans = [plan_layer(layer, stats, config) for layer in layers]
+    with timer.stage("fold"):
+        folded, fold_report = fold_reorder(graph, layers, plans, layout=config.layout)
+    return folded, plans, fold_report
+
+
+def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig, with_past: bool = True,
+                  progress: bool = True) -> CompileResult:
+    timer = _Timer()
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="rptq-compile-") as tmp:
+        onnx_path = resolve_onnx_source(model, Path(tmp), with_past, timer)
+        with timer.stage("load"):
+            graph = load_model(onnx_path)
+            layers = find_opt_layers(graph)
+            check_cluster_counts(config, layers)
+            vocab, max_pos = model_limits(onnx_path, graph)
+            windows = calibration_windows(config.calib, onnx_path.parent, vocab, max_pos)
+        folded, plans, fold_report = reorder_graph(graph, layers, windows, config, timer=timer, progress=progress)
+        del graph
+        _stamp(folded, config)
+        report = {
+            "rptq_onnx": __version__,
+            "source": str(model),
+            "config": json.loads(config.to_json()),
+            "layers": len(layers),
+            "calibration": {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                            "tokens": int(windows.size), "source": config.calib.source},
+            "clusters": [{p: len(plan.counts) for p, plan in lp.items()} for lp in plans],
+            "cluster_sizes": [{p: [min(plan.counts), max(plan.counts)] for p, plan in lp.items()} for lp in plans],
+            "layout": fold_report.layout,
+            "gathers_added": fold_report.gathers,
+            "permuted_initializers": fold_report.permuted_initializers,
+            "copied_shared_initializers": sorted(set(fold_report.copied_shared)),
+        }
+        clusters = {"format": "rptq-onnx clusters", "version": 1, "layout": config.layout,
+                    "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}
+        with timer.stage("save"), staged_output(out_dir) as stage:
+            save_model(folded, stage / "model.onnx")
+            for name in (*TOKENIZER_FILES, RECORD_NAME):
+                if (onnx_path.parent / name).is_file():
+                    shutil.copy2(onnx_path.parent / name, stage / name)
+            (stage / CLUSTERS_NAME).write_text(json.dumps(clusters) + "\n")
+            report["timings_s"] = {**timer.timings, "total": round(time.perf_counter() - t_start, 3)}
+            report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            (stage / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return CompileResult(model_path=out_dir / "model.onnx", report=report)
+
+
+def _stamp(model: onnx.ModelProto, config: CompileConfig) -> None:
+    entries = {p.key: p for p in model.metadata_props}
+    for key, value in (("rptq.config", config.to_json()), ("rptq.version", __version__),
+                       ("rptq.clusters", CLUSTERS_NAME)):
+        if key in entries:
+            entries[key].value = value
+        else:
+            prop = model.metadata_props.add()
+            prop.key, prop.value = key, value
+
+
+def load_cluster_plans(model_path: str | os.PathLike) -> list[dict[str, ClusterPlan]] | None:
+    """The plan written by ``compile`` beside ``model_path``, or None for an uncompiled model."""
+    path = Path(model_path)
+    path = path if path.is_dir() else path.parent
+    f = path / CLUSTERS_NAME
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())
+    return [{p: ClusterPlan.from_dict(d) for p, d in layer.items()} for layer in data["layers"]]
+

@@ -1,0 +1,88 @@
+"""Calibration taps: per-sample per-channel max/min rows equal torch's, and nothing big leaves the graph."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rptq_onnx.anatomy import find_opt_layers
+from rptq_onnx.calibrate import calibrate, feeds_for
+from rptq_onnx.graph import load_model
+from rptq_onnx.passes.insert_taps import TAPS, insert_taps
+from rptq_onnx.runtime import make_session
+
+
+def _torch_ranges(model_dir, ids):
+    """Per-sample per-channel (max, min) of the tapped tensors, from forward hooks."""
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    batch = ids.shape[0]
+    got = {}
+
+    def keep(name, fn):
+        def hook(mod, inp, out):
+            got[name] = fn(inp, out)
+        return hook
+
+    handles = []
+    for i, layer in enumerate(hf.model.decoder.layers):
+        att = layer.self_attn
+        handles += [
+            layer.self_attn_layer_norm.register_forward_hook(keep((i, "attn_ln"), lambda a, o: o)),
+            att.q_proj.register_forward_hook(keep((i, "q"), lambda a, o: o)),
+            att.k_proj.register_forward_hook(keep((i, "k"), lambda a, o: o)),
+            att.v_proj.register_forward_hook(keep((i, "v"), lambda a, o: o)),
+            att.out_proj.register_forward_hook(keep((i, "out_in"), lambda a, o: a[0])),
+            layer.final_layer_norm.register_forward_hook(keep((i, "ffn_ln"), lambda a, o: o.reshape(batch, -1, o.shape[-1]))),
+            layer.fc2.register_forward_hook(keep((i, "fc2_in"), lambda a, o: a[0].reshape(batch, -1, a[0].shape[-1]))),
+        ]
+    with torch.no_grad():
+        hf(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)))
+    for h in handles:
+        h.remove()
+    scale = hf.model.decoder.layers[0].self_attn.scaling
+    for i in range(len(hf.model.decoder.layers)):
+        got[(i, "q_attn")] = got[(i, "q")] * scale  # the reference taps q after scaling
+        got[(i, "k_attn")] = got[(i, "k")]
+    return {k: (v.amax(1).numpy(), v.amin(1).numpy()) for k, v in got.items()}
+
+
+def test_taps_equal_torch_ranges(opt_dir, exported):
+    path = exported("l3h96")
+    model = load_model(path)
+    layers = find_opt_layers(model)
+    tapped, taps = insert_taps(model, layers)
+    # exactly two reductions per tap, nothing of size [B, S, C] among the outputs, LM head gone
+    ops = Counter(n.op_type for n in tapped.graph.node)
+    assert ops["ReduceMax"] == ops["ReduceMin"] == len(TAPS) * len(layers)
+    assert len(tapped.graph.output) == 2 * len(TAPS) * len(layers)
+    assert all(o.name.startswith("rptq.tap.L") for o in tapped.graph.output)
+    # 6 linears + QKᵀ + PV per layer, less the last fc2 (only the LM head needed it): no LM head
+    assert ops["MatMul"] + ops["Gemm"] == 8 * len(layers) - 1
+    assert len(model.graph.output) == 1 + 2 * len(layers)  # input model untouched
+
+    ids = np.random.default_rng(0).integers(0, 512, (3, 17))
+    sess = make_session(tapped.SerializeToString())
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds_for(sess, ids, layers))))
+    ref = _torch_ranges(opt_dir("l3h96"), ids)
+    for tap in taps:
+        mx, mn = out[tap.output("max")], out[tap.output("min")]
+        assert mx.shape == (3, tap.channels)
+        np.testing.assert_allclose(mx, ref[(tap.layer, tap.name)][0], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(mn, ref[(tap.layer, tap.name)][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_calibrate_merges_batches_independently_of_batch_size(exported, batch_size):
+    model = load_model(exported("tiny"))
+    layers = find_opt_layers(model)
+    windows = np.random.default_rng(3).integers(0, 512, (5, 12))
+    stats = calibrate(model, layers, windows, batch_size=batch_size, progress=False)
+    ref = calibrate(model, layers, windows, batch_size=5, progress=False)
+    for key, st in stats.items():
+        np.testing.assert_allclose(st.minmax.max, ref[key].minmax.max, rtol=1e-6)
+        np.testing.assert_allclose(st.ema.min, ref[key].ema.min, rtol=1e-6)
+        assert st.minmax.samples == 5

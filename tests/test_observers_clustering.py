@@ -1,0 +1,102 @@
+"""Observers and KMeans channel clustering agree with direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+
+from rptq_onnx import RptqError
+from rptq_onnx.clustering import ClusterPlan, plan_clusters, range_features
+from rptq_onnx.config import ClusterCounts
+from rptq_onnx.observers import EmaMinMaxObserver, MinMaxObserver
+
+
+def test_minmax_observer_tracks_extremes_and_merges():
+    rng = np.random.default_rng(0)
+    rows_max, rows_min = rng.normal(size=(10, 6)), rng.normal(size=(10, 6)) - 3
+    a, b = MinMaxObserver(), MinMaxObserver()
+    a.update(rows_max[:4], rows_min[:4])
+    b.update(rows_max[4:], rows_min[4:])
+    merged = a.merge(b)
+    np.testing.assert_array_equal(merged.max, rows_max.max(0))
+    np.testing.assert_array_equal(merged.min, rows_min.min(0))
+    assert merged.samples == 10
+
+
+def test_ema_observer_follows_the_reference_rule():
+    rows = np.array([[1.0, -1.0], [3.0, 5.0], [2.0, 0.0]])
+    obs = EmaMinMaxObserver()
+    obs.update(rows, -rows)  # batched update = sample by sample
+    expect = rows[0]
+    for r in rows[1:]:
+        expect = 0.99 * expect + 0.01 * r
+    np.testing.assert_allclose(obs.max, expect)
+    np.testing.assert_allclose(obs.min, -expect)
+
+
+def _sklearn_plan(data, k):
+    labels = KMeans(n_clusters=k, n_init=10, random_state=0).fit(data).labels_
+    return np.argsort(labels, kind="stable"), np.bincount(labels, minlength=k)
+
+
+def test_plan_matches_direct_sklearn_and_is_deterministic():
+    rng = np.random.default_rng(1)
+    mx = np.abs(rng.lognormal(size=96))
+    mn = -np.abs(rng.lognormal(size=96))
+    feats = range_features((mx, mn))
+    plan = plan_clusters(feats, 8)
+    index, counts = _sklearn_plan(np.stack([mx, mn], 1), 8)
+    np.testing.assert_array_equal(plan.index, index)
+    assert plan.counts == tuple(int(c) for c in counts if c)
+    again = plan_clusters(feats, 8)
+    np.testing.assert_array_equal(plan.index, again.index)
+    # each cluster is contiguous in the new order
+    labels = plan.labels()
+    assert np.all(np.diff(labels[plan.index]) >= 0)
+
+
+def test_per_head_plan_with_shared_q_k_features():
+    rng = np.random.default_rng(2)
+    heads, d = 3, 16
+    qmax, kmax = rng.normal(size=heads * d) + 2, rng.normal(size=heads * d) + 2
+    qmin, kmin = -qmax - 1, -kmax - 1
+    feats = range_features((qmax, qmin), (kmax, kmin))
+    assert feats.shape == (heads * d, 4)
+    np.testing.assert_array_equal(feats[:, 0], qmax)
+    np.testing.assert_array_equal(feats[:, 1], kmax)
+    plan = plan_clusters(feats, 4, heads=heads)
+    for h in range(heads):
+        part = plan.index[h * d:(h + 1) * d]
+        assert sorted(part) == list(range(h * d, (h + 1) * d))  # stays inside its head
+        index, _ = _sklearn_plan(feats[h * d:(h + 1) * d], 4)
+        np.testing.assert_array_equal(part, index + h * d)
+    assert sum(plan.counts) == heads * d and plan.heads == heads
+
+
+def test_plan_round_trip_and_edge_counts():
+    feats = np.stack([np.arange(8.0), -np.arange(8.0)], 1)
+    assert plan_clusters(feats, 1).counts == (8,)
+    assert plan_clusters(feats, 8).counts == (1,) * 8
+    plan = plan_clusters(feats, 3)
+    back = ClusterPlan.from_dict(plan.to_dict())
+    np.testing.assert_array_equal(back.index, plan.index)
+    assert back.counts == plan.counts
+
+
+def test_too_many_clusters_is_an_error():
+    with pytest.raises(RptqError, match="more than the channels"):
+        plan_clusters(np.zeros((16, 2)), 5, heads=4, where="layer 0 R2")
+
+
+@pytest.mark.parametrize("text,match", [("R1=0", "at least 1"), ("R7=4", "not POINT=K"), ("R1", "not POINT=K"),
+                                        ("R2=x", "not an integer")])
+def test_cluster_counts_parse_errors(text, match):
+    with pytest.raises(RptqError, match=match):
+        ClusterCounts.parse(text)
+
+
+def test_cluster_counts_parse():
+    assert ClusterCounts.parse("R1=16,R5=8") == ClusterCounts(R1=16, R5=8)
+    assert ClusterCounts.parse("all=1") == ClusterCounts(1, 1, 1, 1, 1)
+    assert str(ClusterCounts()) == "R1=32,R2=4,R3=4,R4=32,R5=32"
