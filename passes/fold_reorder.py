@@ -108,6 +108,8 @@ def _permute_norm(inits: _Initializers, norm: Norm, index: np.ndarray, tag: str)
     inits.model.graph.initializer.append(numpy_helper.from_array(index.astype(np.int64), idx_name))
     gather = helper.make_node("Gather", [norm.input, idx_name], [gathered], axis=-1, name=f"rptq.reorder.{tag}.gather")
     node = inits.nodes[norm.node]
+    if norm.gather is not None:
+        raise ValueError(f"{norm.node} is already reordered (Gather {norm.gather}); fold reorders into an uncompiled graph")
     node.input[0] = gathered
     graph_nodes = inits.model.graph.node
     pos = next(i for i, n in enumerate(graph_nodes) if n.name == norm.node)

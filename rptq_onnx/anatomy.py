@@ -44,7 +44,11 @@ _ACTIVATIONS = {"Relu", "Gelu", "FastGelu", "Tanh", "Sigmoid", "Erf", "Mul", "Di
 
 @dataclass(frozen=True)
 class Norm:
-    """A LayerNormalization node: its input (the residual stream), output, γ and β initializers."""
+    """A LayerNormalization node: its input (the residual stream), output, γ and β initializers.
+
+    In a graph compiled with the contiguous layout, ``input`` is still the residual stream and
+    ``gather`` names the reorder Gather between it and the LayerNorm.
+    """
 
     node: str
     input: str
@@ -52,6 +56,7 @@ class Norm:
     weight: str
     bias: str | None
     channels: int
+    gather: str | None = None
 
 
 @dataclass(frozen=True)
@@ -264,12 +269,16 @@ class _Matcher:
         if weight not in self.g.initializers:
             raise self.fail(f"{role} LayerNorm γ is not an initializer")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("axis", -1) != -1:
+        if attrs.get("axis", -1) != -1:  # noqa: SIM102
             rank = len(self.shapes.get(node.input[0]) or [])
             if attrs.get("axis") != rank - 1:
                 raise self.fail(f"{role} LayerNorm does not normalize the last axis")
-        return Norm(node=node.name, input=node.input[0], output=node.output[0], weight=weight, bias=bias,
-                    channels=int(self.g.initializers[weight].dims[0]))
+        source, gather = node.input[0], None
+        producer = self.g.producer.get(source)
+        if producer is not None and producer.op_type == "Gather" and self.g.is_constant(producer.input[1]):
+            source, gather = producer.input[0], producer.name
+        return Norm(node=node.name, input=source, output=node.output[0], weight=weight, bias=bias,
+                    channels=int(self.g.initializers[weight].dims[0]), gather=gather)
 
     def heads(self, qk: onnx.NodeProto, hidden: int, present: str | None) -> tuple[int, int]:
         for tensor in (qk.input[1], qk.input[0], present):
@@ -324,7 +333,7 @@ def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax
     if residual is None or attn_norm.input not in _reshape_sources(index, residual):
         raise m.fail("no residual Add of the attention output and the attention LayerNorm input")
     hit = m.forward_to(residual.output[0], lambda n: n.op_type == "LayerNormalization",
-                       through={"Reshape", "Identity", "Flatten", "Cast"}, max_depth=3)
+                       through={"Reshape", "Identity", "Flatten", "Cast", "Gather"}, max_depth=3)
     if hit is None:
         raise m.fail("no final LayerNorm after the attention residual (post-LN OPT such as opt-350m is not supported)")
     final_ln_node = hit[0]

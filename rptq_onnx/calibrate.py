@@ -17,7 +17,7 @@ from tqdm import tqdm
 from rptq_onnx.anatomy import OptLayer
 from rptq_onnx.config import CalibConfig
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import save_model
+from rptq_onnx.graph import save_model, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.passes.insert_taps import Tap, insert_taps
 from rptq_onnx.runtime import make_session
@@ -55,22 +55,23 @@ def calibration_windows(calib: CalibConfig, model_dir: Path, vocab_size: int, ma
     From a text file: the whole text is tokenized and windows start at seeded random offsets (as
     the reference's loaders do). ``random``: seeded uniform token ids (smoke runs and tests only).
     """
-    if max_positions is not None and calib.seqlen > max_positions:
-        raise RptqError(f"--seqlen {calib.seqlen} exceeds the model's {max_positions} positions; use --seqlen ≤ {max_positions}")
+    seqlen = calib.resolved_seqlen(max_positions)
+    if max_positions is not None and seqlen > max_positions:
+        raise RptqError(f"--seqlen {seqlen} exceeds the model's {max_positions} positions; use --seqlen ≤ {max_positions}")
     rng = np.random.default_rng(calib.seed)
     if calib.source == "random":
-        return rng.integers(0, vocab_size, size=(calib.nsamples, calib.seqlen), dtype=np.int64)
+        return rng.integers(0, vocab_size, size=(calib.nsamples, seqlen), dtype=np.int64)
     text = read_text(calib.source)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise RptqError(f"{model_dir}: no tokenizer beside the model, so --calib text cannot be tokenized; "
                         "export from a model directory with tokenizer files, or use --calib random")
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    if len(ids) < calib.seqlen + 1:
-        raise RptqError(f"--calib {calib.source}: {len(ids)} tokens, shorter than one window of --seqlen {calib.seqlen}; "
+    if len(ids) < seqlen + 1:
+        raise RptqError(f"--calib {calib.source}: {len(ids)} tokens, shorter than one window of --seqlen {seqlen}; "
                         "use a longer text or a smaller --seqlen")
-    starts = rng.integers(0, len(ids) - calib.seqlen, size=calib.nsamples)
-    return np.stack([ids[s:s + calib.seqlen] for s in starts])
+    starts = rng.integers(0, len(ids) - seqlen, size=calib.nsamples)
+    return np.stack([ids[s:s + seqlen] for s in starts])
 
 
 def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer]) -> dict[str, np.ndarray]:
@@ -89,14 +90,22 @@ def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer]) -> dict[st
 
 
 def calibrate(model: onnx.ModelProto, layers: list[OptLayer], windows: np.ndarray, batch_size: int = 4,
-              progress: bool = True) -> dict[tuple[int, str], ChannelStats]:
-    """Per-channel range statistics for every tap of every layer, keyed by (layer, tap name)."""
+              progress: bool = True, model_dir: Path | None = None) -> dict[tuple[int, str], ChannelStats]:
+    """Per-channel range statistics for every tap of every layer, keyed by (layer, tap name).
+
+    ``model`` may be a skeleton loaded without its external weights (``model_dir`` is where
+    they are): ONNX Runtime then reads the weights itself and Python never holds a copy.
+    """
     tapped, taps = insert_taps(model, layers)
     stats = {(t.layer, t.name): ChannelStats() for t in taps}
     with tempfile.TemporaryDirectory(prefix="rptq-calib-") as tmp:
-        path = save_model(tapped, Path(tmp) / "tapped.onnx")
+        if weights_loaded(tapped):
+            session = make_session(save_model(tapped, Path(tmp) / "tapped.onnx"))
+        else:
+            if model_dir is None:
+                raise ValueError("a model without loaded weights needs model_dir")
+            session = make_session(tapped.SerializeToString(), external_data_dir=model_dir)
         del tapped
-        session = make_session(path)
         names = [o.name for o in session.get_outputs()]
         by_output = {t.output(s): (t, s) for t in taps for s in ("max", "min")}
         batches = range(0, len(windows), batch_size)

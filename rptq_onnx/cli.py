@@ -35,10 +35,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
                            layout=args.layout)
-    if args.calib == "random":
-        print("note: calibrating on random token ids (--calib random); pass --calib FILE for real statistics",
-              file=sys.stderr)
     result = compile_model(args.model, args.output, config, with_past=args.with_past, progress=not args.quiet)
+    if args.calib == "random":
+        print("note: calibrated on random token ids (--calib random): a smoke run; pass --calib FILE for real "
+              "statistics", file=sys.stderr)
     rep = result.report
     print(f"compiled {rep['layers']} layers ({config.preset}, clusters {config.clusters}, layout {rep['layout']}, "
           f"{rep['gathers_added']} Gather(s) added) → {result.model_path}  [{rep['timings_s']['total']:.1f} s]")
@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for smoke runs (default: random)")
     p.add_argument("--nsamples", type=int, default=d.nsamples,
                    help=f"calibration windows (default {d.nsamples}; the reference uses 128)")
-    p.add_argument("--seqlen", type=int, default=d.seqlen,
-                   help=f"tokens per window (default {d.seqlen}; the reference uses 2048)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"tokens per window (default {d.DEFAULT_SEQLEN}, or the model's positions when fewer; "
+                        "the reference uses 2048)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per ORT run (default {d.batch_size})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing windows (default 0)")
     p.add_argument("--clusters", default=None, metavar="R1=32,R2=4,...",

@@ -25,7 +25,7 @@ from rptq_onnx.clustering import ClusterPlan, plan_clusters, range_features
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
-from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output
+from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.passes.fold_reorder import fold_reorder
 
@@ -108,14 +108,21 @@ def plan_layer(layer: OptLayer, stats: dict[tuple[int, str], ChannelStats], conf
 
 
 def reorder_graph(graph: onnx.ModelProto, layers: list[OptLayer], windows, config: CompileConfig,
-                  timer: _Timer | None = None, progress: bool = False):
-    """Calibrate on ``windows``, cluster, and fold: (reordered copy, plans per layer, FoldReport)."""
+                  timer: _Timer | None = None, progress: bool = False, model_path: Path | None = None):
+    """Calibrate on ``windows``, cluster, and fold: (reordered copy, plans per layer, FoldReport).
+
+    ``graph`` may be a skeleton without its external weights (from ``model_path``): it is
+    calibrated as is, and the weights are loaded only for folding.
+    """
     timer = timer or _Timer()
     with timer.stage("calibrate"):
-        stats = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress)
+        stats = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
+                          model_dir=model_path.parent if model_path else None)
     with timer.stage("cluster"):
         plans = [plan_layer(layer, stats, config) for layer in layers]
     with timer.stage("fold"):
+        if not weights_loaded(graph):
+            graph = load_model(model_path)
         folded, fold_report = fold_reorder(graph, layers, plans, layout=config.layout)
     return folded, plans, fold_report
 
@@ -128,12 +135,13 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
     with tempfile.TemporaryDirectory(prefix="rptq-compile-") as tmp:
         onnx_path = resolve_onnx_source(model, Path(tmp), with_past, timer)
         with timer.stage("load"):
-            graph = load_model(onnx_path)
+            graph = load_model(onnx_path, load_weights=False)  # external weights stay on disk
             layers = find_opt_layers(graph)
             check_cluster_counts(config, layers)
             vocab, max_pos = model_limits(onnx_path, graph)
             windows = calibration_windows(config.calib, onnx_path.parent, vocab, max_pos)
-        folded, plans, fold_report = reorder_graph(graph, layers, windows, config, timer=timer, progress=progress)
+        folded, plans, fold_report = reorder_graph(graph, layers, windows, config, timer=timer, progress=progress,
+                                                   model_path=onnx_path)
         del graph
         _stamp(folded, config)
         report = {
@@ -152,12 +160,13 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
         }
         clusters = {"format": "rptq-onnx clusters", "version": 1, "layout": config.layout,
                     "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}
-        with timer.stage("save"), staged_output(out_dir) as stage:
-            save_model(folded, stage / "model.onnx")
-            for name in (*TOKENIZER_FILES, RECORD_NAME):
-                if (onnx_path.parent / name).is_file():
-                    shutil.copy2(onnx_path.parent / name, stage / name)
-            (stage / CLUSTERS_NAME).write_text(json.dumps(clusters) + "\n")
+        with staged_output(out_dir) as stage:
+            with timer.stage("save"):
+                save_model(folded, stage / "model.onnx")
+                for name in (*TOKENIZER_FILES, RECORD_NAME):
+                    if (onnx_path.parent / name).is_file():
+                        shutil.copy2(onnx_path.parent / name, stage / name)
+                (stage / CLUSTERS_NAME).write_text(json.dumps(clusters) + "\n")
             report["timings_s"] = {**timer.timings, "total": round(time.perf_counter() - t_start, 3)}
             report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             (stage / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

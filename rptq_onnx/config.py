@@ -59,14 +59,21 @@ class CalibConfig:
 
     source: str = "random"
     nsamples: int = 32
-    seqlen: int = 512
+    seqlen: int | None = None  # None: 512, or the model's positions when fewer
     seed: int = 0
     batch_size: int = 4
+
+    DEFAULT_SEQLEN = 512
+
+    def resolved_seqlen(self, max_positions: int | None) -> int:
+        if self.seqlen is not None:
+            return self.seqlen
+        return min(self.DEFAULT_SEQLEN, max_positions or self.DEFAULT_SEQLEN)
 
     def __post_init__(self):
         if self.nsamples < 1:
             raise RptqError(f"--nsamples {self.nsamples}: need at least one calibration window")
-        if self.seqlen < 2:
+        if self.seqlen is not None and self.seqlen < 2:
             raise RptqError(f"--seqlen {self.seqlen}: a calibration window needs at least 2 tokens")
         if self.batch_size < 1:
             raise RptqError(f"--batch-size {self.batch_size}: must be at least 1")

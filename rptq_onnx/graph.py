@@ -22,8 +22,9 @@ from onnx import numpy_helper
 from rptq_onnx.errors import RptqError
 
 # Above this serialized size a model is saved with its weights in an external data file
-# (protobuf cannot hold more than 2 GiB in one message).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+# (protobuf cannot hold more than 2 GiB in one message; below that, external weights still let
+# calibration hand the weights to ONNX Runtime without holding a copy in Python).
+EXTERNAL_DATA_THRESHOLD = 64 << 20
 EXTERNAL_DATA_SUFFIX = ".data"
 
 
@@ -43,9 +44,26 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
     except Exception as exc:  # protobuf raises several unrelated types for damaged files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RptqError(f"{path}: not a readable ONNX model ({reason}); the file may be truncated, re-export it with `rptq-onnx export`") from None
+    if not load_weights:
+        _load_small_external_tensors(model, path.parent)
     if not model.graph.node:
         raise RptqError(f"{path}: the ONNX file holds no graph nodes (truncated or empty); re-export it with `rptq-onnx export`")
     return model
+
+
+def _load_small_external_tensors(model: onnx.ModelProto, base_dir: Path, max_elements: int = 4096) -> None:
+    """Shape constants must be inline for shape inference and for ORT's graph resolution."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL and int(np.prod(init.dims)) <= max_elements:
+            try:
+                load_external_data_for_tensor(init, str(base_dir))
+            except OSError as exc:
+                raise RptqError(f"{base_dir}: external data of '{init.name}' cannot be read ({exc.strerror}); "
+                                "keep model.onnx and its .data file together") from None
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
 
 
 @contextlib.contextmanager
@@ -91,6 +109,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+def external_data_files(model: onnx.ModelProto) -> set[str]:
+    """Relative locations of the external data files the model's initializers point to."""
+    files = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            files.update(e.value for e in init.external_data if e.key == "location")
+    return files
+
+
+def weights_loaded(model: onnx.ModelProto) -> bool:
+    """False when initializers still point to external data on disk (loaded with load_weights=False)."""
+    return not external_data_files(model)
 
 
 def _serialized_size(model: onnx.ModelProto) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 
 import onnx
 
 from rptq_onnx.anatomy import map_model
+from rptq_onnx.compile import load_cluster_plans
+from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model
 
 
@@ -24,10 +27,17 @@ def describe(model_path: str | os.PathLike) -> dict:
         bits = 4 if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else dtype.itemsize * 8
         init_bytes[onnx.helper.tensor_dtype_to_string(init.data_type).removeprefix("TensorProto.").lower()] += (count * bits + 7) // 8
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    plans = load_cluster_plans(model_path)
+    if plans is not None and len(plans) != len(mm.layers):
+        raise RptqError(f"{model_path}: clusters.json describes {len(plans)} layers but the graph has {len(mm.layers)}; "
+                        "recompile the model")
     layers = []
-    for layer in mm.layers:
+    for i, layer in enumerate(mm.layers):
         d = layer.to_dict()
         d["shared_weights"] = sorted({w for w in _weights(layer) if mm.is_shared(w)})
+        if plans is not None:
+            d["clusters"] = {p: {"k": len(plan.counts), "sizes": list(plan.counts), "heads": plan.heads}
+                             for p, plan in plans[i].items()}
         layers.append(d)
     return {
         "model": str(model_path),
@@ -41,8 +51,14 @@ def describe(model_path: str | os.PathLike) -> dict:
         "op_counts": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
         "initializer_bytes": dict(sorted(init_bytes.items())),
         "shared_initializers": sorted(mm.shared_initializers),
+        "compiled": _compile_config(model),
         "layers": layers,
     }
+
+
+def _compile_config(model: onnx.ModelProto) -> dict | None:
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props["rptq.config"]) if "rptq.config" in props else None
 
 
 def _weights(layer) -> list[str]:
@@ -73,6 +89,15 @@ def format_table(desc: dict) -> str:
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    if desc["layers"] and "clusters" in desc["layers"][0]:
+        lines += ["", f"clusters  (k per point; R2/R3 per head; smallest–largest cluster)  preset "
+                      f"{(desc['compiled'] or {}).get('preset', '?')}, layout {(desc['compiled'] or {}).get('layout', '?')}"]
+        for layer in desc["layers"]:
+            cells = []
+            for p, c in layer["clusters"].items():
+                per_head = f" ({c['k'] // c['heads']}/head)" if c["heads"] > 1 else ""
+                cells.append(f"{p} k={c['k']}{per_head} {min(c['sizes'])}–{max(c['sizes'])}")
+            lines.append(f"  layer {layer['index']}: " + "   ".join(cells))
     lines.append("")
     lines.append(f"nodes     {desc['node_count']}: " + ", ".join(f"{k} {v}" for k, v in
                                                               sorted(desc["op_counts"].items(), key=lambda kv: -kv[1])))

@@ -33,9 +33,15 @@ def _cuda_device_present() -> bool:
 
 
 def make_session(model: str | os.PathLike | bytes, providers: list[str] | None = None, optimization: str = "all",
-                 threads: int | None = None) -> ort.InferenceSession:
-    """An InferenceSession with the QDQ guard; ``model`` is a path or serialized bytes."""
+                 threads: int | None = None, external_data_dir: str | os.PathLike | None = None) -> ort.InferenceSession:
+    """An InferenceSession with the QDQ guard; ``model`` is a path or serialized bytes.
+
+    ``external_data_dir``: for serialized bytes whose initializers point to external data files,
+    the directory those files are in (ORT reads them itself; Python holds no copy).
+    """
     opts = ort.SessionOptions()
+    if external_data_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
     opts.graph_optimization_level = LEVELS[optimization]
     opts.add_session_config_entry("session.disable_quant_qdq", "1")
     opts.log_severity_level = 3

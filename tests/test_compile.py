@@ -1,0 +1,142 @@
+"""`rptq-onnx compile --preset reorder`: outputs, text calibration, determinism, one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rptq_onnx.models import save_random_opt, train_bpe_tokenizer
+from test_cli import assert_one_line_error, run_cli
+
+TEXT = " ".join(
+    f"Fellow citizens, in the year {1800 + i} the Congress met to consider the state of the union, "
+    f"the budget of {i * 7} million dollars and the peace of nations." for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def model_with_tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok-model")
+    model_dir = save_random_opt(root / "hf", seed=3)
+    train_bpe_tokenizer([TEXT], vocab_size=300).save_pretrained(str(model_dir))
+    text = root / "calib.txt"
+    text.write_text(TEXT)
+    return model_dir, text
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_compile_from_hf_dir_with_text_calibration(model_with_tokenizer, tmp_path):
+    model_dir, text = model_with_tokenizer
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        proc = run_cli("compile", model_dir, "-o", out, "--calib", text, "--nsamples", 4, "--seqlen", 32,
+                       "--clusters", "R1=8,R4=8,R5=16", "--layout", "contiguous", "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert "compiled 2 layers" in proc.stdout and "4 Gather(s)" in proc.stdout
+        outs.append(out)
+    a, b = outs
+    assert {"model.onnx", "clusters.json", "report.json", "export.json", "tokenizer.json"} <= {p.name for p in a.iterdir()}
+    # deterministic: same inputs and seed give the same bytes
+    assert _digest(a / "model.onnx") == _digest(b / "model.onnx")
+    assert _digest(a / "clusters.json") == _digest(b / "clusters.json")
+    report = json.loads((a / "report.json").read_text())
+    assert report["calibration"] == {"windows": 4, "seqlen": 32, "tokens": 128, "source": str(text)}
+    assert report["gathers_added"] == 4 and report["layout"] == "contiguous"
+    assert report["clusters"][0] == {"R1": 8, "R2": 16, "R3": 16, "R4": 8, "R5": 16}
+    assert set(report["timings_s"]) >= {"export", "calibrate", "cluster", "fold", "save", "total"}
+    assert report["peak_rss_mb"] > 0
+    desc = json.loads(run_cli("inspect", a / "model.onnx", "--json").stdout)
+    assert desc["compiled"]["preset"] == "reorder"
+    assert desc["layers"][1]["clusters"]["R2"]["k"] == 16 and desc["layers"][1]["clusters"]["R2"]["heads"] == 4
+    assert sum(desc["layers"][0]["clusters"]["R5"]["sizes"]) == 256
+    table = run_cli("inspect", a / "model.onnx").stdout
+    assert "R2 k=16 (4/head)" in table
+
+
+def test_zero_copy_layout_adds_no_gather(exported, tmp_path):
+    proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "z", "--nsamples", 2, "--seqlen", 16, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "z" / "report.json").read_text())["gathers_added"] == 0
+    assert "random token ids" in proc.stderr
+
+
+def _not_written(tmp_path, name="out"):
+    assert not (tmp_path / name).exists()
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_calibration_text_shorter_than_a_window(model_with_tokenizer, tmp_path):
+    model_dir, _ = model_with_tokenizer
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    proc = run_cli("compile", model_dir, "-o", tmp_path / "out", "--calib", short, "--seqlen", 64)
+    assert_one_line_error(proc, "shorter than one window")
+    _not_written(tmp_path)
+
+
+@pytest.mark.parametrize("clusters,msg", [("R1=0", "at least 1"), ("R9=4", "not POINT=K"), ("R1=65", "exceeds"),
+                                          ("R2=17", "channels per head")])
+def test_bad_cluster_counts(exported, tmp_path, clusters, msg):
+    proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--clusters", clusters, "--nsamples", 1,
+                   "--seqlen", 8)
+    assert_one_line_error(proc, msg)
+    _not_written(tmp_path)
+
+
+def test_non_opt_onnx(tmp_path):
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                          [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    path = tmp_path / "mm.onnx"
+    path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString())
+    assert_one_line_error(run_cli("compile", path, "-o", tmp_path / "out"), "no attention Softmax")
+    _not_written(tmp_path)
+
+
+def test_text_calibration_needs_a_tokenizer(exported, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    # the tiny export's directory has no tokenizer files
+    assert_one_line_error(run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--calib", text), "--calib random")
+    _not_written(tmp_path)
+
+
+def test_binary_calibration_text(model_with_tokenizer, tmp_path):
+    model_dir, _ = model_with_tokenizer
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    assert_one_line_error(run_cli("compile", model_dir, "-o", tmp_path / "out", "--calib", binary), "binary")
+
+
+def test_seqlen_beyond_positions(exported, tmp_path):
+    proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--seqlen", 4096)
+    assert_one_line_error(proc, "positions")
+
+
+def test_external_weights_are_calibrated_from_disk(exported, tmp_path):
+    """A model with external data is calibrated without loading its weights, with the same result."""
+    import onnx
+
+    from rptq_onnx.compile import compile_model
+    from rptq_onnx.config import CalibConfig, CompileConfig
+
+    src = exported("tiny")
+    ext_dir = tmp_path / "ext"
+    ext_dir.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(ext_dir / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    (ext_dir / "export.json").write_bytes((src.parent / "export.json").read_bytes())
+    config = CompileConfig(calib=CalibConfig(nsamples=3, seqlen=16), layout="contiguous")
+    a = compile_model(str(src), tmp_path / "a", config, progress=False)
+    b = compile_model(str(ext_dir / "model.onnx"), tmp_path / "b", config, progress=False)
+    assert (tmp_path / "a" / "clusters.json").read_text() == (tmp_path / "b" / "clusters.json").read_text()
+    assert a.report["clusters"] == b.report["clusters"]
+    assert sorted(p.name for p in ext_dir.iterdir()) == ["export.json", "model.onnx", "model.onnx.data"]

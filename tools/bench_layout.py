@@ -1,0 +1,77 @@
+"""Runtime cost of the two reorder layouts: zero-copy (no Gather) vs contiguous (Gather before R1/R4 LNs).
+
+    python -m rptq_onnx.tools.bench_layout [--model MODEL.onnx] [--batch 1] [--seqlen 128] [--repeats 20]
+
+Compiles ``--preset reorder`` in both layouts (random calibration tokens: this measures
+speed and equality, not quality), then times ORT CPU prefill (median of --repeats runs) and
+reports the largest logits difference to the original graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _time(session, feed, repeats: int) -> tuple[float, np.ndarray]:
+    out = session.run(None, feed)[0]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="an exported model.onnx (default: random opt-125m shapes)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-calib-memory"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    from rptq_onnx.anatomy import find_opt_layers
+    from rptq_onnx.calibrate import feeds_for
+    from rptq_onnx.compile import compile_model, model_limits
+    from rptq_onnx.config import CalibConfig, CompileConfig
+    from rptq_onnx.graph import load_model
+    from rptq_onnx.runtime import make_session
+    from rptq_onnx.tools.bench_calib_memory import prepare_model
+
+    model = args.model or prepare_model(args.workdir)
+    skeleton = load_model(model, load_weights=False)
+    layers = find_opt_layers(skeleton)
+    vocab, _ = model_limits(model, skeleton)
+    ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seqlen))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"original": model}
+        for layout in ("zero-copy", "contiguous"):
+            cfg = CompileConfig(layout=layout, calib=CalibConfig(nsamples=2, seqlen=64))
+            paths[layout] = compile_model(str(model), Path(tmp) / layout, cfg, progress=False).model_path
+        ref = None
+        for name, path in paths.items():
+            sess = make_session(path, threads=2)
+            ms, logits = _time(sess, feeds_for(sess, ids, layers), args.repeats)
+            gathers = sum(n.op_type == "Gather" and n.name.startswith("rptq.reorder")
+                          for n in load_model(path, load_weights=False).graph.node)
+            ref = logits if ref is None else ref
+            diff = float(np.abs(logits - ref).max() / np.abs(ref).max())
+            rows.append((name, gathers, ms, diff))
+    print(f"model {model}  (prefill {args.batch} × {args.seqlen}, ORT CPU, median of {args.repeats})")
+    print(f"| {'graph':<11} | {'reorder Gathers':>15} | {'prefill ms':>10} | {'÷ original':>10} | {'max |Δlogits| / max|logits|':>27} |")
+    print(f"|{'-' * 13}|{'-' * 17}|{'-' * 12}|{'-' * 12}|{'-' * 29}|")
+    for name, gathers, ms, diff in rows:
+        print(f"| {name:<11} | {gathers:>15} | {ms:>10.2f} | {ms / rows[0][2]:>10.3f} | {diff:>27.2e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
