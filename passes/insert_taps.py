@@ -15,8 +15,9 @@ Tapped tensors per layer (``TAPS``):
     ffn_ln   R4  final-LN output                     [B·S, C]
     fc2_in   R5  fc2 input                           [B·S, C]
 
-A tap kind other than min/max (e.g. an XᵀX accumulator for GPTQ) adds its own builder to
-``_BUILDERS``; the output naming scheme ``rptq.tap.L{layer}.{tap}.{stat}`` stays the same.
+With ``hessians=True`` it also adds, for the input of each linear group (``HESSIAN_TAPS``),
+``Xᵀ·X`` over all tokens of the batch ([C, C]): GPTQ's Hessian, summed by the caller.
+Outputs are named ``rptq.tap.L{layer}.{tap}.{max|min|xtx}``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from rptq_onnx.anatomy import OptLayer
 from rptq_onnx.graph import GraphIndex
 
 TAPS = ("attn_ln", "q_attn", "k_attn", "q", "k", "v", "out_in", "ffn_ln", "fc2_in")
+HESSIAN_TAPS = {"attn_ln": ("q_proj", "k_proj", "v_proj"), "out_in": ("out_proj",), "ffn_ln": ("fc1",),
+                "fc2_in": ("fc2",)}
 TAP_POINT = {"attn_ln": "R1", "q_attn": "R2", "k_attn": "R2", "out_in": "R3", "ffn_ln": "R4", "fc2_in": "R5"}
 
 
@@ -66,8 +69,11 @@ def plan_taps(layers: list[OptLayer], model: onnx.ModelProto) -> list[Tap]:
     return taps
 
 
-def insert_taps(model: onnx.ModelProto, layers: list[OptLayer], batch_source: str = "input_ids") -> tuple[onnx.ModelProto, list[Tap]]:
-    """A new model whose outputs are the taps' per-sample max/min rows. ``model`` is not modified."""
+def insert_taps(model: onnx.ModelProto, layers: list[OptLayer], batch_source: str = "input_ids",
+                hessians: bool = False) -> tuple[onnx.ModelProto, list[Tap]]:
+    """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums).
+
+    ``model`` is not modified."""
     taps = plan_taps(layers, model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -102,6 +108,13 @@ def insert_taps(model: onnx.ModelProto, layers: list[OptLayer], batch_source: st
                 nodes.append(helper.make_node("Reshape", [reduced, "rptq.tap.flat2"], [tap.output(stat)],
                                               name=tap.output(stat)))
             g.output.append(helper.make_tensor_value_info(tap.output(stat), onnx.TensorProto.FLOAT, None))
+        if hessians and tap.name in HESSIAN_TAPS:
+            flat = const(f"{prefix}.flat", [-1, tap.channels])
+            nodes += [helper.make_node("Reshape", [tap.tensor, flat], [f"{prefix}.x2d"], name=f"{prefix}.x2d"),
+                      helper.make_node("Transpose", [f"{prefix}.x2d"], [f"{prefix}.xt"], perm=[1, 0], name=f"{prefix}.xt"),
+                      helper.make_node("MatMul", [f"{prefix}.xt", f"{prefix}.x2d"], [tap.output("xtx")],
+                                       name=tap.output("xtx"))]
+            g.output.append(helper.make_tensor_value_info(tap.output("xtx"), onnx.TensorProto.FLOAT, None))
     g.node.extend(nodes)
     g.initializer.extend(inits)
     _prune(out)

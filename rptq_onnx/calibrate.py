@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from rptq_onnx.config import CalibConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import save_model, weights_loaded
 from rptq_onnx.observers import ChannelStats
-from rptq_onnx.passes.insert_taps import Tap, insert_taps
+from rptq_onnx.passes.insert_taps import HESSIAN_TAPS, Tap, insert_taps
 from rptq_onnx.runtime import make_session
 
 
@@ -89,15 +90,30 @@ def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer]) -> dict[st
     return feed
 
 
+@dataclass
+class Calibration:
+    """Range statistics per (layer, tap) and, when asked for, XᵀX sums of linear inputs."""
+
+    stats: dict[tuple[int, str], ChannelStats]
+    xtx: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    tokens: int = 0
+
+    def hessian(self, layer: int, tap: str) -> np.ndarray:
+        """GPTQ's H = 2·XᵀX / tokens, in the original channel order."""
+        return 2.0 * self.xtx[(layer, tap)] / max(self.tokens, 1)
+
+
 def calibrate(model: onnx.ModelProto, layers: list[OptLayer], windows: np.ndarray, batch_size: int = 4,
-              progress: bool = True, model_dir: Path | None = None) -> dict[tuple[int, str], ChannelStats]:
+              progress: bool = True, model_dir: Path | None = None, hessians: bool = False) -> Calibration:
     """Per-channel range statistics for every tap of every layer, keyed by (layer, tap name).
 
     ``model`` may be a skeleton loaded without its external weights (``model_dir`` is where
     they are): ONNX Runtime then reads the weights itself and Python never holds a copy.
     """
-    tapped, taps = insert_taps(model, layers)
-    stats = {(t.layer, t.name): ChannelStats() for t in taps}
+    tapped, taps = insert_taps(model, layers, hessians=hessians)
+    result = Calibration(stats={(t.layer, t.name): ChannelStats() for t in taps})
+    stats = result.stats
+    xtx_taps = [t for t in taps if hessians and t.name in HESSIAN_TAPS]
     with tempfile.TemporaryDirectory(prefix="rptq-calib-") as tmp:
         if weights_loaded(tapped):
             session = make_session(save_model(tapped, Path(tmp) / "tapped.onnx"))
@@ -115,10 +131,15 @@ def calibrate(model: onnx.ModelProto, layers: list[OptLayer], windows: np.ndarra
             values = dict(zip(names, session.run(None, feeds_for(session, batch, layers))))
             for tap in taps:
                 stats[(tap.layer, tap.name)].update(values[tap.output("max")], values[tap.output("min")])
+            for tap in xtx_taps:
+                key = (tap.layer, tap.name)
+                add = values[tap.output("xtx")].astype(np.float64)
+                result.xtx[key] = add if key not in result.xtx else result.xtx[key] + add
+            result.tokens += int(batch.size)
             del values
         del session
     _check(by_output, stats)
-    return stats
+    return result
 
 
 def _check(by_output: dict[str, tuple[Tap, str]], stats: dict) -> None:

@@ -29,18 +29,24 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from rptq_onnx.compile import compile_model
-    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig
+    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 
+    if args.calib is None:
+        raise RptqError("--calib FILE is required: calibration text (UTF-8) tokenized with the model's tokenizer; "
+                        "--calib random gives random token ids for a smoke run")
     calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         batch_size=args.batch_size)
+    quant = QuantSpec.for_preset(args.preset, wbits=args.wbits, abits=args.abits, kv_only=args.kv_only,
+                                 weight_quant=args.weight_quant, group_size=args.group_size, observer=args.observer,
+                                 matmulnbits=not args.no_matmulnbits)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
-                           layout=args.layout)
+                           layout=args.layout, quant=quant)
     result = compile_model(args.model, args.output, config, with_past=args.with_past, progress=not args.quiet)
     if args.calib == "random":
         print("note: calibrated on random token ids (--calib random): a smoke run; pass --calib FILE for real "
               "statistics", file=sys.stderr)
     rep = result.report
-    print(f"compiled {rep['layers']} layers ({config.preset}, clusters {config.clusters}, layout {rep['layout']}, "
+    print(f"compiled {rep['layers']} layers ({config.preset} = {config.name}, clusters {config.clusters}, layout {rep['layout']}, "
           f"{rep['gathers_added']} Gather(s) added) → {result.model_path}  [{rep['timings_s']['total']:.1f} s]")
     return 0
 
@@ -82,10 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reorders into the weights. MODEL is an .onnx file or anything `export` accepts.")
     p.add_argument("model", metavar="MODEL", help=".onnx file, Hugging Face model directory or hub id")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
-    p.add_argument("--preset", default="reorder", choices=PRESETS, help="what to do (default: reorder only)")
-    p.add_argument("--calib", default="random", metavar="FILE|random",
-                   help="calibration text file (tokenized with the model's tokenizer), or 'random' token ids "
-                        "for smoke runs (default: random)")
+    p.add_argument("--preset", default="reorder", metavar="PRESET",
+                   help=f"one of {', '.join(PRESETS)} (default: reorder = W16A16, reorder only); "
+                        "the *KV presets quantize only K and V activations")
+    p.add_argument("--wbits", type=int, default=None, help="override the preset's weight bits (3, 4, 8, 16)")
+    p.add_argument("--abits", type=int, default=None, help="override the preset's activation bits (3–8, 16)")
+    p.add_argument("--kv-only", action="store_true", default=None, help="quantize only K and V activations")
+    p.add_argument("--weight-quant", default="gptq", choices=("gptq", "rtn"), help="weight algorithm (default gptq)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="weight group size along the input (default: per output channel; 128 for weight-only 4-bit, "
+                        "which MatMulNBits needs; 0 = per channel)")
+    p.add_argument("--observer", default="ema", choices=("ema", "minmax"),
+                   help="activation ranges: the reference's EMA min/max (default) or plain min/max")
+    p.add_argument("--no-matmulnbits", action="store_true",
+                   help="weight-only 4-bit: keep DequantizeLinear+MatMul instead of MatMulNBits")
+    p.add_argument("--calib", default=None, metavar="FILE|random",
+                   help="calibration text file (tokenized with the model's tokenizer; required), or 'random' token "
+                        "ids for smoke runs")
     p.add_argument("--nsamples", type=int, default=d.nsamples,
                    help=f"calibration windows (default {d.nsamples}; the reference uses 128)")
     p.add_argument("--seqlen", type=int, default=None,

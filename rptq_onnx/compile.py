@@ -20,14 +20,15 @@ import onnx
 
 from rptq_onnx import __version__
 from rptq_onnx.anatomy import OptLayer, find_opt_layers
-from rptq_onnx.calibrate import calibrate, calibration_windows
+from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
 from rptq_onnx.clustering import ClusterPlan, plan_clusters, range_features
-from rptq_onnx.config import CompileConfig
+from rptq_onnx.config import PER_CHANNEL, CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
 from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
-from rptq_onnx.passes.fold_reorder import fold_reorder
+from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder
+from rptq_onnx.quantize import quantize_graph
 
 CLUSTERS_NAME = "clusters.json"
 REPORT_NAME = "report.json"
@@ -85,13 +86,15 @@ def check_cluster_counts(config: CompileConfig, layers: list[OptLayer]) -> None:
               "R5": (layer.ffn_dim, "fc1 channels")}
     for point, k in counts.items():
         limit, what = limits[point]
-        if k > limit:
+        if k != PER_CHANNEL and k > limit:
             raise RptqError(f"--clusters {point}={k} exceeds the model's {limit} {what}; use {point}≤{limit}")
 
 
 def plan_layer(layer: OptLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
     """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference)."""
-    k = config.clusters
+    k = {p: (v if v != PER_CHANNEL else None) for p, v in config.clusters.as_dict().items()}
+    c, d, f = layer.hidden_size, layer.head_dim, layer.ffn_dim
+    k = {"R1": k["R1"] or c, "R2": k["R2"] or d, "R3": k["R3"] or d, "R4": k["R4"] or c, "R5": k["R5"] or f}
     i = layer.index
 
     def rng(tap):
@@ -99,32 +102,50 @@ def plan_layer(layer: OptLayer, stats: dict[tuple[int, str], ChannelStats], conf
 
     where = f"layer {i}"
     return {
-        "R1": plan_clusters(range_features(rng("attn_ln")), k.R1, where=f"{where} R1"),
-        "R2": plan_clusters(range_features(rng("q_attn"), rng("k_attn")), k.R2, heads=layer.num_heads, where=f"{where} R2"),
-        "R3": plan_clusters(range_features(rng("out_in")), k.R3, heads=layer.num_heads, where=f"{where} R3"),
-        "R4": plan_clusters(range_features(rng("ffn_ln")), k.R4, where=f"{where} R4"),
-        "R5": plan_clusters(range_features(rng("fc2_in")), k.R5, where=f"{where} R5"),
+        "R1": plan_clusters(range_features(rng("attn_ln")), k["R1"], where=f"{where} R1"),
+        "R2": plan_clusters(range_features(rng("q_attn"), rng("k_attn")), k["R2"], heads=layer.num_heads,
+                            where=f"{where} R2"),
+        "R3": plan_clusters(range_features(rng("out_in")), k["R3"], heads=layer.num_heads, where=f"{where} R3"),
+        "R4": plan_clusters(range_features(rng("ffn_ln")), k["R4"], where=f"{where} R4"),
+        "R5": plan_clusters(range_features(rng("fc2_in")), k["R5"], where=f"{where} R5"),
     }
 
 
-def reorder_graph(graph: onnx.ModelProto, layers: list[OptLayer], windows, config: CompileConfig,
-                  timer: _Timer | None = None, progress: bool = False, model_path: Path | None = None):
-    """Calibrate on ``windows``, cluster, and fold: (reordered copy, plans per layer, FoldReport).
+@dataclass
+class Compiled:
+    model: onnx.ModelProto
+    plans: list[dict[str, ClusterPlan]]
+    fold: FoldReport
+    quant: dict
+    calibration: Calibration
+
+
+def compile_graph(graph: onnx.ModelProto, layers: list[OptLayer], windows, config: CompileConfig,
+                  timer: _Timer | None = None, progress: bool = False, model_path: Path | None = None) -> Compiled:
+    """Calibrate on ``windows``, cluster, fold the reorders, quantize.
 
     ``graph`` may be a skeleton without its external weights (from ``model_path``): it is
     calibrated as is, and the weights are loaded only for folding.
     """
     timer = timer or _Timer()
+    q = config.quant
     with timer.stage("calibrate"):
-        stats = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
-                          model_dir=model_path.parent if model_path else None)
+        calib = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
+                          model_dir=model_path.parent if model_path else None,
+                          hessians=q.quantizes_weights and q.weight_quant == "gptq")
     with timer.stage("cluster"):
-        plans = [plan_layer(layer, stats, config) for layer in layers]
+        plans = [plan_layer(layer, calib.stats, config) for layer in layers]
     with timer.stage("fold"):
         if not weights_loaded(graph):
             graph = load_model(model_path)
         folded, fold_report = fold_reorder(graph, layers, plans, layout=config.layout)
-    return folded, plans, fold_report
+        del graph
+    quant_report: dict = {}
+    if q.quantizes_weights or q.quantizes_activations:
+        with timer.stage("quantize"):
+            folded_layers = find_opt_layers(folded)
+            folded, quant_report = quantize_graph(folded, layers, folded_layers, plans, calib, config, progress)
+    return Compiled(model=folded, plans=plans, fold=fold_report, quant=quant_report, calibration=calib)
 
 
 def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig, with_past: bool = True,
@@ -140,9 +161,9 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
             check_cluster_counts(config, layers)
             vocab, max_pos = model_limits(onnx_path, graph)
             windows = calibration_windows(config.calib, onnx_path.parent, vocab, max_pos)
-        folded, plans, fold_report = reorder_graph(graph, layers, windows, config, timer=timer, progress=progress,
-                                                   model_path=onnx_path)
+        compiled = compile_graph(graph, layers, windows, config, timer=timer, progress=progress, model_path=onnx_path)
         del graph
+        folded, plans, fold_report = compiled.model, compiled.plans, compiled.fold
         _stamp(folded, config)
         report = {
             "rptq_onnx": __version__,
@@ -157,6 +178,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
             "gathers_added": fold_report.gathers,
             "permuted_initializers": fold_report.permuted_initializers,
             "copied_shared_initializers": sorted(set(fold_report.copied_shared)),
+            "quantization": {"name": config.name, **compiled.quant},
         }
         clusters = {"format": "rptq-onnx clusters", "version": 1, "layout": config.layout,
                     "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}

@@ -9,8 +9,24 @@ from dataclasses import dataclass, field
 from rptq_onnx.anatomy import POINTS
 from rptq_onnx.errors import RptqError
 
-PRESETS = ("reorder", "W16A16")
+# preset → (weight bits, activation bits, only K/V activations quantized)
+PRESETS = {
+    "reorder": (16, 16, False),
+    "W16A16": (16, 16, False),
+    "W8A8": (8, 8, False),
+    "W4A16": (4, 16, False),
+    "W4A8": (4, 8, False),
+    "W4A4": (4, 4, False),
+    "W4A4KV": (4, 4, True),
+    "W4A3KV": (4, 3, True),
+    "W3A3KV": (3, 3, True),
+}
+WBITS = (3, 4, 8, 16)
+ABITS = (3, 4, 5, 6, 7, 8, 16)
+WEIGHT_QUANT = ("gptq", "rtn")
+OBSERVERS = ("ema", "minmax")
 LAYOUTS = ("zero-copy", "contiguous")
+PER_CHANNEL = 0  # a cluster count meaning "one cluster per channel" (--clusters R1=ch)
 
 
 @dataclass(frozen=True)
@@ -25,7 +41,8 @@ class ClusterCounts:
 
     @classmethod
     def parse(cls, text: str | None) -> ClusterCounts:
-        """``"R1=32,R2=4"`` (unnamed points keep their defaults); ``"all=1"`` sets every point."""
+        """``"R1=32,R2=4"`` (unnamed points keep their defaults); ``"all=1"`` sets every point;
+        ``ch`` means one cluster per channel (``all=ch``: the per-channel baseline)."""
         if not text:
             return cls()
         values: dict[str, int] = {}
@@ -34,11 +51,15 @@ class ClusterCounts:
             key = key.strip()
             if not sep or key not in (*POINTS, "all"):
                 raise RptqError(f"--clusters: '{item.strip()}' is not POINT=K; use keys {', '.join(POINTS)} or all, e.g. R1=32,R2=4")
-            try:
-                k = int(raw)
-            except ValueError:
-                raise RptqError(f"--clusters: {key}={raw.strip()} is not an integer cluster count") from None
-            if k < 1:
+            if raw.strip() in ("ch", "channel", "per-channel"):
+                k = PER_CHANNEL
+            else:
+                try:
+                    k = int(raw)
+                except ValueError:
+                    raise RptqError(f"--clusters: {key}={raw.strip()} is not an integer cluster count (or 'ch' for "
+                                    "per-channel)") from None
+            if k < 1 and k != PER_CHANNEL:
                 raise RptqError(f"--clusters: {key}={k}; a cluster count must be at least 1")
             if key == "all":
                 values.update({p: k for p in POINTS})
@@ -50,7 +71,7 @@ class ClusterCounts:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.as_dict().items())
+        return ",".join(f"{k}={'ch' if v == PER_CHANNEL else v}" for k, v in self.as_dict().items())
 
 
 @dataclass(frozen=True)
@@ -80,17 +101,77 @@ class CalibConfig:
 
 
 @dataclass(frozen=True)
+class QuantSpec:
+    """What gets quantized and how. 16 bits means "left in float"."""
+
+    wbits: int = 16
+    abits: int = 16
+    kv_only: bool = False
+    weight_quant: str = "gptq"
+    group_size: int | None = None  # None: per output channel
+    observer: str = "ema"  # activation ranges: the reference's EMA min/max, or plain min/max
+    matmulnbits: bool = True  # weight-only 4-bit: emit com.microsoft MatMulNBits when possible
+
+    def __post_init__(self):
+        if self.wbits not in WBITS:
+            raise RptqError(f"--wbits {self.wbits} is not supported; use one of {', '.join(map(str, WBITS))}")
+        if self.abits not in ABITS:
+            raise RptqError(f"--abits {self.abits} is not supported; use 3..8 or 16")
+        if self.weight_quant not in WEIGHT_QUANT:
+            raise RptqError(f"--weight-quant {self.weight_quant} is unknown; use gptq or rtn")
+        if self.observer not in OBSERVERS:
+            raise RptqError(f"--observer {self.observer} is unknown; use ema or minmax")
+        if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
+            raise RptqError(f"--group-size {self.group_size}: use a power of two ≥ 8 (or 0 for per-channel)")
+
+    @property
+    def ln_bits(self) -> int:
+        """LayerNorm outputs and the softmax output: max(8, abits), as the reference."""
+        return max(8, self.abits)
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.abits < 16
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.wbits < 16
+
+    @classmethod
+    def for_preset(cls, preset: str, wbits: int | None = None, abits: int | None = None, kv_only: bool | None = None,
+                   **kwargs) -> QuantSpec:
+        if preset not in PRESETS:
+            raise RptqError(f"--preset {preset} is not available; choose one of {', '.join(PRESETS)}")
+        pw, pa, pkv = PRESETS[preset]
+        w = pw if wbits is None else wbits
+        a = pa if abits is None else abits
+        if "group_size" not in kwargs or kwargs["group_size"] is None:
+            # MatMulNBits needs block quantization: weight-only 4-bit defaults to groups of 128
+            kwargs["group_size"] = 128 if (w == 4 and a == 16) else None
+        elif kwargs["group_size"] == 0:
+            kwargs["group_size"] = None
+        return cls(wbits=w, abits=a, kv_only=pkv if kv_only is None else kv_only, **kwargs)
+
+
+@dataclass(frozen=True)
 class CompileConfig:
     preset: str = "reorder"
     clusters: ClusterCounts = field(default_factory=ClusterCounts)
     calib: CalibConfig = field(default_factory=CalibConfig)
     layout: str = "zero-copy"
+    quant: QuantSpec = field(default_factory=QuantSpec)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise RptqError(f"--preset {self.preset} is not available; choose one of {', '.join(PRESETS)}")
         if self.layout not in LAYOUTS:
             raise RptqError(f"--layout {self.layout} is unknown; choose one of {', '.join(LAYOUTS)}")
+
+    @property
+    def name(self) -> str:
+        """W{w}A{a}[KV] as the paper names configurations."""
+        q = self.quant
+        return f"W{q.wbits}A{q.abits}" + ("KV" if q.kv_only and q.abits < 16 else "")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -99,4 +180,4 @@ class CompileConfig:
     def from_json(cls, text: str) -> CompileConfig:
         d = json.loads(text)
         return cls(preset=d["preset"], clusters=ClusterCounts(**d["clusters"]), calib=CalibConfig(**d["calib"]),
-                   layout=d["layout"])
+                   layout=d["layout"], quant=QuantSpec(**d.get("quant", {})))

@@ -61,7 +61,8 @@ def test_compile_from_hf_dir_with_text_calibration(model_with_tokenizer, tmp_pat
 
 
 def test_zero_copy_layout_adds_no_gather(exported, tmp_path):
-    proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "z", "--nsamples", 2, "--seqlen", 16, "-q")
+    proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "z", "--calib", "random", "--nsamples", 2,
+                   "--seqlen", 16, "-q")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "z" / "report.json").read_text())["gathers_added"] == 0
     assert "random token ids" in proc.stderr
@@ -85,7 +86,7 @@ def test_calibration_text_shorter_than_a_window(model_with_tokenizer, tmp_path):
                                           ("R2=17", "channels per head")])
 def test_bad_cluster_counts(exported, tmp_path, clusters, msg):
     proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--clusters", clusters, "--nsamples", 1,
-                   "--seqlen", 8)
+                   "--seqlen", 8, "--calib", "random")
     assert_one_line_error(proc, msg)
     _not_written(tmp_path)
 
@@ -97,7 +98,7 @@ def test_non_opt_onnx(tmp_path):
                           [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
     path = tmp_path / "mm.onnx"
     path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString())
-    assert_one_line_error(run_cli("compile", path, "-o", tmp_path / "out"), "no attention Softmax")
+    assert_one_line_error(run_cli("compile", path, "-o", tmp_path / "out", "--calib", "random"), "no attention Softmax")
     _not_written(tmp_path)
 
 
@@ -117,7 +118,7 @@ def test_binary_calibration_text(model_with_tokenizer, tmp_path):
 
 
 def test_seqlen_beyond_positions(exported, tmp_path):
-    proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--seqlen", 4096)
+    proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--seqlen", 4096, "--calib", "random")
     assert_one_line_error(proc, "positions")
 
 

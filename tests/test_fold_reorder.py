@@ -7,7 +7,7 @@ import pytest
 
 from rptq_onnx.anatomy import find_opt_layers
 from rptq_onnx.clustering import plan_clusters
-from rptq_onnx.compile import reorder_graph
+from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig
 from rptq_onnx.export import to_onnx
 from rptq_onnx.graph import GraphIndex, load_model
@@ -64,7 +64,8 @@ def test_reorder_is_fp_exact_on_random_configs(case):
     layout = "contiguous" if case % 2 == 0 else "zero-copy"
     config = CompileConfig(clusters=clusters, layout=layout, calib=CalibConfig(nsamples=3, seqlen=16))
     windows = np.random.default_rng(case).integers(0, cfg["vocab_size"], (3, 16))
-    reordered, plans, report = reorder_graph(graph, layers, windows, config)
+    c = compile_graph(graph, layers, windows, config)
+    reordered, plans, report = c.model, c.plans, c.fold
     # the permutations are real (not identities) and clusters contiguous
     assert any((p["R5"].index != np.arange(len(p["R5"].index))).any() for p in plans)
     assert report.gathers == (2 * len(layers) if layout == "contiguous" else 0)
@@ -103,7 +104,8 @@ def test_opt125m_shapes_reorder_is_exact(opt125m):
     layers = find_opt_layers(graph)
     windows = np.random.default_rng(0).integers(0, 50272, (2, 32))
     config = CompileConfig(calib=CalibConfig(nsamples=2, seqlen=32, batch_size=2), layout="contiguous")
-    reordered, plans, report = reorder_graph(graph, layers, windows, config)
+    c = compile_graph(graph, layers, windows, config)
+    reordered, plans, report = c.model, c.plans, c.fold
     assert [len(p["R2"].counts) for p in plans] == [4 * 12] * 12
     assert report.gathers == 24
     _assert_exact(graph, reordered, layers, 50272)

@@ -80,8 +80,8 @@ def test_calibrate_merges_batches_independently_of_batch_size(exported, batch_si
     model = load_model(exported("tiny"))
     layers = find_opt_layers(model)
     windows = np.random.default_rng(3).integers(0, 512, (5, 12))
-    stats = calibrate(model, layers, windows, batch_size=batch_size, progress=False)
-    ref = calibrate(model, layers, windows, batch_size=5, progress=False)
+    stats = calibrate(model, layers, windows, batch_size=batch_size, progress=False).stats
+    ref = calibrate(model, layers, windows, batch_size=5, progress=False).stats
     for key, st in stats.items():
         np.testing.assert_allclose(st.minmax.max, ref[key].minmax.max, rtol=1e-6)
         np.testing.assert_allclose(st.ema.min, ref[key].ema.min, rtol=1e-6)

@@ -1,0 +1,171 @@
+"""Quantization math: activation qparams per cluster, weight quantizers (RTN, GPTQ), 4-bit packing.
+
+Activations (asymmetric, per cluster, the reference's scale): for a cluster with range
+[lo, hi], widened to include 0 (``lo ≤ 0 ≤ hi``),
+
+    scale = (hi − lo) / 2ⁿ,   zero_point = clip(round(−(hi + lo) / (2·scale)) + 2ⁿ⁻¹, 0, 2ⁿ − 1)
+
+on the unsigned grid [0, 2ⁿ − 1] (= the reference's signed grid shifted by 2ⁿ⁻¹; like the
+reference, the top value clips by one step). The widening is the ONNX-representable rule: a
+uint Q/DQ zero point must lie on the grid, which a range excluding 0 cannot give. It only
+changes clusters whose range excludes 0 (e.g. a positive-only LayerNorm channel group).
+
+Weights (asymmetric, per output channel or per group along the input, GPTQ's quantizer):
+``scale = (hi − lo) / (2ⁿ − 1)``, ``zero_point = round(−lo / scale)`` with lo ≤ 0 ≤ hi.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-channel scale and zero point (float32 / int64), plus the grid size."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    bits: int
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+
+def activation_qparams(ch_max: np.ndarray, ch_min: np.ndarray, labels: np.ndarray, bits: int) -> QParams:
+    """One scale/zero point per cluster (``labels`` per channel), repeated over its channels."""
+    ch_max = np.asarray(ch_max, np.float64)
+    ch_min = np.asarray(ch_min, np.float64)
+    k = int(labels.max()) + 1
+    hi = np.full(k, -np.inf)
+    lo = np.full(k, np.inf)
+    np.maximum.at(hi, labels, ch_max)
+    np.minimum.at(lo, labels, ch_min)
+    hi, lo = np.maximum(hi, 0.0), np.minimum(lo, 0.0)
+    scale = np.maximum((hi - lo) / (1 << bits), EPS)
+    zp = np.clip(np.round(-(hi + lo) / (2 * scale)) + (1 << (bits - 1)), 0, (1 << bits) - 1)
+    return QParams(scale=scale[labels].astype(np.float32), zero_point=zp[labels].astype(np.int64), bits=bits)
+
+
+def fake_quant(x: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray]:
+    """(integer codes, dequantized) of ``x`` [..., C], exactly as ONNX Q/DQ on axis −1 compute them."""
+    x = np.asarray(x, np.float32)
+    q = np.clip(np.round(x / qp.scale) + qp.zero_point, 0, qp.qmax)  # np.round: half to even, as ONNX
+    return q.astype(np.int64), ((q - qp.zero_point) * qp.scale).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+def weight_grid(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (scale, zero point) of ``w`` [rows, cols] on [0, 2ⁿ − 1], range widened to include 0."""
+    hi = np.maximum(w.max(axis=1), 0.0)
+    lo = np.minimum(w.min(axis=1), 0.0)
+    qmax = (1 << bits) - 1
+    scale = (hi - lo) / qmax
+    scale = np.where(scale > 0, scale, 1.0)
+    zp = np.clip(np.round(-lo / scale), 0, qmax)
+    return scale, zp
+
+
+def _quantize_cols(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
+    return np.clip(np.round(w / scale[:, None]) + zp[:, None], 0, (1 << bits) - 1)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """``codes`` [out, in] uint, ``scale``/``zero_point`` [out, groups]; group = in // groups columns."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    bits: int
+    group_size: int | None
+
+    def dequantize(self) -> np.ndarray:
+        g = self.codes.shape[1] if self.group_size is None else self.group_size
+        s = np.repeat(self.scale, g, axis=1)
+        z = np.repeat(self.zero_point, g, axis=1)
+        return ((self.codes.astype(np.float32) - z) * s).astype(np.float32)
+
+
+def _groups(cols: int, group_size: int | None) -> int:
+    if group_size is None:
+        return 1
+    if cols % group_size:
+        raise ValueError(f"input size {cols} is not a multiple of group size {group_size}")
+    return cols // group_size
+
+
+def quantize_rtn(w: np.ndarray, bits: int, group_size: int | None = None) -> QuantizedWeight:
+    """Round-to-nearest of ``w`` [out, in] per output channel (and per input group)."""
+    w = np.asarray(w, np.float64)
+    out, cols = w.shape
+    ng = _groups(cols, group_size)
+    g = cols // ng
+    codes = np.empty_like(w)
+    scales, zps = np.empty((out, ng)), np.empty((out, ng))
+    for j in range(ng):
+        part = w[:, j * g:(j + 1) * g]
+        s, z = weight_grid(part, bits)
+        codes[:, j * g:(j + 1) * g] = _quantize_cols(part, s, z, bits)
+        scales[:, j], zps[:, j] = s, z
+    return QuantizedWeight(codes.astype(np.uint8), scales.astype(np.float32), zps.astype(np.uint8), bits, group_size)
+
+
+def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None = None,
+                  damp: float = 0.01, block: int = 128) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): quantize columns in order, compensating each column's error
+    on the not-yet-quantized columns through the inverse Hessian (H = 2·XᵀX of the input).
+
+    Dampening: ``damp × mean(diag H)`` is added to the diagonal. Columns whose input was never
+    active (diag H = 0) are zeroed, as in the reference.
+    """
+    w = np.array(w, np.float64)
+    out, cols = w.shape
+    h = np.array(hessian, np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
+    # upper Cholesky factor of H⁻¹
+    h_inv = np.linalg.inv(np.linalg.cholesky(h))
+    h_inv = h_inv.T @ h_inv
+    u = np.linalg.cholesky(h_inv).T
+
+    ng = _groups(cols, group_size)
+    g = cols // ng
+    scales, zps = np.empty((out, ng)), np.empty((out, ng))
+    if group_size is None:
+        scales[:, 0], zps[:, 0] = weight_grid(w, bits)
+    codes = np.empty_like(w)
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        wb = w[:, b0:b1].copy()
+        err = np.zeros_like(wb)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if group_size is not None and col % g == 0:
+                s, z = weight_grid(np.concatenate([wb[:, i:], w[:, b1:]], axis=1)[:, :g], bits)
+                scales[:, col // g], zps[:, col // g] = s, z
+            s, z = scales[:, col // g], zps[:, col // g]
+            q = np.clip(np.round(wb[:, i] / s) + z, 0, (1 << bits) - 1)
+            codes[:, col] = q
+            deq = (q - z) * s
+            e = (wb[:, i] - deq) / u[col, col]
+            wb[:, i + 1:] -= np.outer(e, u[col, col + 1:b1])
+            err[:, i] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return QuantizedWeight(codes.astype(np.uint8), scales.astype(np.float32), zps.astype(np.uint8), bits, group_size)
+
+
+def pack_uint4(codes: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, low nibble first (MatMulNBits / ONNX uint4)."""
+    codes = np.asarray(codes, np.uint8)
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)

@@ -1,0 +1,127 @@
+"""The quantization stage of `compile`: activation Q/DQ points and low-bit weights for a folded graph.
+
+Which tensor gets which bits (DESIGN.md §1, the reference's choices):
+
+    R1 attention-LN output, R4 final-LN output   max(8, abits)   clusters R1 / R4
+    q, k (q_proj / k_proj outputs)               abits           clusters R2 (per head, shared)
+    v (v_proj output), R3 out_proj input         abits           clusters R3 (per head)
+    R5 fc2 input                                 abits           clusters R5
+    softmax output P                             max(8, abits)   fixed scale 1/255 on [0, 1]
+    KV-only presets: only k and v                abits
+
+Ranges come from the calibration statistics of the original graph, mapped into the folded
+graph's channel order through each point's cluster plan.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from rptq_onnx.anatomy import Linear, OptLayer
+from rptq_onnx.calibrate import Calibration
+from rptq_onnx.clustering import ClusterPlan
+from rptq_onnx.config import CompileConfig
+from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
+from rptq_onnx.passes.quantize_weights import quantize_weights
+from rptq_onnx.quant import QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn
+
+# tap → (cluster plan point, is the tensor permuted in the folded graph in the zero-copy layout)
+TAP_CLUSTERS = {"attn_ln": ("R1", False), "q": ("R2", True), "k": ("R2", True), "v": ("R3", True),
+                "out_in": ("R3", True), "ffn_ln": ("R4", False), "fc2_in": ("R5", True)}
+# linear → the tap of its input (for GPTQ's Hessian)
+LINEAR_INPUT_TAP = {"q_proj": "attn_ln", "k_proj": "attn_ln", "v_proj": "attn_ln", "out_proj": "out_in",
+                    "fc1": "ffn_ln", "fc2": "fc2_in"}
+
+
+def folded_order(tap: str, plan: dict[str, ClusterPlan], layout: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """(index into original channels or None if unpermuted, cluster label per folded channel)."""
+    point, always = TAP_CLUSTERS[tap]
+    p = plan[point]
+    if always or layout == "contiguous":
+        return p.index, np.repeat(np.arange(len(p.counts)), p.counts)
+    return None, p.labels()
+
+
+def channel_range(calib: Calibration, layer: int, tap: str, observer: str) -> tuple[np.ndarray, np.ndarray]:
+    st = calib.stats[(layer, tap)]
+    return (st.ema if observer == "ema" else st.minmax).range()
+
+
+def activation_points(layers: list[OptLayer], folded_layers: list[OptLayer], plans: list[dict[str, ClusterPlan]],
+                      calib: Calibration, config: CompileConfig) -> list[QuantPoint]:
+    q = config.quant
+    if not q.quantizes_activations:
+        return []
+    points = []
+    for layer, fl, plan in zip(layers, folded_layers, plans):
+        i = layer.index
+        tensors = {"attn_ln": (fl.attn_norm.output, q.ln_bits), "q": (fl.q_proj.output, q.abits),
+                   "k": (fl.k_proj.output, q.abits), "v": (fl.v_proj.output, q.abits),
+                   "out_in": (fl.out_proj.input, q.abits), "ffn_ln": (fl.final_norm.output, q.ln_bits),
+                   "fc2_in": (fl.fc2.input, q.abits)}
+        chosen = ("k", "v") if q.kv_only else tuple(tensors)
+        for tap in chosen:
+            tensor, bits = tensors[tap]
+            index, labels = folded_order(tap, plan, config.layout)
+            mx, mn = channel_range(calib, i, tap, q.observer)
+            if index is not None:
+                mx, mn = mx[index], mn[index]
+            points.append(QuantPoint(tag=f"L{i}.{tap}", tensor=tensor, qparams=activation_qparams(mx, mn, labels, bits)))
+        if not q.kv_only:
+            p = QParams(scale=np.array([1 / 255], np.float32), zero_point=np.array([0]), bits=8)
+            points.append(QuantPoint(tag=f"L{i}.P", tensor=fl.softmax_output, qparams=p, per_tensor=True))
+    return points
+
+
+def _weight_out_in(model_inits: dict[str, onnx.TensorProto], lin: Linear) -> np.ndarray:
+    w = numpy_helper.to_array(model_inits[lin.weight])
+    return w if lin.weight_layout == "out_in" else w.T
+
+
+def quantized_weights(folded: onnx.ModelProto, folded_layers: list[OptLayer], plans: list[dict[str, ClusterPlan]],
+                      calib: Calibration, config: CompileConfig, progress: bool = False) -> dict[str, tuple[Linear, QuantizedWeight]]:
+    """RTN or GPTQ codes for the six linears of every layer (weights and Hessians in folded order)."""
+    q = config.quant
+    inits = {t.name: t for t in folded.graph.initializer}
+    out = {}
+    from tqdm import tqdm
+
+    todo = [(fl, plan, role) for fl, plan in zip(folded_layers, plans) for role in LINEAR_INPUT_TAP]
+    for fl, plan, role in tqdm(todo, desc=f"weights ({q.weight_quant}, {q.wbits}-bit)", unit="linear",
+                               disable=not progress or None):
+        lin: Linear = getattr(fl, role)
+        w = _weight_out_in(inits, lin)
+        group = q.group_size if (q.group_size and w.shape[1] % q.group_size == 0) else None
+        if q.weight_quant == "gptq":
+            tap = LINEAR_INPUT_TAP[role]
+            h = calib.hessian(fl.index, tap)
+            index, _ = folded_order(tap, plan, config.layout)
+            if index is not None:
+                h = h[np.ix_(index, index)]
+            qw = quantize_gptq(w, h, q.wbits, group)
+        else:
+            qw = quantize_rtn(w, q.wbits, group)
+        out[lin.node] = (lin, qw)
+    return out
+
+
+def quantize_graph(folded: onnx.ModelProto, layers: list[OptLayer], folded_layers: list[OptLayer],
+                   plans: list[dict[str, ClusterPlan]], calib: Calibration, config: CompileConfig,
+                   progress: bool = False) -> tuple[onnx.ModelProto, dict]:
+    """Weights, then activation Q/DQ, on the folded graph. Returns (model, report)."""
+    report: dict = {"weights": None, "activations": None}
+    q = config.quant
+    model = folded
+    if q.quantizes_weights:
+        weights = quantized_weights(folded, folded_layers, plans, calib, config, progress)
+        form = "matmulnbits" if (q.matmulnbits and not q.quantizes_activations) else "dq"
+        model, report["weights"] = quantize_weights(model, weights, form=form)
+        report["weights"].update({"algorithm": q.weight_quant, "bits": q.wbits, "group_size": q.group_size})
+    points = activation_points(layers, folded_layers, plans, calib, config)
+    if points:
+        model, report["activations"] = emit_qdq(model, points)
+        report["activations"]["scale_range"] = [float(min(p.qparams.scale.min() for p in points)),
+                                                float(max(p.qparams.scale.max() for p in points))]
+    return model, report
