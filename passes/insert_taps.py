@@ -62,9 +62,9 @@ def plan_taps(layers: list[OptLayer], model: onnx.ModelProto) -> list[Tap]:
             Tap(layer.index, "q", layer.q_proj.output, "bsc", c),
             Tap(layer.index, "k", layer.k_proj.output, "bsc", c),
             Tap(layer.index, "v", layer.v_proj.output, "bsc", c),
-            Tap(layer.index, "out_in", layer.out_proj.input, "bsc", c),
+            Tap(layer.index, "out_in", layer.attn_output, "bsc", c),
             Tap(layer.index, "ffn_ln", layer.final_norm.output, "flat", c),
-            Tap(layer.index, "fc2_in", layer.fc2.input, "flat", f),
+            Tap(layer.index, "fc2_in", layer.mlp_hidden, "flat", f),
         ]
     return taps
 

@@ -34,12 +34,15 @@ POINTS = ("R1", "R2", "R3", "R4", "R5")
 
 # Ops that carry a tensor's values to another layout without mixing channels of different
 # tokens; the walks below pass through them. Input 0 is the data input unless listed below.
+# Compiled graphs add QuantizeLinear → [Clip] → DequantizeLinear on the data path.
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Clip"}
 _DATA_PATH_OPS = {"Reshape", "Transpose", "Cast", "Identity", "Expand", "Unsqueeze", "Squeeze",
-                  "Mul", "Div", "Add", "Sub", "Concat", "Dropout", "Flatten", "Slice"}
+                  "Mul", "Div", "Add", "Sub", "Concat", "Dropout", "Flatten", "Slice"} | _QDQ_OPS
 _ELEMENTWISE_MULTI = {"Mul", "Div", "Add", "Sub", "Concat"}
 _FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                     "PackedMultiHeadAttention", "SparseAttention"}
 _ACTIVATIONS = {"Relu", "Gelu", "FastGelu", "Tanh", "Sigmoid", "Erf", "Mul", "Div", "Add", "Cast", "Identity"}
+_ACT_PATH = _ACTIVATIONS | _QDQ_OPS
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,12 @@ class Norm:
 
 @dataclass(frozen=True)
 class Linear:
-    """A linear layer: MatMul [in, out] (+ Add bias) or Gemm (transB=1: [out, in])."""
+    """A linear layer: MatMul [in, out] (+ Add bias) or Gemm (transB=1: [out, in]).
+
+    In a compiled graph ``weight`` may be low-bit: ``weight_dq`` then names the
+    DequantizeLinear that feeds the MatMul/Gemm (``weight`` is its integer initializer), or
+    ``op`` is ``MatMulNBits`` (``weight`` the packed blocks, layout "nbits").
+    """
 
     node: str
     op: str
@@ -73,6 +81,7 @@ class Linear:
     bias_node: str | None  # the Add of a MatMul's bias; None for Gemm (bias is input C)
     in_features: int
     out_features: int
+    weight_dq: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,8 @@ class OptLayer:
     fc1: Linear
     activation: str
     fc2: Linear
+    attn_output: str  # R3: the out_proj input before any Q/DQ (heads merged, channels of v)
+    mlp_hidden: str  # R5: the fc2 input before any Q/DQ (after the activation)
     past_key: str | None = None
     past_value: str | None = None
     present_key: str | None = None
@@ -116,9 +127,9 @@ class OptLayer:
         return {
             "R1": (self.attn_norm.output,),
             "R2": (self.q_proj.output, self.k_proj.output),
-            "R3": (self.out_proj.input,),
+            "R3": (self.attn_output,),
             "R4": (self.final_norm.output,),
-            "R5": (self.fc2.input,),
+            "R5": (self.mlp_hidden,),
         }
 
     def point_channels(self) -> dict[str, int]:
@@ -222,17 +233,33 @@ class _Matcher:
     def is_dynamic_matmul(self, node: onnx.NodeProto) -> bool:
         return node.op_type == "MatMul" and len(self.g.dynamic_inputs(node)) == 2
 
+    def weight_source(self, tensor: str) -> tuple[str | None, str | None]:
+        """(initializer, DequantizeLinear node) behind a weight input, or (None, None)."""
+        src = self.g.constant_source(tensor)
+        if src is not None:
+            return src, None
+        producer = self.g.producer.get(tensor)
+        if producer is not None and producer.op_type == "DequantizeLinear" and self.g.is_constant(producer.input[0]):
+            return self.g.constant_source(producer.input[0]), producer.name
+        return None, None
+
     def is_linear(self, node: onnx.NodeProto) -> bool:
-        if node.op_type == "MatMul":
-            shape = self.g.constant_shape(node.input[1])
+        if node.op_type == "MatMulNBits":
+            return True
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            src, _ = self.weight_source(node.input[1])
+            shape = self.g.constant_shape(src) if src else None
             return shape is not None and len(shape) == 2 and not self.g.is_constant(node.input[0])
-        if node.op_type == "Gemm":
-            shape = self.g.constant_shape(node.input[1])
-            return shape is not None and len(shape) == 2
         return False
 
     def linear(self, node: onnx.NodeProto, role: str) -> Linear:
-        weight = self.g.constant_source(node.input[1])
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            out_t, bias, bias_node = self._bias_output(node)
+            return Linear(node=node.name, op=node.op_type, input=node.input[0], output=out_t, weight=node.input[1],
+                          weight_layout="nbits", bias=bias, bias_node=bias_node, in_features=int(attrs["K"]),
+                          out_features=int(attrs["N"]))
+        weight, dq = self.weight_source(node.input[1])
         if weight not in self.g.initializers:
             raise self.fail(f"{role} weight is not an initializer")
         dims = tuple(self.g.initializers[weight].dims)
@@ -245,17 +272,41 @@ class _Matcher:
             out_t, bias_node = node.output[0], None
         else:
             layout = "in_out"
-            bias, bias_node, out_t = None, None, node.output[0]
-            users = self.g.value_readers(node.output[0])
-            if len(users) == 1 and users[0].op_type == "Add":
-                add = users[0]
-                other = [t for t in add.input if t != node.output[0]]
-                src = self.g.constant_source(other[0]) if other else None
-                if src is not None and len(self.g.constant_shape(src) or ()) == 1:
-                    bias, bias_node, out_t = src, add.name, add.output[0]
+            out_t, bias, bias_node = self._bias_output(node)
         in_f, out_f = (dims[1], dims[0]) if layout == "out_in" else (dims[0], dims[1])
         return Linear(node=node.name, op=node.op_type, input=node.input[0], output=out_t, weight=weight,
-                      weight_layout=layout, bias=bias, bias_node=bias_node, in_features=int(in_f), out_features=int(out_f))
+                      weight_layout=layout, bias=bias, bias_node=bias_node, in_features=int(in_f), out_features=int(out_f),
+                      weight_dq=dq)
+
+    def _bias_output(self, node: onnx.NodeProto) -> tuple[str, str | None, str | None]:
+        """(output after the bias, bias initializer, bias Add node) of a MatMul-like node."""
+        users = self.g.value_readers(node.output[0])
+        if len(users) == 1 and users[0].op_type == "Add":
+            add = users[0]
+            other = [t for t in add.input if t != node.output[0]]
+            src = self.g.constant_source(other[0]) if other else None
+            if src is not None and len(self.g.constant_shape(src) or ()) == 1:
+                return add.output[0], src, add.name
+        return node.output[0], None, None
+
+    def before_qdq(self, tensor: str) -> str:
+        """The float tensor a Q → [Clip] → DQ chain (if any) fake-quantizes."""
+        for _ in range(4):
+            producer = self.g.producer.get(tensor)
+            if producer is None or producer.op_type not in _QDQ_OPS or self.g.is_constant(producer.input[0]):
+                break
+            tensor = producer.input[0]
+        return tensor
+
+    def readers_through_qdq(self, tensor: str) -> set[str]:
+        """Names of the nodes reading ``tensor``, looking through a Q/DQ chain."""
+        names = set()
+        for node in self.g.value_readers(tensor):
+            if node.op_type in _QDQ_OPS:
+                names |= self.readers_through_qdq(node.output[0])
+            else:
+                names.add(node.name)
+        return names
 
     def linear_behind(self, tensor: str, role: str) -> Linear:
         found = self.back_to(tensor, self.is_linear)
@@ -297,7 +348,8 @@ def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax
     if found is None:
         raise m.fail("no QKᵀ MatMul before the attention Softmax")
     qk = found[0]
-    pv_hit = m.forward_to(softmax.output[0], lambda n: m.is_dynamic_matmul(n), through={"Cast", "Identity", "Dropout", "Where"})
+    pv_hit = m.forward_to(softmax.output[0], lambda n: m.is_dynamic_matmul(n),
+                          through={"Cast", "Identity", "Dropout", "Where"} | _QDQ_OPS)
     if pv_hit is None or pv_hit[1] != 0:
         raise m.fail("no PV MatMul after the attention Softmax")
     pv = pv_hit[0]
@@ -311,19 +363,19 @@ def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax
         raise m.fail("q_proj, k_proj and v_proj do not read the same tensor")
 
     # R1: pre-LN means q/k/v read a LayerNormalization whose output nothing else reads.
-    ln_node = index.producer.get(q.input)
+    ln_out = m.before_qdq(q.input)
+    ln_node = index.producer.get(ln_out)
     if ln_node is None or ln_node.op_type != "LayerNormalization":
         what = ln_node.op_type if ln_node is not None else "a graph input"
         raise m.fail(f"q/k/v read {what}, not a LayerNormalization output (post-LN OPT such as opt-350m, "
                      "do_layer_norm_before=False, is not supported)")
-    readers = {n.name for n in index.value_readers(q.input)}
-    if readers != {q.node, k.node, v.node}:
+    if m.readers_through_qdq(ln_out) != {q.node, k.node, v.node}:
         raise m.fail("the attention LayerNorm output also feeds the residual (post-LN OPT such as opt-350m, "
                      "do_layer_norm_before=False, is not supported)")
     attn_norm = m.norm(ln_node, "attention")
 
     # R3: PV → Transpose → Reshape → out_proj
-    hit = m.forward_to(pv.output[0], m.is_linear, through={"Transpose", "Reshape", "Cast", "Identity"})
+    hit = m.forward_to(pv.output[0], m.is_linear, through={"Transpose", "Reshape", "Cast", "Identity"} | _QDQ_OPS)
     if hit is None or hit[1] != 0:
         raise m.fail("no out_proj linear after the attention")
     out_proj = m.linear(hit[0], "out_proj")
@@ -338,17 +390,18 @@ def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax
         raise m.fail("no final LayerNorm after the attention residual (post-LN OPT such as opt-350m is not supported)")
     final_ln_node = hit[0]
     final_norm = m.norm(final_ln_node, "final")
-    fc1_readers = index.value_readers(final_norm.output)
-    if len(fc1_readers) != 1 or not m.is_linear(fc1_readers[0]):
+    fc1_readers = m.readers_through_qdq(final_norm.output)
+    fc1_node = index.node_by_name.get(next(iter(fc1_readers))) if len(fc1_readers) == 1 else None
+    if fc1_node is None or not m.is_linear(fc1_node):
         raise m.fail("the final LayerNorm output does not feed exactly one linear (fc1)")
-    fc1 = m.linear(fc1_readers[0], "fc1")
+    fc1 = m.linear(fc1_node, "fc1")
 
     # R5: fc1 → activation → fc2
     act_users = index.value_readers(fc1.output)
     if len(act_users) != 1 or act_users[0].op_type not in _ACTIVATIONS:
         raise m.fail("no activation (ReLU) after fc1")
     act = act_users[0]
-    hit = m.forward_to(act.output[0], m.is_linear, through=_ACTIVATIONS, max_depth=6)
+    hit = m.forward_to(act.output[0], m.is_linear, through=_ACT_PATH, max_depth=6)
     if hit is None or hit[1] != 0:
         raise m.fail("no fc2 linear after the fc1 activation")
     fc2 = m.linear(hit[0], "fc2")
@@ -363,7 +416,7 @@ def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax
         index=layer, num_heads=num_heads, head_dim=head_dim, hidden_size=hidden, ffn_dim=fc1.out_features,
         attn_norm=attn_norm, q_proj=q, k_proj=k, v_proj=v, qk_matmul=qk.name, softmax=softmax.name,
         softmax_output=softmax.output[0], pv_matmul=pv.name, out_proj=out_proj, final_norm=final_norm,
-        fc1=fc1, activation=act.name, fc2=fc2,
+        fc1=fc1, activation=act.name, fc2=fc2, attn_output=m.before_qdq(out_proj.input), mlp_hidden=m.before_qdq(fc2.input),
         past_key=_past_input(index, present_key), past_value=_past_input(index, present_value),
         present_key=present_key, present_value=present_value)
 

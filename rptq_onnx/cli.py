@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except RptqError as exc:
         print(f"rptq-onnx: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `rptq-onnx inspect … | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("rptq-onnx: interrupted", file=sys.stderr)
         return 130

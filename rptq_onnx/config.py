@@ -59,8 +59,8 @@ class ClusterCounts:
                 except ValueError:
                     raise RptqError(f"--clusters: {key}={raw.strip()} is not an integer cluster count (or 'ch' for "
                                     "per-channel)") from None
-            if k < 1 and k != PER_CHANNEL:
-                raise RptqError(f"--clusters: {key}={k}; a cluster count must be at least 1")
+                if k < 1:
+                    raise RptqError(f"--clusters: {key}={k}; a cluster count must be at least 1 (or 'ch')")
             if key == "all":
                 values.update({p: k for p in POINTS})
             else:

@@ -6,12 +6,13 @@ import json
 import os
 from collections import Counter
 
+import numpy as np
 import onnx
 
 from rptq_onnx.anatomy import map_model
 from rptq_onnx.compile import load_cluster_plans
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import load_model
+from rptq_onnx.graph import GraphIndex, load_model
 
 
 def describe(model_path: str | os.PathLike) -> dict:
@@ -53,7 +54,51 @@ def describe(model_path: str | os.PathLike) -> dict:
         "shared_initializers": sorted(mm.shared_initializers),
         "compiled": _compile_config(model),
         "layers": layers,
+        "quantization": quantization_summary(model, mm.layers) if _compile_config(model) else None,
     }
+
+
+QDQ_TAGS = {"attn_ln": "R1", "q": "R2 q", "k": "R2 k (K)", "v": "V", "out_in": "R3", "ffn_ln": "R4", "fc2_in": "R5",
+            "P": "softmax P"}
+
+
+def quantization_summary(model: onnx.ModelProto, layers) -> list[dict]:
+    """Per layer: each Q/DQ point (bits, clusters, scale range) and each linear's execution verdict."""
+    index = GraphIndex(model)
+    out = []
+    for layer in layers:
+        points = {}
+        for tag, label in QDQ_TAGS.items():
+            q = index.node_by_name.get(f"rptq.qdq.L{layer.index}.{tag}.quantize")
+            if q is None:
+                continue
+            scale = np.atleast_1d(index.constant_value(q.input[1])).astype(np.float64)
+            zp = np.atleast_1d(index.constant_value(q.input[2])).astype(np.int64)
+            clip = index.node_by_name.get(f"rptq.qdq.L{layer.index}.{tag}.clip")
+            if clip is not None:
+                bits = int(index.constant_value(clip.input[2])).bit_length()
+            else:
+                bits = 4 if index.initializers[q.input[2]].data_type == onnx.TensorProto.UINT4 else 8
+            clusters = len({(float(s), int(z)) for s, z in zip(scale, zp)})
+            points[label] = {"bits": bits, "clusters": clusters, "scale_min": float(scale.min()),
+                             "scale_max": float(scale.max()), "simulated": True}
+        linears = {role: _verdict(index, getattr(layer, role))
+                   for role in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")}
+        out.append({"layer": layer.index, "points": points, "linears": linears})
+    return out
+
+
+def _verdict(index: GraphIndex, lin) -> dict:
+    if lin.op == "MatMulNBits":
+        node = index.node_by_name[lin.node]
+        bits = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "bits")
+        return {"op": "MatMulNBits", "weight_bits": int(bits), "execution": "real low-bit kernel (MatMulNBits)"}
+    if lin.weight_dq:
+        dtype = index.initializers[lin.weight].data_type
+        bits = 4 if dtype in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4) else 8
+        return {"op": f"DequantizeLinear+{lin.op}", "weight_bits": bits,
+                "execution": f"simulated: {bits}-bit weights in the file, dequantized to float for the GEMM"}
+    return {"op": lin.op, "weight_bits": 32, "execution": "float"}
 
 
 def _compile_config(model: onnx.ModelProto) -> dict | None:
@@ -98,6 +143,15 @@ def format_table(desc: dict) -> str:
                 per_head = f" ({c['k'] // c['heads']}/head)" if c["heads"] > 1 else ""
                 cells.append(f"{p} k={c['k']}{per_head} {min(c['sizes'])}–{max(c['sizes'])}")
             lines.append(f"  layer {layer['index']}: " + "   ".join(cells))
+    if desc.get("quantization"):
+        lines += ["", f"quantization  {(desc['compiled'] or {}).get('preset', '')}: bits / clusters / scale range per "
+                      "point; activation Q/DQ is simulated (float math) on ORT's CPU and CUDA providers"]
+        for layer in desc["quantization"]:
+            cells = [f"{p} {v['bits']}b k={v['clusters']} [{v['scale_min']:.2g}, {v['scale_max']:.2g}]"
+                     for p, v in layer["points"].items()]
+            verdicts = sorted({f"{v['op']} w{v['weight_bits']}" for v in layer["linears"].values()})
+            lines.append(f"  layer {layer['layer']}: " + ("   ".join(cells) or "no activation Q/DQ"))
+            lines.append(f"           linears: {', '.join(verdicts)}")
     lines.append("")
     lines.append(f"nodes     {desc['node_count']}: " + ", ".join(f"{k} {v}" for k, v in
                                                               sorted(desc["op_counts"].items(), key=lambda kv: -kv[1])))

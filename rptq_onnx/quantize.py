@@ -59,8 +59,8 @@ def activation_points(layers: list[OptLayer], folded_layers: list[OptLayer], pla
         i = layer.index
         tensors = {"attn_ln": (fl.attn_norm.output, q.ln_bits), "q": (fl.q_proj.output, q.abits),
                    "k": (fl.k_proj.output, q.abits), "v": (fl.v_proj.output, q.abits),
-                   "out_in": (fl.out_proj.input, q.abits), "ffn_ln": (fl.final_norm.output, q.ln_bits),
-                   "fc2_in": (fl.fc2.input, q.abits)}
+                   "out_in": (fl.attn_output, q.abits), "ffn_ln": (fl.final_norm.output, q.ln_bits),
+                   "fc2_in": (fl.mlp_hidden, q.abits)}
         chosen = ("k", "v") if q.kv_only else tuple(tensors)
         for tap in chosen:
             tensor, bits = tensors[tap]

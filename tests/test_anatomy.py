@@ -57,7 +57,7 @@ def test_layer_map_locates_every_point(opt_dir, exported, name, exporter):
         pts = layer.points()
         assert pts["R1"] == (layer.attn_norm.output,) and pts["R4"] == (layer.final_norm.output,)
         assert pts["R2"] == (layer.q_proj.output, layer.k_proj.output)
-        assert pts["R3"] == (layer.out_proj.input,) and pts["R5"] == (layer.fc2.input,)
+        assert pts["R3"] == (layer.out_proj.input,) and pts["R5"] == (layer.fc2.input,)  # no Q/DQ in an export
     assert map_model(model).with_past
 
 

@@ -1,0 +1,120 @@
+"""An independent NumPy forward of one compiled OPT decoder layer, to check the ONNX graph.
+
+It reads the layer's parameters and Q/DQ parameters out of a compiled model (weights are
+dequantized here from their integer codes, not by ONNX Runtime) and recomputes the layer in
+float32 with fake quantization at the same points. Used by the tests: integer codes at every
+Q/DQ point must equal ONNX Runtime's, and the layer output must match within float
+accumulation error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from rptq_onnx.anatomy import Linear, Norm, OptLayer
+from rptq_onnx.graph import GraphIndex
+
+
+@dataclass(frozen=True)
+class RefQDQ:
+    scale: np.ndarray
+    zero_point: np.ndarray
+    qmax: int
+
+    def codes(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(x.astype(np.float32) / self.scale) + self.zero_point, 0, self.qmax).astype(np.int64)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return ((self.codes(x) - self.zero_point) * self.scale).astype(np.float32)
+
+
+class LayerReference:
+    """Parameters of one layer, read from a compiled graph, and its NumPy forward."""
+
+    def __init__(self, model: onnx.ModelProto, layer: OptLayer):
+        self.g = GraphIndex(model)
+        self.layer = layer
+        self.qdq: dict[str, RefQDQ] = {}
+        self.qdq_input: dict[str, str] = {}
+        for node in self.g.nodes:
+            if node.op_type == "QuantizeLinear" and node.name.startswith(f"rptq.qdq.L{layer.index}."):
+                tag = node.name.split(".")[3]
+                qmax = 255
+                clip = next((n for n in self.g.consumers.get(node.output[0], []) if n.op_type == "Clip"), None)
+                zp_t = self.g.initializers[node.input[2]]
+                if zp_t.data_type == onnx.TensorProto.UINT4:
+                    qmax = 15
+                if clip is not None:
+                    qmax = int(self.g.constant_value(clip.input[2]))
+                self.qdq[tag] = RefQDQ(self.const(node.input[1]).astype(np.float32),
+                                       self.const(node.input[2]).astype(np.int64), qmax)
+                self.qdq_input[tag] = node.input[0]
+
+    def const(self, name: str) -> np.ndarray:
+        return np.asarray(self.g.constant_value(name))
+
+    def weight(self, lin: Linear) -> np.ndarray:
+        """The weight as [in, out] float32, dequantized here from its codes when stored low-bit."""
+        node = self.g.node_by_name[lin.node]
+        producer = self.g.producer.get(node.input[1])
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            codes = self.const(producer.input[0]).astype(np.float32)
+            scale = self.const(producer.input[1]).astype(np.float32)
+            zp = self.const(producer.input[2]).astype(np.float32)
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in producer.attribute}
+            axis = attrs.get("axis", 1)
+            if "block_size" in attrs and scale.ndim == 2:
+                scale = np.repeat(scale, attrs["block_size"], axis=axis)
+                zp = np.repeat(zp, attrs["block_size"], axis=axis)
+            else:
+                shape = [1, 1]
+                shape[axis] = -1
+                scale, zp = scale.reshape(shape), zp.reshape(shape)
+            w = (codes - zp) * scale
+        else:
+            w = self.const(node.input[1]).astype(np.float32)
+        return w.T if lin.weight_layout == "out_in" else w
+
+    def linear(self, x: np.ndarray, lin: Linear) -> np.ndarray:
+        y = x @ self.weight(lin)
+        return y + self.const(lin.bias) if lin.bias else y
+
+    def norm(self, x: np.ndarray, norm: Norm) -> np.ndarray:
+        if norm.gather:
+            x = x[..., self.const(self.g.node_by_name[norm.gather].input[1])]
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        y = (x - mu) / np.sqrt(var + 1e-5) * self.const(norm.weight)
+        return (y + self.const(norm.bias) if norm.bias else y).astype(np.float32)
+
+    def q(self, tag: str, x: np.ndarray) -> np.ndarray:
+        return self.qdq[tag](x) if tag in self.qdq else x
+
+    def forward(self, x: np.ndarray, scaling: float) -> np.ndarray:
+        """Layer output for input ``x`` [B, S, C] (causal attention, no padding, no past)."""
+        L = self.layer
+        b, s, c = x.shape
+        h, d = L.num_heads, L.head_dim
+        a = self.q("attn_ln", self.norm(x, L.attn_norm))
+        q = self.q("q", self.linear(a, L.q_proj)) * np.float32(scaling)
+        k = self.q("k", self.linear(a, L.k_proj))
+        v = self.q("v", self.linear(a, L.v_proj))
+        heads = lambda t: t.reshape(b, s, h, d).transpose(0, 2, 1, 3)  # noqa: E731
+        scores = heads(q) @ heads(k).transpose(0, 1, 3, 2)
+        scores = np.where(np.tril(np.ones((s, s), bool)), scores, np.finfo(np.float32).min)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p = self.q("P", (p / p.sum(-1, keepdims=True)).astype(np.float32))
+        o = self.q("out_in", (p @ heads(v)).transpose(0, 2, 1, 3).reshape(b, s, c))
+        x = x + self.linear(o, L.out_proj)
+        flat = x.reshape(-1, c)
+        f = self.q("ffn_ln", self.norm(flat, L.final_norm))
+        r = self.q("fc2_in", np.maximum(self.linear(f, L.fc1), 0))
+        return (flat + self.linear(r, L.fc2)).reshape(b, s, c).astype(np.float32)
+
+    def layer_output(self) -> str:
+        """The graph tensor holding this layer's output (the residual Add after fc2)."""
+        return next(n.output[0] for n in self.g.consumers[self.layer.fc2.output] if n.op_type == "Add")

@@ -1,0 +1,67 @@
+"""emit_qdq pass on a tiny inline graph: the exact nodes it adds, and ORT = NumPy fake quant."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
+from rptq_onnx.quant import activation_qparams, fake_quant
+from rptq_onnx.runtime import make_session
+
+
+def _graph(channels=12):
+    # x → Relu → y → (Neg → out1, Abs → out2): y has two readers, both must move to the DQ output
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"), helper.make_node("Neg", ["y"], ["o1"], name="neg"),
+             helper.make_node("Abs", ["y"], ["o2"], name="abs")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, channels])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 5, channels]) for n in ("o1", "o2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("bits,container,clip", [(8, TensorProto.UINT8, False), (4, TensorProto.UINT4, False),
+                                                 (3, TensorProto.UINT8, True), (6, TensorProto.UINT8, True)])
+def test_qdq_nodes_and_exact_values(bits, container, clip):
+    rng = np.random.default_rng(bits)
+    x = (rng.normal(size=(2, 5, 12)) * np.linspace(0.1, 5, 12)).astype(np.float32)
+    y = np.maximum(x, 0)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3, 3])  # clusters need not be contiguous
+    qp = activation_qparams(y.max((0, 1)), y.min((0, 1)), labels, bits)
+    model, report = emit_qdq(_graph(), [QuantPoint("L0.t", "y", qp)])
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops == Counter({"Relu": 1, "Neg": 1, "Abs": 1, "QuantizeLinear": 1, "DequantizeLinear": 1,
+                           **({"Clip": 1} if clip else {})})
+    zp = next(t for t in model.graph.initializer if t.name.endswith("zero_point"))
+    assert zp.data_type == container
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert helper.get_attribute_value(q.attribute[0]) == -1  # axis=-1, one value per channel
+    assert {n.input[0] for n in model.graph.node if n.op_type in ("Neg", "Abs")} == {"rptq.qdq.L0.t.dq"}
+    onnx.checker.check_model(model, full_check=True)
+    assert report == {"points": 1, "by_bits": {str(bits): 1}}
+    sess = make_session(model.SerializeToString(), optimization="all")
+    o1, _ = sess.run(None, {"x": x})
+    _, ref = fake_quant(y, qp)
+    np.testing.assert_array_equal(-o1, ref)
+
+
+def test_activation_qparams_per_cluster_by_hand():
+    mx = np.array([1.0, 4.0, 2.0, 8.0])
+    mn = np.array([-1.0, 0.5, -2.0, 1.0])  # cluster 1 = channels 1, 3: range [0.5, 8] excludes 0
+    qp = activation_qparams(mx, mn, np.array([0, 1, 0, 1]), bits=4)
+    # cluster 0: [-2, 2] → scale 4/16, zp round(0) + 8 = 8; cluster 1 widened to [0, 8] → scale 0.5, zp round(-8) + 8 = 0
+    np.testing.assert_allclose(qp.scale, [0.25, 0.5, 0.25, 0.5])
+    np.testing.assert_array_equal(qp.zero_point, [8, 0, 8, 0])
+    codes, deq = fake_quant(np.array([[2.0, 8.0, -2.0, 0.0]]), qp)
+    np.testing.assert_array_equal(codes, [[15, 15, 0, 0]])  # the top value clips by one step, as the reference
+    np.testing.assert_allclose(deq, [[1.75, 7.5, -2.0, 0.0]])
+
+
+def test_per_tensor_point_uses_a_scalar():
+    qp = activation_qparams(np.array([1.0]), np.array([0.0]), np.array([0]), 8)
+    model, _ = emit_qdq(_graph(1), [QuantPoint("L0.P", "y", qp, per_tensor=True)])
+    scale = next(t for t in model.graph.initializer if t.name.endswith("scale"))
+    assert list(scale.dims) == []

@@ -1,0 +1,98 @@
+"""Every preset compiles and runs; more clusters never hurt; bad quantization flags are one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from rptq_onnx.anatomy import find_opt_layers
+from rptq_onnx.calibrate import feeds_for
+from rptq_onnx.compile import compile_graph, compile_model
+from rptq_onnx.config import PRESETS, CalibConfig, ClusterCounts, CompileConfig, QuantSpec
+from rptq_onnx.export import to_onnx
+from rptq_onnx.models import random_opt
+from rptq_onnx.runtime import make_session
+from test_cli import assert_one_line_error, run_cli
+
+
+def _logits(model, ids, layers):
+    sess = make_session(model if isinstance(model, (str, bytes)) else model.SerializeToString(), optimization="all")
+    return sess.run(None, feeds_for(sess, ids, layers))[0]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_compiles_checks_and_runs(exported, tmp_path, preset):
+    src = exported("tiny")
+    config = CompileConfig(preset=preset, quant=QuantSpec.for_preset(preset),
+                           clusters=ClusterCounts(R1=8, R4=8, R5=8), calib=CalibConfig(nsamples=4, seqlen=32))
+    result = compile_model(str(src), tmp_path / preset, config, progress=False)
+    onnx.checker.check_model(str(result.model_path), full_check=True)
+    layers = find_opt_layers(onnx.load(str(result.model_path)))
+    logits = _logits(str(result.model_path), np.random.default_rng(0).integers(0, 512, (2, 12)), layers)
+    assert logits.shape == (2, 12, 512) and np.isfinite(logits).all()
+    q = result.report["quantization"]
+    wbits, abits, kv_only = PRESETS[preset]
+    assert q["name"] == f"W{wbits}A{abits}" + ("KV" if kv_only else "")
+    if abits < 16:
+        assert q["activations"]["points"] == (2 if kv_only else 8) * len(layers)
+    if wbits < 16:
+        assert q["weights"]["dq"] + q["weights"]["matmulnbits"] == 6 * len(layers)
+
+
+def test_opt125m_shapes_w4a4_and_w4a16(opt125m, tmp_path):
+    _, src = opt125m
+    for preset in ("W4A4", "W4A16"):
+        config = CompileConfig(preset=preset, quant=QuantSpec.for_preset(preset, weight_quant="rtn"),
+                               calib=CalibConfig(nsamples=2, seqlen=32, batch_size=2))
+        result = compile_model(str(src), tmp_path / preset, config, progress=False)
+        onnx.checker.check_model(str(result.model_path), full_check=True)
+        layers = find_opt_layers(onnx.load(str(result.model_path), load_external_data=False))
+        logits = _logits(str(result.model_path), np.random.default_rng(0).integers(0, 50272, (1, 16)), layers)
+        assert np.isfinite(logits).all()
+        if preset == "W4A16":
+            assert result.report["quantization"]["weights"]["matmulnbits"] == 72
+
+
+def _spread_model():
+    """A random OPT whose LayerNorm outputs have log-normal channel ranges and a few ×30 outliers."""
+    hf = random_opt(seed=7, num_hidden_layers=2, hidden_size=256, num_attention_heads=4, ffn_dim=512, vocab_size=300)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in hf.model.decoder.layers:
+            for ln in (layer.self_attn_layer_norm, layer.final_layer_norm):
+                ln.weight.mul_(torch.exp(torch.randn(256, generator=gen)))
+                ln.weight[torch.randperm(256, generator=gen)[:4]] *= 30
+    return hf
+
+
+def test_more_clusters_never_hurt():
+    graph = to_onnx(_spread_model(), with_past=False)
+    layers = find_opt_layers(graph)
+    ids = np.random.default_rng(0).integers(0, 300, (8, 48))
+    ref = _logits(graph, ids, layers)
+    mse = []
+    for k in ("1", "4", "32", "ch"):
+        # plain min/max ranges cover the calibration data, so finer clusters can only refine the grid
+        cfg = CompileConfig(quant=QuantSpec(wbits=16, abits=4, observer="minmax"), clusters=ClusterCounts.parse(f"all={k}"),
+                            calib=CalibConfig(nsamples=8, seqlen=48))
+        model = compile_graph(graph, layers, ids, cfg).model
+        mse.append(float(np.mean((_logits(model, ids, layers) - ref) ** 2)))
+    assert all(a > b for a, b in zip(mse, mse[1:])), mse
+
+
+@pytest.mark.parametrize("args,msg", [(["--preset", "W5A5"], "--preset W5A5 is not available"),
+                                      (["--preset", "W4A4", "--wbits", "9"], "--wbits 9"),
+                                      (["--preset", "W4A4", "--abits", "1"], "--abits 1"),
+                                      (["--preset", "W4A16", "--group-size", "100"], "--group-size 100")])
+def test_bad_quantization_flags(exported, tmp_path, args, msg):
+    proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--calib", "random", *args)
+    assert_one_line_error(proc, msg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_preset_needs_calibration_data(exported, tmp_path):
+    assert_one_line_error(run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--preset", "W4A4"),
+                          "--calib FILE is required")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,124 @@
+"""Low-bit weights: DequantizeLinear and MatMulNBits forms compute x·dequant(W); GPTQ beats RTN."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rptq_onnx.anatomy import Linear, find_opt_layers
+from rptq_onnx.calibrate import feeds_for
+from rptq_onnx.compile import compile_graph
+from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
+from rptq_onnx.export import to_onnx
+from rptq_onnx.models import random_opt
+from rptq_onnx.passes.quantize_weights import quantize_weights
+from rptq_onnx.quant import pack_uint4, quantize_gptq, quantize_rtn
+from rptq_onnx.runtime import make_session
+
+IN, OUT = 256, 96
+
+
+def _linear_graph(layout: str):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(OUT, IN)).astype(np.float32) / 16  # [out, in]
+    b = rng.normal(size=OUT).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, IN])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, OUT])
+    if layout == "in_out":
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="lin"), helper.make_node("Add", ["mm", "b"], ["y"], name="bias")]
+        inits = [numpy_helper.from_array(w.T.copy(), "w"), numpy_helper.from_array(b, "b")]
+        lin = Linear("lin", "MatMul", "x", "y", "w", "in_out", "b", "bias", IN, OUT)
+    else:
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="lin", transB=1)]
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+        lin = Linear("lin", "Gemm", "x", "y", "w", "out_in", "b", None, IN, OUT)
+    g = helper.make_graph(nodes, "g", [x], [y], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), lin, w, b
+
+
+def _run(model, x):
+    return make_session(model.SerializeToString(), optimization="all").run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("bits,group", [(4, None), (4, 64), (3, None), (8, None), (8, 128)])
+def test_dq_form_equals_dequantized_matmul(layout, bits, group):
+    model, lin, w, b = _linear_graph(layout)
+    qw = quantize_rtn(w, bits, group)
+    out, report = quantize_weights(model, {"lin": (lin, qw)}, form="dq")
+    assert report == {"dq": 1, "matmulnbits": 0}
+    onnx.checker.check_model(out, full_check=True)
+    assert "w" not in {t.name for t in out.graph.initializer}  # the float weight is gone
+    codes = next(t for t in out.graph.initializer if t.name.endswith(".codes"))
+    assert codes.data_type == (TensorProto.UINT4 if bits <= 4 else TensorProto.UINT8)
+    x = np.random.default_rng(1).normal(size=(3, IN)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), x @ qw.dequantize().T + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_matmulnbits_equals_dq_matmul(layout, block):
+    model, lin, w, _ = _linear_graph(layout)
+    qw = quantize_rtn(w, 4, block)
+    nbits, report = quantize_weights(model, {"lin": (lin, qw)}, form="matmulnbits")
+    assert report == {"dq": 0, "matmulnbits": 1}
+    assert [n.op_type for n in nbits.graph.node].count("MatMulNBits") == 1
+    dq, _ = quantize_weights(model, {"lin": (lin, qw)}, form="dq")
+    x = np.random.default_rng(2).normal(size=(3, IN)).astype(np.float32)
+    a, ref = _run(nbits, x), _run(dq, x)
+    assert np.abs(a - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_pack_uint4_low_nibble_first():
+    np.testing.assert_array_equal(pack_uint4(np.array([1, 2, 15, 0, 7])), [0x21, 0x0F, 0x07])
+
+
+def test_gptq_reduces_output_error_against_rtn_on_correlated_inputs():
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(64, 64))
+    x = rng.normal(size=(2048, 64)) @ mix  # correlated features, as real activations
+    w = rng.normal(size=(32, 64))
+    h = 2 * x.T @ x / len(x)
+    x_test = rng.normal(size=(512, 64)) @ mix
+    for bits in (4, 3):
+        err_rtn = np.mean((x_test @ (quantize_rtn(w, bits).dequantize() - w).T) ** 2)
+        err_gptq = np.mean((x_test @ (quantize_gptq(w, h, bits).dequantize() - w).T) ** 2)
+        assert err_gptq < 0.8 * err_rtn
+
+
+def _logits(model, ids, layers):
+    sess = make_session(model.SerializeToString())
+    return sess.run(None, feeds_for(sess, ids, layers))[0]
+
+
+def test_gptq_beats_rtn_on_a_model_at_w4a16_and_w3a16():
+    hf = random_opt(seed=5, num_hidden_layers=2, hidden_size=128, num_attention_heads=4, ffn_dim=512, vocab_size=300)
+    graph = to_onnx(hf, with_past=False)
+    layers = find_opt_layers(graph)
+    rng = np.random.default_rng(0)
+    calib, held_out = rng.integers(0, 300, (16, 64)), rng.integers(0, 300, (4, 64))
+    ref = _logits(graph, held_out, layers)
+    for wbits in (4, 3):
+        mse = {}
+        for algo in ("rtn", "gptq"):
+            cfg = CompileConfig(quant=QuantSpec(wbits=wbits, abits=16, weight_quant=algo, group_size=None),
+                                calib=CalibConfig(nsamples=16, seqlen=64), clusters=ClusterCounts(R1=4, R4=4, R5=4))
+            model = compile_graph(graph, layers, calib, cfg).model
+            mse[algo] = float(np.mean((_logits(model, held_out, layers) - ref) ** 2))
+        assert mse["gptq"] < mse["rtn"], (wbits, mse)
+
+
+def test_w4_weight_bytes_are_under_a_third_of_fp16():
+    hf = random_opt(seed=6, num_hidden_layers=1, hidden_size=128, num_attention_heads=4, ffn_dim=512, vocab_size=300)
+    graph = to_onnx(hf, with_past=False)
+    layers = find_opt_layers(graph)
+    params = sum(getattr(layers[0], r).in_features * getattr(layers[0], r).out_features
+                 for r in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))
+    for group in (None, 128):
+        cfg = CompileConfig(quant=QuantSpec(wbits=4, abits=16, weight_quant="rtn", group_size=group),
+                            calib=CalibConfig(nsamples=2, seqlen=16))
+        model = compile_graph(graph, layers, np.zeros((2, 16), np.int64), cfg).model
+        low = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer if t.name.startswith("rptq.w."))
+        assert low <= 0.3 * 2 * params, (group, low, 2 * params)
