@@ -16,6 +16,7 @@ import onnx
 from tqdm import tqdm
 
 from rptq_onnx.anatomy import OptLayer
+from rptq_onnx.bundled import text_path
 from rptq_onnx.config import CalibConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import save_model, weights_loaded
@@ -38,7 +39,8 @@ def load_tokenizer(model_dir: Path):
 
 
 def read_text(path: str) -> str:
-    p = Path(path)
+    """A UTF-8 text file, or a bundled text by name (``sotu-train``, ``sotu-test``)."""
+    p = text_path(path) or Path(path)
     if not p.is_file():
         raise RptqError(f"--calib {path}: no such file; pass a UTF-8 text file, or 'random' for random token ids")
     raw = p.read_bytes()
@@ -75,18 +77,26 @@ def calibration_windows(calib: CalibConfig, model_dir: Path, vocab_size: int, ma
     return np.stack([ids[s:s + seqlen] for s in starts])
 
 
-def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer]) -> dict[str, np.ndarray]:
-    """Inputs for a prefill of full windows: all-ones mask, empty past for with-past graphs."""
+def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer] | None = None) -> dict[str, np.ndarray]:
+    """Inputs for a prefill of full windows: all-ones mask, empty past for with-past graphs.
+
+    Past shapes come from the layer map when given, else from the session's input shapes
+    ([batch, heads, past, head_dim] with static heads and head_dim, as ``export`` writes them).
+    """
     b = input_ids.shape[0]
     feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
-    heads = {layer.past_key: layer for layer in layers} | {layer.past_value: layer for layer in layers}
+    by_name = {}
+    for layer in layers or []:
+        by_name[layer.past_key] = by_name[layer.past_value] = (layer.num_heads, layer.head_dim)
     for inp in session.get_inputs():
         if inp.name in feed:
             continue
-        layer = heads.get(inp.name)
-        if layer is None:
-            raise RptqError(f"the graph has an input '{inp.name}' that calibration does not know how to feed")
-        feed[inp.name] = np.zeros((b, layer.num_heads, 0, layer.head_dim), np.float32)
+        dims = by_name.get(inp.name)
+        if dims is None and len(inp.shape) == 4 and all(isinstance(d, int) for d in (inp.shape[1], inp.shape[3])):
+            dims = (inp.shape[1], inp.shape[3])
+        if dims is None:
+            raise RptqError(f"the graph has an input '{inp.name}' that rptq-onnx does not know how to feed")
+        feed[inp.name] = np.zeros((b, dims[0], 0, dims[1]), np.float32)
     return feed
 
 

@@ -31,6 +31,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from rptq_onnx.compile import compile_model
     from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 
+    from rptq_onnx.bundled import DEMO_MODEL_DIR
+
+    if args.model is None:
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise RptqError("no MODEL given and the bundled demo model is missing from this install; pass a MODEL")
+        args.model = str(DEMO_MODEL_DIR)
+        args.calib = args.calib or "sotu-train"
     if args.calib is None:
         raise RptqError("--calib FILE is required: calibration text (UTF-8) tokenized with the model's tokenizer; "
                         "--calib random gives random token ids for a smoke run")
@@ -48,6 +55,23 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     rep = result.report
     print(f"compiled {rep['layers']} layers ({config.preset} = {config.name}, clusters {config.clusters}, layout {rep['layout']}, "
           f"{rep['gathers_added']} Gather(s) added) → {result.model_path}  [{rep['timings_s']['total']:.1f} s]")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from rptq_onnx.compile import _Timer, resolve_onnx_source
+    from rptq_onnx.evaluate import load_text, perplexity
+
+    text = load_text(args.text)
+    with tempfile.TemporaryDirectory(prefix="rptq-eval-") as tmp:
+        model = resolve_onnx_source(args.model, Path(tmp), with_past=False, timer=_Timer())
+        res = perplexity(model, text, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                         progress=not args.quiet)
+    print(f"perplexity {res.perplexity:.3f}  (mean NLL {res.nll:.4f} over {res.tokens:,} predicted tokens, "
+          f"{res.windows} windows, {args.text}, {res.seconds:.1f} s)")
     return 0
 
 
@@ -86,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="calibrate, cluster and reorder (RPTQ) an OPT model",
                        description="Calibrate per-channel ranges, cluster channels with KMeans and fold the "
                                    "reorders into the weights. MODEL is an .onnx file or anything `export` accepts.")
-    p.add_argument("model", metavar="MODEL", help=".onnx file, Hugging Face model directory or hub id")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help=".onnx file, Hugging Face model directory or hub id (default: the bundled demo OPT, "
+                        "calibrated on the bundled SOTU train text)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
     p.add_argument("--preset", default="reorder", metavar="PRESET",
                    help=f"one of {', '.join(PRESETS)} (default: reorder = W16A16, reorder only); "
@@ -103,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="weight-only 4-bit: keep DequantizeLinear+MatMul instead of MatMulNBits")
     p.add_argument("--calib", default=None, metavar="FILE|random",
-                   help="calibration text file (tokenized with the model's tokenizer; required), or 'random' token "
-                        "ids for smoke runs")
+                   help="calibration text file (tokenized with the model's tokenizer; required), sotu-train (the "
+                        "bundled text), or 'random' token ids for smoke runs")
     p.add_argument("--nsamples", type=int, default=d.nsamples,
                    help=f"calibration windows (default {d.nsamples}; the reference uses 128)")
     p.add_argument("--seqlen", type=int, default=None,
@@ -123,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     past.add_argument("--no-past", dest="with_past", action="store_false", help="when exporting first: no KV cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("eval", help="perplexity of a model through ONNX Runtime",
+                       description="Perplexity over non-overlapping windows of --seqlen tokens, run through ONNX Runtime.")
+    p.add_argument("model", metavar="MODEL", help=".onnx file (tokenizer beside it), or anything `export` accepts")
+    p.add_argument("--text", default="sotu-test",
+                   help="a UTF-8 text file, sotu-test (bundled, default), or wikitext2/ptb/c4 (needs `datasets` + network)")
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default 512, or the model's positions)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per ORT run (default 1)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("inspect", help="show the RPTQ layer map of an ONNX model",
                        description="Locate every RPTQ reorder point (R1–R5), K/V and heads in an OPT ONNX graph.")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from rptq_onnx.anatomy import Linear, Norm, OptLayer
 from rptq_onnx.graph import GraphIndex

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rptq_onnx.tools.bench_common import add_model_args, open_model
+
 CHILD = r"""
 import json, resource, sys
 import numpy as np
@@ -43,17 +45,6 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 """
 
 
-def prepare_model(workdir: Path) -> Path:
-    onnx_path = workdir / "onnx" / "model.onnx"
-    if onnx_path.is_file():
-        return onnx_path
-    from rptq_onnx.export import export
-    from rptq_onnx.models import OPT_125M_SHAPES, save_random_opt
-
-    save_random_opt(workdir / "hf", seed=0, **OPT_125M_SHAPES)
-    return export(str(workdir / "hf"), workdir / "onnx", with_past=True).model_path
-
-
 def measure(mode: str, model: Path, nsamples: int, seqlen: int, batch: int, vocab: int) -> float:
     proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(model), str(nsamples), str(seqlen), str(batch),
                            str(vocab)], capture_output=True, text=True, check=True)
@@ -62,17 +53,13 @@ def measure(mode: str, model: Path, nsamples: int, seqlen: int, batch: int, voca
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="an exported model.onnx (default: random opt-125m shapes)")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-calib-memory"))
+    add_model_args(parser)
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args(argv)
-    model = args.model or prepare_model(args.workdir)
-    from rptq_onnx.compile import model_limits
-    from rptq_onnx.graph import load_model
-
-    vocab, _ = model_limits(model, load_model(model, load_weights=False))
+    bench = open_model(args)
+    model, vocab = bench.path, bench.vocab
     rows = []
     for mode in ("inference", "calibration"):
         rows.append((mode, measure(mode, model, args.nsamples, args.seqlen, args.batch_size, vocab)))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rptq_onnx.tools.bench_common import add_model_args, open_model
+
 
 def _time(session, feed, repeats: int) -> tuple[float, np.ndarray]:
     out = session.run(None, feed)[0]
@@ -30,25 +32,20 @@ def _time(session, feed, repeats: int) -> tuple[float, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="an exported model.onnx (default: random opt-125m shapes)")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-calib-memory"))
+    add_model_args(parser)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
 
-    from rptq_onnx.anatomy import find_opt_layers
     from rptq_onnx.calibrate import feeds_for
-    from rptq_onnx.compile import compile_model, model_limits
+    from rptq_onnx.compile import compile_model
     from rptq_onnx.config import CalibConfig, CompileConfig
     from rptq_onnx.graph import load_model
     from rptq_onnx.runtime import make_session
-    from rptq_onnx.tools.bench_calib_memory import prepare_model
 
-    model = args.model or prepare_model(args.workdir)
-    skeleton = load_model(model, load_weights=False)
-    layers = find_opt_layers(skeleton)
-    vocab, _ = model_limits(model, skeleton)
+    bench = open_model(args)
+    model, layers, vocab = bench.path, bench.layers, bench.vocab
     ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seqlen))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,92 @@
+"""Perplexity through ONNX Runtime (`rptq-onnx eval`).
+
+Non-overlapping windows of ``seqlen`` tokens over the whole text (as the reference evaluates
+WikiText-2), each run as a prefill through the session factory; perplexity = exp(mean NLL
+over every predicted token, i.e. seqlen − 1 per window). Logits are reduced to per-token NLL
+window by window, so memory holds at most one batch of [batch, seqlen, vocab] float32 logits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from rptq_onnx.calibrate import feeds_for, load_tokenizer, read_text
+from rptq_onnx.compile import model_limits
+from rptq_onnx.errors import RptqError
+from rptq_onnx.graph import load_model
+from rptq_onnx.runtime import make_session
+
+HF_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
+               "ptb": ("ptb_text_only", "penn_treebank", "test", "sentence"),
+               "c4": ("allenai/c4", "en", "validation", "text")}
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    windows: int
+    tokens: int
+    seconds: float
+
+
+def load_text(name: str) -> str:
+    """A local UTF-8 file, a bundled text (``sotu-test``), or an HF datasets name (network needed)."""
+    if name in HF_DATASETS:
+        path, config, split, field = HF_DATASETS[name]
+        try:
+            import datasets  # noqa: F401 (optional dependency)
+            from datasets import load_dataset
+
+            rows = load_dataset(path, config, split=split)
+        except Exception as exc:
+            raise RptqError(f"--text {name}: could not load it through Hugging Face `datasets` ({type(exc).__name__}; "
+                            "needs `pip install datasets` and network access); pass a local text file instead") from None
+        return "\n\n".join(rows[field])
+    return read_text(name)
+
+
+def perplexity(model_path: str | os.PathLike, text: str, seqlen: int | None = None, max_tokens: int | None = None,
+               batch_size: int = 1, progress: bool = True, providers: list[str] | None = None) -> PerplexityResult:
+    model_path = Path(model_path)
+    skeleton = load_model(model_path, load_weights=False)
+    _, max_pos = model_limits(model_path, skeleton)
+    seqlen = seqlen or min(512, max_pos or 512)
+    if max_pos is not None and seqlen > max_pos:
+        raise RptqError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; use --seqlen ≤ {max_pos}")
+    tokenizer = load_tokenizer(model_path.parent)
+    if tokenizer is None:
+        raise RptqError(f"{model_path.parent}: no tokenizer beside the model; export from a directory with tokenizer files")
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    n = len(ids) // seqlen
+    if n == 0:
+        raise RptqError(f"the text has {len(ids)} tokens, fewer than one window of --seqlen {seqlen}; "
+                        "use a longer text or a smaller --seqlen")
+    windows = ids[:n * seqlen].reshape(n, seqlen)
+    session = make_session(model_path, providers=providers)
+    total, count, t0 = 0.0, 0, time.perf_counter()
+    for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress or None):
+        batch = windows[start:start + batch_size]
+        logits = session.run(["logits"], feeds_for(session, batch))[0]
+        total += float(token_nll(logits[:, :-1], batch[:, 1:]).sum())
+        count += batch[:, 1:].size
+    nll = total / count
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, windows=n, tokens=count,
+                            seconds=time.perf_counter() - t0)
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """−log softmax(logits)[target] per position, computed in float64."""
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = m[..., 0] + np.log(np.exp(x - m).sum(-1))
+    return lse - np.take_along_axis(x, targets[..., None], axis=-1)[..., 0]

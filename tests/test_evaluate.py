@@ -1,0 +1,72 @@
+"""`rptq-onnx eval`: ORT perplexity equals torch's; bad texts are one-line errors."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rptq_onnx.evaluate import load_text, perplexity
+from rptq_onnx.export import export
+from rptq_onnx.models import save_random_opt, train_bpe_tokenizer
+from test_cli import assert_one_line_error, run_cli
+
+TEXT = load_text("sotu-test")[:60000]
+
+
+@pytest.fixture(scope="module")
+def tokenized_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-model")
+    hf = save_random_opt(root / "hf", seed=4, vocab_size=400)
+    train_bpe_tokenizer([TEXT], vocab_size=400).save_pretrained(str(hf))
+    onnx_path = export(str(hf), root / "onnx", with_past=True).model_path
+    return hf, onnx_path
+
+
+def _torch_ppl(model_dir, text, seqlen):
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    ids = torch.tensor(AutoTokenizer.from_pretrained(str(model_dir))(text, add_special_tokens=False)["input_ids"])
+    n = len(ids) // seqlen
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            w = ids[i * seqlen:(i + 1) * seqlen][None]
+            total += model(input_ids=w, labels=w).loss.item() * (seqlen - 1)
+    return math.exp(total / (n * (seqlen - 1)))
+
+
+def test_ort_perplexity_equals_torch(tokenized_model):
+    hf, onnx_path = tokenized_model
+    res = perplexity(onnx_path, TEXT, seqlen=64, batch_size=3, progress=False)
+    ref = _torch_ppl(hf, TEXT, 64)
+    assert abs(res.perplexity - ref) <= 0.005 * ref
+    assert res.tokens == res.windows * 63
+
+
+def test_eval_cli(tokenized_model, tmp_path):
+    _, onnx_path = tokenized_model
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    proc = run_cli("eval", onnx_path, "--text", text, "--seqlen", 64, "--max-tokens", 2000, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert float(re.search(r"perplexity ([0-9.]+)", proc.stdout).group(1)) > 1
+
+
+@pytest.mark.parametrize("content,args,msg", [("", [], "fewer than one window"), ("Short text.", [], "fewer than one window"),
+                                               (None, [], "binary"), ("x " * 5000, ["--seqlen", "4096"], "positions")])
+def test_bad_eval_input(tokenized_model, tmp_path, content, args, msg):
+    _, onnx_path = tokenized_model
+    path = tmp_path / "bad.txt"
+    if content is None:
+        path.write_bytes(b"\x00\xff" * 500)
+    else:
+        path.write_text(content)
+    assert_one_line_error(run_cli("eval", onnx_path, "--text", path, "--seqlen", 64, *args), msg)
+
+
+def test_hf_dataset_name_offline_is_one_line(tokenized_model):
+    _, onnx_path = tokenized_model
+    assert_one_line_error(run_cli("eval", onnx_path, "--text", "wikitext2"), "wikitext2")
