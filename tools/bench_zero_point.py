@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 lo = np.array([mn[labels == c].min() for c in range(k)])
                 out = (lo > 0) | (hi < 0)
                 n, excl = n + k, excl + int(out.sum())
-                ratios += list(((np.maximum(hi, 0) - np.minimum(lo, 0)) / (hi - lo))[out])
+                ratios += list((np.maximum(hi, 0) - np.minimum(lo, 0))[out] / (hi - lo)[out])
                 x = rng.uniform(mn, mx, size=(256, len(mx)))
                 _, deq = fake_quant(x, activation_qparams(mx, mn, labels, bits))
                 mse_w += float(np.mean((deq - x) ** 2))
