@@ -133,7 +133,6 @@ def calibrate(model: onnx.ModelProto, layers: list[OptLayer], windows: np.ndarra
             session = make_session(tapped.SerializeToString(), external_data_dir=model_dir)
         del tapped
         names = [o.name for o in session.get_outputs()]
-        by_output = {t.output(s): (t, s) for t in taps for s in ("max", "min")}
         batches = range(0, len(windows), batch_size)
         for start in tqdm(batches, desc="calibrating", unit="batch", disable=not progress or None,
                           file=os.sys.stderr):
@@ -148,12 +147,12 @@ def calibrate(model: onnx.ModelProto, layers: list[OptLayer], windows: np.ndarra
             result.tokens += int(batch.size)
             del values
         del session
-    _check(by_output, stats)
+    _check(taps, stats)
     return result
 
 
-def _check(by_output: dict[str, tuple[Tap, str]], stats: dict) -> None:
-    for tap, _ in by_output.values():
+def _check(taps: list[Tap], stats: dict) -> None:
+    for tap in taps:
         mx, mn = stats[(tap.layer, tap.name)].minmax.range()
         if mx.shape != (tap.channels,) or not (np.isfinite(mx).all() and np.isfinite(mn).all()):
             raise RptqError(f"layer {tap.layer}: calibration of {tap.name} produced non-finite or mis-shaped ranges")

@@ -62,12 +62,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from rptq_onnx.compile import _Timer, resolve_onnx_source
+    from rptq_onnx.compile import resolve_onnx_source
     from rptq_onnx.evaluate import load_text, perplexity
 
     text = load_text(args.text)
     with tempfile.TemporaryDirectory(prefix="rptq-eval-") as tmp:
-        model = resolve_onnx_source(args.model, Path(tmp), with_past=False, timer=_Timer())
+        model = resolve_onnx_source(args.model, Path(tmp), with_past=False)
         res = perplexity(model, text, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
                          progress=not args.quiet)
     print(f"perplexity {res.perplexity:.3f}  (mean NLL {res.nll:.4f} over {res.tokens:,} predicted tokens, "

@@ -51,14 +51,14 @@ class _Timer:
         self.timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def resolve_onnx_source(model: str, workdir: Path, with_past: bool, timer: _Timer) -> Path:
+def resolve_onnx_source(model: str, workdir: Path, with_past: bool, timer: _Timer | None = None) -> Path:
     """An .onnx path for ``model``: used as is, or exported first from an HF dir / hub id."""
     path = Path(model)
     if path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file()):
         if not path.exists():
             raise RptqError(f"{model}: no such file; pass an .onnx model or a Hugging Face model directory")
         return path / "model.onnx" if path.is_dir() else path
-    with timer.stage("export"):
+    with (timer or _Timer()).stage("export"):
         return export(model, workdir / "export", with_past=with_past).model_path
 
 

@@ -28,6 +28,7 @@ def describe(model_path: str | os.PathLike) -> dict:
         bits = 4 if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else dtype.itemsize * 8
         init_bytes[onnx.helper.tensor_dtype_to_string(init.data_type).removeprefix("TensorProto.").lower()] += (count * bits + 7) // 8
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    compiled = _compile_config(model)
     plans = load_cluster_plans(model_path)
     if plans is not None and len(plans) != len(mm.layers):
         raise RptqError(f"{model_path}: clusters.json describes {len(plans)} layers but the graph has {len(mm.layers)}; "
@@ -52,9 +53,9 @@ def describe(model_path: str | os.PathLike) -> dict:
         "op_counts": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
         "initializer_bytes": dict(sorted(init_bytes.items())),
         "shared_initializers": sorted(mm.shared_initializers),
-        "compiled": _compile_config(model),
+        "compiled": compiled,
         "layers": layers,
-        "quantization": quantization_summary(model, mm.layers) if _compile_config(model) else None,
+        "quantization": quantization_summary(model, mm.layers) if compiled else None,
     }
 
 

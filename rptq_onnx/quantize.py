@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from tqdm import tqdm
 
 from rptq_onnx.anatomy import Linear, OptLayer
 from rptq_onnx.calibrate import Calibration
@@ -86,8 +87,6 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[OptLayer], pl
     q = config.quant
     inits = {t.name: t for t in folded.graph.initializer}
     out = {}
-    from tqdm import tqdm
-
     todo = [(fl, plan, role) for fl, plan in zip(folded_layers, plans) for role in LINEAR_INPUT_TAP]
     for fl, plan, role in tqdm(todo, desc=f"weights ({q.weight_quant}, {q.wbits}-bit)", unit="linear",
                                disable=not progress or None):
