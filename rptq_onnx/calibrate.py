@@ -77,11 +77,12 @@ def calibration_windows(calib: CalibConfig, model_dir: Path, vocab_size: int, ma
     return np.stack([ids[s:s + seqlen] for s in starts])
 
 
-def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer] | None = None) -> dict[str, np.ndarray]:
+def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer] | None = None) -> dict:
     """Inputs for a prefill of full windows: all-ones mask, empty past for with-past graphs.
 
     Past shapes come from the layer map when given, else from the session's input shapes
-    ([batch, heads, past, head_dim] with static heads and head_dim, as ``export`` writes them).
+    ([batch, heads, past, head_dim] float as ``export`` writes them, or [batch, channels, past]
+    low-bit codes after the KV-cache pass, fed as an empty OrtValue).
     """
     b = input_ids.shape[0]
     feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
@@ -91,6 +92,9 @@ def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer] | None = No
     for inp in session.get_inputs():
         if inp.name in feed:
             continue
+        if inp.type != "tensor(float)" and len(inp.shape) == 3 and isinstance(inp.shape[1], int):
+            feed[inp.name] = empty_cache(inp.type, b, inp.shape[1])
+            continue
         dims = by_name.get(inp.name)
         if dims is None and len(inp.shape) == 4 and all(isinstance(d, int) for d in (inp.shape[1], inp.shape[3])):
             dims = (inp.shape[1], inp.shape[3])
@@ -98,6 +102,17 @@ def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer] | None = No
             raise RptqError(f"the graph has an input '{inp.name}' that rptq-onnx does not know how to feed")
         feed[inp.name] = np.zeros((b, dims[0], 0, dims[1]), np.float32)
     return feed
+
+
+def empty_cache(ort_type: str, batch: int, channels: int):
+    """An empty low-bit past [batch, channels, 0] (an OrtValue: 4-bit types cannot cross NumPy)."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    elem = {"tensor(uint4)": TensorProto.UINT4, "tensor(uint8)": TensorProto.UINT8}.get(ort_type)
+    if elem is None:
+        raise RptqError(f"a cache input of type {ort_type} is not one rptq-onnx writes")
+    return ort.OrtValue.ortvalue_from_shape_and_type([batch, channels, 0], elem)
 
 
 @dataclass

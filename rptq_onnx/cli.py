@@ -22,8 +22,49 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from rptq_onnx.inspection import describe, format_table
 
+    if args.ranges:
+        from rptq_onnx.ranges import plot_ranges
+
+        out = plot_ranges(args.model, args.ranges, point=args.point, layer=args.layer)
+        print(f"wrote {out['png']} ({out['layers']} layer(s), {args.point}) and its data {out['json']}")
+        return 0
+    if args.error:
+        return _inspect_error(args)
+    if args.placement:
+        from rptq_onnx.placement import format_placement, placement
+
+        report = placement(args.model, providers=args.providers.split(",") if args.providers else None)
+        print(json.dumps(report, indent=2) if args.json else format_placement(report))
+        return 0
     desc = describe(args.model)
     print(json.dumps(desc, indent=2) if args.json else format_table(desc))
+    return 0
+
+
+def _inspect_error(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rptq_onnx.calibrate import calibration_windows
+    from rptq_onnx.compile import model_limits
+    from rptq_onnx.config import CalibConfig
+    from rptq_onnx.graph import load_model
+    from rptq_onnx.point_error import format_errors, plot_errors, point_errors, qdq_points
+
+    path = Path(args.model)
+    path = path / "model.onnx" if path.is_dir() else path
+    if not path.is_file():
+        raise RptqError(f"{args.model}: no such model; pass a compiled model directory or .onnx file")
+    skeleton = load_model(path, load_weights=False)
+    if not qdq_points(skeleton):
+        raise RptqError(f"{path}: not compiled with activation quantization (no rptq-onnx Q/DQ points); --error "
+                        "compares a compiled model's quantized points with float, e.g. compile --preset W4A4 first")
+    vocab, max_pos = model_limits(path, skeleton)
+    calib = CalibConfig(source=args.calib or "sotu-test", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    windows = calibration_windows(calib, path.parent, vocab, max_pos)
+    report = point_errors(path, windows)
+    if args.plot:
+        plot_errors(report, args.plot)
+    print(json.dumps(report, indent=2) if args.json else format_errors(report))
     return 0
 
 
@@ -45,16 +86,19 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size)
     quant = QuantSpec.for_preset(args.preset, wbits=args.wbits, abits=args.abits, kv_only=args.kv_only,
                                  weight_quant=args.weight_quant, group_size=args.group_size, observer=args.observer,
-                                 matmulnbits=not args.no_matmulnbits)
+                                 matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
                            layout=args.layout, quant=quant)
-    result = compile_model(args.model, args.output, config, with_past=args.with_past, progress=not args.quiet)
+    result = compile_model(args.model, args.output, config, with_past=args.with_past, progress=not args.quiet,
+                           write_report=args.report)
     if args.calib == "random":
         print("note: calibrated on random token ids (--calib random): a smoke run; pass --calib FILE for real "
               "statistics", file=sys.stderr)
     rep = result.report
     print(f"compiled {rep['layers']} layers ({config.preset} = {config.name}, clusters {config.clusters}, layout {rep['layout']}, "
           f"{rep['gathers_added']} Gather(s) added) → {result.model_path}  [{rep['timings_s']['total']:.1f} s]")
+    if args.report:
+        print(f"report → {result.model_path.parent / 'report.md'}")
     return 0
 
 
@@ -70,8 +114,60 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model = resolve_onnx_source(args.model, Path(tmp), with_past=False)
         res = perplexity(model, text, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
                          progress=not args.quiet)
-    print(f"perplexity {res.perplexity:.3f}  (mean NLL {res.nll:.4f} over {res.tokens:,} predicted tokens, "
-          f"{res.windows} windows, {args.text}, {res.seconds:.1f} s)")
+        print(f"perplexity {res.perplexity:.3f}  (mean NLL {res.nll:.4f} over {res.tokens:,} predicted tokens, "
+              f"{res.windows} windows, {args.text}, {res.seconds:.1f} s)")
+        if args.cloze:
+            from rptq_onnx.evaluate import cloze_accuracy
+
+            cz = cloze_accuracy(model, text, examples=args.cloze, progress=not args.quiet)
+            print(f"last-word accuracy {100 * cz.accuracy:.1f} %  ({cz.examples} sentences of {args.text}, "
+                  f"context {cz.context} tokens, greedy, whole word)")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from rptq_onnx.compile import resolve_onnx_source
+    from rptq_onnx.generate import Generator, Sampling
+
+    sampling = Sampling(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed)
+    providers = args.providers.split(",") if args.providers else None
+    with tempfile.TemporaryDirectory(prefix="rptq-generate-") as tmp:
+        model = resolve_onnx_source(args.model, Path(tmp), with_past=True)
+        gen = Generator(model, providers=providers, threads=args.threads)
+        out = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    for prompt, text in zip(out.prompts, out.texts):
+        print(f"{prompt}{text}" if len(out.prompts) == 1 else f"[{prompt!r}] → {text}")
+    c = out.cache
+    step_ms = 1000 * sorted(out.step_seconds)[len(out.step_seconds) // 2] if out.step_seconds else float("nan")
+    print(f"cache {c.element_type.removeprefix('tensor(').rstrip(')')} held between steps as OrtValues on "
+          f"{gen.device}: {c.bytes_total:,} bytes for {c.batch}×{c.tokens} tokens × {c.layers} layers "
+          f"({c.bytes_per_token_per_layer:g} bytes per token per layer, K+V); prefill {out.prefill_seconds * 1000:.0f} ms, "
+          f"decode {step_ms:.1f} ms/step (median)", file=sys.stderr)
+    if out.truncated:
+        print(f"note: stopped at the model's {gen.max_positions} positions", file=sys.stderr)
+    return 0
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rptq_onnx.memory import TABLE_PRESETS, format_memory_table, resolve_shape
+
+    shape = resolve_shape(args.model)
+    presets = args.presets.split(",") if args.presets else TABLE_PRESETS
+    print(format_memory_table(args.model, shape, args.batch, args.seqlen, presets))
+    model = Path(args.model)
+    onnx_path = model / "model.onnx" if model.is_dir() else model
+    if onnx_path.suffix == ".onnx" and onnx_path.is_file():
+        from rptq_onnx.inspection import describe
+
+        measured = describe(onnx_path)["initializer_bytes"]
+        print(f"\nmeasured in {onnx_path}: initializers " + ", ".join(f"{k} {v / 2**20:,.2f} MiB" for k, v in measured.items())
+              + f" (total {sum(measured.values()) / 2**20:,.2f} MiB)")
     return 0
 
 
@@ -128,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation ranges: the reference's EMA min/max (default) or plain min/max")
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="weight-only 4-bit: keep DequantizeLinear+MatMul instead of MatMulNBits")
+    p.add_argument("--float-cache", action="store_true",
+                   help="with-past graphs: keep the KV cache in float (K/V still fake-quantized) instead of "
+                        "uint4/uint8 codes between decode steps")
     p.add_argument("--calib", default=None, metavar="FILE|random",
                    help="calibration text file (tokenized with the model's tokenizer; required), sotu-train (the "
                         "bundled text), or 'random' token ids for smoke runs")
@@ -147,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     past.add_argument("--with-past", dest="with_past", action="store_true", default=True,
                       help="when exporting first: graph with a KV cache (default)")
     past.add_argument("--no-past", dest="with_past", action="store_false", help="when exporting first: no KV cache")
+    p.add_argument("--report", action="store_true",
+                   help="also write OUT_DIR/report.md with range plots, per-point SQNR, placement notes and memory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compile)
 
@@ -158,13 +259,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=None, help="window length (default 512, or the model's positions)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
     p.add_argument("--batch-size", type=int, default=1, help="windows per ORT run (default 1)")
+    p.add_argument("--cloze", type=int, default=0, metavar="N",
+                   help="also a LAMBADA-style last-word accuracy on N sentences of the text (0 = off)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text through ONNX Runtime, KV cache kept between steps",
+                       description="Greedy (default) or sampled generation with a with-past model; the cache stays in "
+                                   "ONNX Runtime OrtValues between steps (uint4/uint8 codes for KV presets).")
+    p.add_argument("model", metavar="MODEL", help="a directory holding model.onnx (tokenizer beside it), an .onnx file, "
+                                                  "or anything `export` accepts")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="prompt text; repeat for a batch (left-padded)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32; stops at EOS)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--providers", default=None, metavar="EP,...",
+                   help="execution providers, e.g. CUDAExecutionProvider,CPUExecutionProvider (default: CUDA if present)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("memory", help="weights / activations / KV cache memory per preset (the paper's table)",
+                       description="Memory of an OPT model at each preset from its shapes (formula printed); for a "
+                                   "model file also the measured initializer bytes.")
+    p.add_argument("model", metavar="CONFIG|MODEL", help="opt-125m … opt-175b, or an exported/compiled model directory")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--seqlen", type=int, default=2048, help="sequence length held in the cache (default 2048)")
+    p.add_argument("--presets", default=None, help="comma-separated presets (default: FP16 and every preset)")
+    p.set_defaults(func=_cmd_memory)
 
     p = sub.add_parser("inspect", help="show the RPTQ layer map of an ONNX model",
                        description="Locate every RPTQ reorder point (R1–R5), K/V and heads in an OPT ONNX graph.")
     p.add_argument("model", metavar="MODEL.onnx", help="an .onnx file (or a directory holding model.onnx)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--ranges", default=None, metavar="OUT.png",
+                   help="draw each channel's calibration (max, min), coloured by cluster (compiled models); "
+                        "data also in OUT.json")
+    p.add_argument("--layer", type=int, default=None, help="with --ranges: one layer (default: a grid of all layers)")
+    p.add_argument("--point", default="R1", help="with --ranges: R1..R5 (default R1)")
+    p.add_argument("--error", action="store_true",
+                   help="per layer and point: SQNR of the quantized tensor vs float, and logits KL / top-1 agreement")
+    p.add_argument("--calib", default=None, metavar="FILE|random",
+                   help="with --error: text to run (default: the bundled sotu-test text)")
+    p.add_argument("--nsamples", type=int, default=4, help="with --error: windows (default 4)")
+    p.add_argument("--seqlen", type=int, default=128, help="with --error: tokens per window (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="with --error: seed for drawing windows")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="with --error: also draw SQNR by layer")
+    p.add_argument("--placement", action="store_true",
+                   help="for every MatMul/Gemm and Q/DQ: real low-bit kernel or simulated, and the execution provider "
+                        "ORT assigns it (from a profiled run)")
+    p.add_argument("--providers", default=None, metavar="EP,...",
+                   help="with --placement: execution providers to ask for, e.g. CUDAExecutionProvider,CPUExecutionProvider")
     p.set_defaults(func=_cmd_inspect)
     return parser
 

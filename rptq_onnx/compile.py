@@ -29,6 +29,7 @@ from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output, w
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder
 from rptq_onnx.quantize import quantize_graph
+from rptq_onnx.ranges import RANGES_NAME, save_ranges
 
 CLUSTERS_NAME = "clusters.json"
 REPORT_NAME = "report.json"
@@ -149,7 +150,8 @@ def compile_graph(graph: onnx.ModelProto, layers: list[OptLayer], windows, confi
 
 
 def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig, with_past: bool = True,
-                  progress: bool = True) -> CompileResult:
+                  progress: bool = True, write_report: bool = False) -> CompileResult:
+    """Compile ``model`` into ``out_dir`` (written atomically); ``write_report``: also report.md + PNGs."""
     timer = _Timer()
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -189,9 +191,14 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
                     if (onnx_path.parent / name).is_file():
                         shutil.copy2(onnx_path.parent / name, stage / name)
                 (stage / CLUSTERS_NAME).write_text(json.dumps(clusters) + "\n")
+                save_ranges(stage / RANGES_NAME, compiled.calibration.stats, len(layers))
             report["timings_s"] = {**timer.timings, "total": round(time.perf_counter() - t_start, 3)}
             report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             (stage / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+            if write_report:
+                from rptq_onnx.report import write_report as write_markdown
+
+                write_markdown(stage, report, windows[:2])
     return CompileResult(model_path=out_dir / "model.onnx", report=report)
 
 

@@ -111,6 +111,7 @@ class QuantSpec:
     group_size: int | None = None  # None: per output channel
     observer: str = "ema"  # activation ranges: the reference's EMA min/max, or plain min/max
     matmulnbits: bool = True  # weight-only 4-bit: emit com.microsoft MatMulNBits when possible
+    float_cache: bool = False  # with-past graphs: keep present/past in float (K/V still fake-quantized)
 
     def __post_init__(self):
         if self.wbits not in WBITS:

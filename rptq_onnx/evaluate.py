@@ -90,3 +90,60 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     m = x.max(-1, keepdims=True)
     lse = m[..., 0] + np.log(np.exp(x - m).sum(-1))
     return lse - np.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+
+
+@dataclass(frozen=True)
+class ClozeResult:
+    accuracy: float
+    examples: int
+    context: int
+
+
+def cloze_examples(tokenizer, text: str, examples: int, context: int) -> list[tuple[list[int], list[int]]]:
+    """LAMBADA-style items: (up to ``context`` tokens before a sentence's last word, that word's tokens).
+
+    Eligible sentences end in an alphabetic word of at least 4 letters and have at least 8 words;
+    ``examples`` of them are taken evenly spaced through the text (deterministic).
+    """
+    import re
+
+    items = []
+    for m in re.finditer(r"[^.!?]+[.!?]", text):
+        sentence = m.group(0)
+        words = sentence.split()
+        last = re.sub(r"[^\w']+$", "", words[-1]) if words else ""
+        if len(words) < 8 or len(last) < 4 or not last.isalpha():
+            continue
+        cut = m.start() + sentence.rindex(last)
+        items.append((cut, last))
+    if not items:
+        raise RptqError("the text has no sentences usable for the cloze test (≥ 8 words ending in a word)")
+    step = max(1, len(items) // examples)
+    out = []
+    for cut, word in items[::step][:examples]:
+        before = text[max(0, cut - 8 * context):cut].rstrip(" ")
+        ctx = tokenizer(before, add_special_tokens=False)["input_ids"][-context:]
+        target = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if ctx:
+            out.append((ctx, target))
+    return out
+
+
+def cloze_accuracy(model_path: str | os.PathLike, text: str, examples: int = 200, context: int = 128,
+                   progress: bool = True, providers: list[str] | None = None) -> ClozeResult:
+    """Share of items whose last word the model predicts exactly (greedy, every token of the word)."""
+    model_path = Path(model_path)
+    tokenizer = load_tokenizer(model_path.parent)
+    if tokenizer is None:
+        raise RptqError(f"{model_path.parent}: no tokenizer beside the model; export from a directory with tokenizer files")
+    _, max_pos = model_limits(model_path, load_model(model_path, load_weights=False))
+    context = min(context, (max_pos or context + 16) - 16)
+    items = cloze_examples(tokenizer, text, examples, context)
+    session = make_session(model_path, providers=providers)
+    hits = 0
+    for ctx, target in tqdm(items, desc="cloze", unit="item", disable=not progress or None):
+        ids = np.asarray([ctx + target], dtype=np.int64)
+        logits = session.run(["logits"], feeds_for(session, ids))[0][0]
+        predicted = logits[len(ctx) - 1:len(ctx) - 1 + len(target)].argmax(-1)
+        hits += int((predicted == np.asarray(target)).all())
+    return ClozeResult(accuracy=hits / len(items), examples=len(items), context=context)

@@ -47,6 +47,7 @@ def describe(model_path: str | os.PathLike) -> dict:
         "opset": opset,
         "num_layers": len(mm.layers),
         "with_past": mm.with_past,
+        "cache": _cache_storage(model, mm.layers) if mm.with_past else None,
         "inputs": [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}],
         "outputs": [v.name for v in model.graph.output],
         "node_count": len(model.graph.node),
@@ -116,11 +117,26 @@ def _weights(layer) -> list[str]:
     return names
 
 
+def _cache_storage(model: onnx.ModelProto, layers) -> dict:
+    """How the cache crosses decode steps: the element type and shape of the past inputs."""
+    inputs = {v.name: v for v in model.graph.input}
+    t = inputs[layers[0].past_key].type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_string(t.elem_type).removeprefix("TensorProto.").lower()
+    dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+    low_bit = dtype in ("uint4", "uint8", "int4", "int8")
+    return {"dtype": dtype, "shape": dims,
+            "storage": "real low-bit codes held between decode steps" if low_bit else "float"}
+
+
+def _cache_line(cache: dict) -> str:
+    return f"present/past K/V, {cache['dtype']} [{', '.join(map(str, cache['shape']))}] ({cache['storage']})"
+
+
 def format_table(desc: dict) -> str:
     """A human-readable rendering of :func:`describe`."""
     lines = [f"model     {desc['model']}",
              f"family    {desc['family']}   opset {desc['opset']}   layers {desc['num_layers']}   "
-             f"cache {'with past (present/past K/V)' if desc['with_past'] else 'none'}",
+             f"cache {_cache_line(desc['cache']) if desc['with_past'] else 'none'}",
              ""]
     header = ["layer", "heads×dim", "R1 attn-LN out", "R2 q_proj / k_proj out", "R3 out_proj in", "R4 final-LN out",
               "R5 fc2 in", "K / V (present)"]

@@ -43,10 +43,39 @@ def random_opt(seed: int = 0, **config):
     return model
 
 
-def save_random_opt(out_dir: str | os.PathLike, seed: int = 0, **config) -> Path:
-    """Write a random OPT as a Hugging Face directory (config.json + safetensors)."""
+def random_opt_with_outliers(seed: int = 7, ln_seed: int = 0, outliers: int = 4, factor: float = 30.0, **config):
+    """A random OPT whose LayerNorm outputs have log-normal channel ranges and a few ×``factor``
+    outlier channels (synthetic: it mimics the channel spread of large pretrained LLMs)."""
+    import torch
+
+    shapes = dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, ffn_dim=512, vocab_size=300)
+    model = random_opt(seed, **{**shapes, **config})
+    hidden = model.config.hidden_size
+    gen = torch.Generator().manual_seed(ln_seed)
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            for ln in (layer.self_attn_layer_norm, layer.final_layer_norm):
+                ln.weight.mul_(torch.exp(torch.randn(hidden, generator=gen)))
+                ln.weight[torch.randperm(hidden, generator=gen)[:outliers]] *= factor
+    return model
+
+
+def save_random_opt(out_dir: str | os.PathLike, seed: int = 0, tokenizer: bool = False, **config) -> Path:
+    """Write a random OPT as a Hugging Face directory (config.json + safetensors).
+
+    ``tokenizer``: also save a small byte-level BPE (≤ 512 tokens) trained on the bundled
+    SOTU training text, so text-driven commands (generate, eval, text calibration) work.
+    """
     out_dir = Path(out_dir)
-    random_opt(seed, **config).save_pretrained(out_dir)
+    model = random_opt(seed, **config)
+    model.save_pretrained(out_dir)
+    if tokenizer:
+        from rptq_onnx.bundled import TEXTS
+
+        text = TEXTS["sotu-train"].read_text(encoding="utf-8")[:200_000]
+        tok = train_bpe_tokenizer([p for p in text.split("\n") if p.strip()],
+                                  vocab_size=min(512, model.config.vocab_size))
+        tok.save_pretrained(out_dir)
     return out_dir
 
 

@@ -8,6 +8,7 @@ Which tensor gets which bits (DESIGN.md §1, the reference's choices):
     R5 fc2 input                                 abits           clusters R5
     softmax output P                             max(8, abits)   fixed scale 1/255 on [0, 1]
     KV-only presets: only k and v                abits
+    with-past graphs: the cache (present/past)   abits, the k / v scales, stored as uint4/uint8
 
 Ranges come from the calibration statistics of the original graph, mapped into the folded
 graph's channel order through each point's cluster plan.
@@ -25,6 +26,7 @@ from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
+from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.quant import QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn
 
@@ -123,4 +125,20 @@ def quantize_graph(folded: onnx.ModelProto, layers: list[OptLayer], folded_layer
         model, report["activations"] = emit_qdq(model, points)
         report["activations"]["scale_range"] = [float(min(p.qparams.scale.min() for p in points)),
                                                 float(max(p.qparams.scale.max() for p in points))]
+        caches = cache_tensors(folded_layers, points)
+        if caches and not q.float_cache:
+            model, report["kv_cache"] = quantize_kv_cache(model, caches)
     return model, report
+
+
+def cache_tensors(folded_layers: list[OptLayer], points: list[QuantPoint]) -> list[CacheTensor]:
+    """The past/present pairs of a with-past graph, with the scales of their k / v points."""
+    by_tag = {p.tag: p for p in points}
+    out = []
+    for fl in folded_layers:
+        for tap, past, present in (("k", fl.past_key, fl.present_key), ("v", fl.past_value, fl.present_value)):
+            point = by_tag.get(f"L{fl.index}.{tap}")
+            if past and present and point is not None:
+                out.append(CacheTensor(tag=point.tag, past=past, present=present, heads=fl.num_heads,
+                                       head_dim=fl.head_dim, qparams=point.qparams))
+    return out

@@ -33,11 +33,13 @@ def _cuda_device_present() -> bool:
 
 
 def make_session(model: str | os.PathLike | bytes, providers: list[str] | None = None, optimization: str = "all",
-                 threads: int | None = None, external_data_dir: str | os.PathLike | None = None) -> ort.InferenceSession:
+                 threads: int | None = None, external_data_dir: str | os.PathLike | None = None,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
     """An InferenceSession with the QDQ guard; ``model`` is a path or serialized bytes.
 
     ``external_data_dir``: for serialized bytes whose initializers point to external data files,
     the directory those files are in (ORT reads them itself; Python holds no copy).
+    ``profile_prefix``: enable ORT's profiler, writing ``{prefix}_*.json`` (``end_profiling()``).
     """
     opts = ort.SessionOptions()
     if external_data_dir is not None:
@@ -45,6 +47,9 @@ def make_session(model: str | os.PathLike | bytes, providers: list[str] | None =
     opts.graph_optimization_level = LEVELS[optimization]
     opts.add_session_config_entry("session.disable_quant_qdq", "1")
     opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if threads:
         opts.intra_op_num_threads = threads
     providers = providers or default_providers()
@@ -56,3 +61,8 @@ def make_session(model: str | os.PathLike | bytes, providers: list[str] | None =
     except Exception as exc:
         reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise RptqError(f"ONNX Runtime could not load the model ({reason})") from None
+
+
+def numpy_outputs(session: ort.InferenceSession) -> list[str]:
+    """Output names ``session.run`` can return as NumPy arrays (not the 4-bit KV-cache outputs)."""
+    return [o.name for o in session.get_outputs() if o.type not in ("tensor(uint4)", "tensor(int4)")]

@@ -53,3 +53,29 @@ def opt125m(tmp_path_factory):
     root = tmp_path_factory.mktemp("opt125m")
     model_dir = save_random_opt(root / "hf", seed=0, **OPT_125M_SHAPES)
     return model_dir, export(str(model_dir), root / "onnx", with_past=True).model_path
+
+
+@pytest.fixture(scope="session")
+def text_opt(tmp_path_factory):
+    """A tiny random OPT directory with a small BPE tokenizer (for text calibration and generation)."""
+    return save_random_opt(tmp_path_factory.mktemp("hf-text"), seed=1, tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def compiled_text_opt(text_opt, tmp_path_factory):
+    """``compiled_text_opt(preset, with_past=True, **quant) -> Path`` of a compiled model dir (cached)."""
+    from rptq_onnx.compile import compile_model
+    from rptq_onnx.config import CalibConfig, CompileConfig, QuantSpec
+
+    cache = {}
+
+    def get(preset: str, with_past: bool = True, **quant):
+        key = (preset, with_past, tuple(sorted(quant.items())))
+        if key not in cache:
+            config = CompileConfig(preset=preset, calib=CalibConfig(source="sotu-train", nsamples=4, seqlen=64),
+                                   quant=QuantSpec.for_preset(preset, weight_quant="rtn", **quant))
+            out = tmp_path_factory.mktemp(f"compiled-{preset}")
+            cache[key] = compile_model(str(text_opt), out, config, with_past=with_past, progress=False).model_path.parent
+        return cache[key]
+
+    return get

@@ -70,3 +70,19 @@ def test_bad_eval_input(tokenized_model, tmp_path, content, args, msg):
 def test_hf_dataset_name_offline_is_one_line(tokenized_model):
     _, onnx_path = tokenized_model
     assert_one_line_error(run_cli("eval", onnx_path, "--text", "wikitext2"), "wikitext2")
+
+
+def test_cloze_items_and_accuracy(tokenized_model):
+    from rptq_onnx.evaluate import cloze_accuracy, cloze_examples
+
+    hf, onnx_path = tokenized_model
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    items = cloze_examples(tok, TEXT, examples=30, context=64)
+    assert len(items) == 30 and all(0 < len(ctx) <= 64 for ctx, _ in items)
+    for ctx, target in items:
+        word = tok.decode(target).strip()
+        assert word.isalpha() and len(word) >= 4
+        assert tok.decode(ctx) in TEXT  # the context is the text right before the word
+    assert cloze_examples(tok, TEXT, examples=30, context=64) == items  # deterministic
+    res = cloze_accuracy(onnx_path, TEXT, examples=30, context=64, progress=False)
+    assert res.examples == 30 and 0 <= res.accuracy <= 1

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from rptq_onnx.anatomy import find_opt_layers
 from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.compile import compile_graph, compile_model
 from rptq_onnx.config import PRESETS, CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 from rptq_onnx.export import to_onnx
-from rptq_onnx.models import random_opt
+from rptq_onnx.generate import Generator
+from rptq_onnx.models import random_opt_with_outliers
 from rptq_onnx.runtime import make_session
 from test_cli import assert_one_line_error, run_cli
 
 
 def _logits(model, ids, layers):
     sess = make_session(model if isinstance(model, (str, bytes)) else model.SerializeToString(), optimization="all")
-    return sess.run(None, feeds_for(sess, ids, layers))[0]
+    return sess.run(["logits"], feeds_for(sess, ids, layers))[0]
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -41,7 +43,7 @@ def test_every_preset_compiles_checks_and_runs(exported, tmp_path, preset):
         assert q["weights"]["dq"] + q["weights"]["matmulnbits"] == 6 * len(layers)
 
 
-def test_opt125m_shapes_w4a4_and_w4a16(opt125m, tmp_path):
+def test_opt125m_shapes_w4a4_and_w4a16(opt125m, text_opt, tmp_path):
     _, src = opt125m
     for preset in ("W4A4", "W4A16"):
         config = CompileConfig(preset=preset, quant=QuantSpec.for_preset(preset, weight_quant="rtn"),
@@ -53,22 +55,18 @@ def test_opt125m_shapes_w4a4_and_w4a16(opt125m, tmp_path):
         assert np.isfinite(logits).all()
         if preset == "W4A16":
             assert result.report["quantization"]["weights"]["matmulnbits"] == 72
-
-
-def _spread_model():
-    """A random OPT whose LayerNorm outputs have log-normal channel ranges and a few ×30 outliers."""
-    hf = random_opt(seed=7, num_hidden_layers=2, hidden_size=256, num_attention_heads=4, ffn_dim=512, vocab_size=300)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in hf.model.decoder.layers:
-            for ln in (layer.self_attn_layer_norm, layer.final_layer_norm):
-                ln.weight.mul_(torch.exp(torch.randn(256, generator=gen)))
-                ln.weight[torch.randperm(256, generator=gen)[:4]] *= 30
-    return hf
+        else:  # 32-token prompt, 32 greedy steps: the cache holds 4 bits per element
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(text_opt / f, result.model_path.parent / f)
+            gen = Generator(result.model_path)
+            out = gen.generate_ids([list(range(40, 72))], max_new_tokens=32, stop_at_eos=False)
+            c = out.cache
+            assert out.prompt_tokens == [32] and c.element_type == "tensor(uint4)" and c.tokens == 63
+            assert c.bytes_total == 2 * 12 * 63 * 768 // 2
 
 
 def test_more_clusters_never_hurt():
-    graph = to_onnx(_spread_model(), with_past=False)
+    graph = to_onnx(random_opt_with_outliers(), with_past=False)
     layers = find_opt_layers(graph)
     ids = np.random.default_rng(0).integers(0, 300, (8, 48))
     ref = _logits(graph, ids, layers)

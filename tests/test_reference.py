@@ -14,7 +14,7 @@ from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpe
 from rptq_onnx.export import to_onnx
 from rptq_onnx.models import random_opt
 from rptq_onnx.reference import LayerReference
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import make_session, numpy_outputs
 
 CONFIGS = [dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, ffn_dim=64),
            dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=192),
@@ -50,7 +50,8 @@ def test_qdq_codes_and_layer_outputs_match_numpy(cfg_id, bits):
             names += [src, f"rptq.qdq.L{ref.layer.index}.{tag}.dq"]
     sess = make_session(_with_outputs(compiled, names).SerializeToString(), optimization="all")
     ids = np.random.default_rng(99).integers(0, 200, (2, 16))
-    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds_for(sess, ids, qlayers))))
+    fetch = numpy_outputs(sess)  # the 4-bit present outputs of the with-past graph stay out of NumPy
+    values = dict(zip(fetch, sess.run(fetch, feeds_for(sess, ids, qlayers))))
     assert values["logits"].shape == (2, 16, 200) and np.isfinite(values["logits"]).all()
     points = 0
     for ref in refs:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def logits(path):
         sess = make_session(path)
-        return np.concatenate([sess.run(None, feeds_for(sess, held_out[i:i + 2], layers))[0]
+        return np.concatenate([sess.run(["logits"], feeds_for(sess, held_out[i:i + 2], layers))[0]
                                for i in range(0, len(held_out), 2)])
 
     ref = logits(model)

@@ -1,7 +1,7 @@
 """Quality table: perplexity of every preset — rptq-onnx vs per-tensor vs per-channel vs ONNX Runtime's own.
 
     python -m rptq_onnx.tools.bench_quality [--model DIR|MODEL.onnx] [--calib sotu-train] [--nsamples 32]
-        [--seqlen 256] [--eval-tokens 65536] [--presets W8A8,W4A16,...] [--out runs/bench-quality]
+        [--seqlen 256] [--eval-tokens 65536] [--cloze 500] [--presets W8A8,W4A16,...] [--out runs/bench-quality]
 
 Default model: the bundled demo OPT; calibration on the bundled SOTU train text, perplexity on
 the SOTU test text (first --eval-tokens tokens, non-overlapping windows of --seqlen). Columns:
@@ -14,7 +14,9 @@ the SOTU test text (first --eval-tokens tokens, non-overlapping windows of --seq
   presets it can express; for W4A16 ORT's weight-only ``MatMulNBitsQuantizer`` (RTN, blocks of
   128). It cannot quantize only K and V, so the KV presets have no ORT entry.
 
-All activation quantization here is simulated on ORT's CPU provider (see README).
+A second table gives a LAMBADA-style last-word accuracy (``--cloze`` sentences of the test text,
+greedy, whole word) for every cell. All activation quantization here is simulated on ORT's CPU
+provider (see README).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-text", default="sotu-test")
     parser.add_argument("--eval-tokens", type=int, default=65536)
+    parser.add_argument("--cloze", type=int, default=500, help="last-word accuracy items per model (0 = off)")
     parser.add_argument("--presets", default=DEFAULT_PRESETS)
     parser.add_argument("--columns", default=",".join(COLUMNS))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from rptq_onnx.calibrate import calibration_windows
     from rptq_onnx.compile import compile_model, model_limits
     from rptq_onnx.config import PRESETS, CalibConfig, ClusterCounts, CompileConfig, QuantSpec
-    from rptq_onnx.evaluate import load_text, perplexity
+    from rptq_onnx.evaluate import cloze_accuracy, load_text, perplexity
     from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
     from rptq_onnx.graph import load_model
 
@@ -112,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         def ppl(path: Path) -> float:
             return perplexity(path, text, seqlen=args.seqlen, max_tokens=args.eval_tokens, progress=False).perplexity
 
+        def cloze(path: Path) -> float | None:
+            return cloze_accuracy(path, text, examples=args.cloze, progress=False).accuracy if args.cloze else None
+
         def with_tokenizer(path: Path) -> Path:
             for name in (*TOKENIZER_FILES, RECORD_NAME):
                 if (fp_path.parent / name).is_file():
@@ -119,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             return path
 
         t0 = time.perf_counter()
-        fp = ppl(fp_path)
+        fp, fp_cloze = ppl(fp_path), cloze(fp_path)
         rows = [{"preset": "FP32", **{c: fp for c in columns}}]
-        print(f"FP32 perplexity {fp:.2f}", flush=True)
+        accuracy = [{"preset": "FP32", **{c: fp_cloze for c in columns}}]
+        print(f"FP32 perplexity {fp:.2f}, last-word accuracy {fp_cloze}", flush=True)
         for preset in args.presets.split(","):
             if preset in PRESETS:
                 quant = QuantSpec.for_preset(preset)
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             else:  # e.g. W16A4
                 w, a = preset[1:].split("A")
                 quant, name = QuantSpec(wbits=int(w), abits=int(a)), "W4A16"
-            row = {"preset": preset}
+            row, acc = {"preset": preset}, {"preset": preset}
             for col in columns:
                 if col == "ORT":
                     (tmp / f"{preset}-ort").mkdir(exist_ok=True)
@@ -141,14 +148,18 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         path = _ort_static(fp_path, target, windows, quant.wbits, quant.abits, _lm_head(fp_path))
                     row[col] = ppl(with_tokenizer(path)) if path else None
+                    acc[col] = cloze(path) if path else None
                 else:
                     clusters = {"rptq-onnx": ClusterCounts(), "per-tensor": ClusterCounts.parse("all=1"),
                                 "per-channel": ClusterCounts.parse("all=ch")}[col]
                     cfg = CompileConfig(preset=name, quant=quant, calib=calib, clusters=clusters)
                     result = compile_model(str(fp_path), tmp / f"{preset}-{col}", cfg, progress=False)
                     row[col] = ppl(result.model_path)
-                print(f"{preset:7s} {col:11s} {row[col] if row[col] is None else round(row[col], 2)}", flush=True)
+                    acc[col] = cloze(result.model_path)
+                print(f"{preset:7s} {col:11s} {row[col] if row[col] is None else round(row[col], 2)}  {acc[col]}",
+                      flush=True)
             rows.append(row)
+            accuracy.append(acc)
     elapsed = time.perf_counter() - t0
 
     def cell(v):
@@ -159,10 +170,15 @@ def main(argv: list[str] | None = None) -> int:
              f"{elapsed / 60:.1f} min", "",
              "| preset | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {r['preset']} | " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    if args.cloze:
+        lines += ["", f"last-word accuracy ({args.cloze} sentences of {args.eval_text}, greedy, whole word):", "",
+                  "| preset | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += [f"| {r['preset']} | " + " | ".join("n/a" if r[c] is None else f"{100 * r[c]:.1f} %" for c in columns)
+                  + " |" for r in accuracy]
     table = "\n".join(lines)
     print(table)
     (args.out / "quality.md").write_text(table + "\n")
-    (args.out / "quality.json").write_text(json.dumps({"fp32": fp, "rows": rows}, indent=2) + "\n")
+    (args.out / "quality.json").write_text(json.dumps({"fp32": fp, "rows": rows, "cloze": accuracy}, indent=2) + "\n")
     return 0
 
 

@@ -1,0 +1,159 @@
+"""Memory of an OPT model at each preset: weights, activations and KV cache (`rptq-onnx memory`).
+
+The formula, per preset with weight bits w, activation bits a and cache bits kv (= a for every
+preset that quantizes K/V, else 16; FP16 is the unquantized baseline):
+
+    weights      = linear parameters × w/8
+                 + 2 × 2 bytes per output channel of each linear (fp16 scale and zero point, if w < 16)
+                 + other parameters (embeddings, positions, LayerNorms, biases) × 2 bytes (fp16)
+    KV cache     = 2 (K and V) × layers × batch × seqlen × hidden × kv/8
+    activations  = batch × seqlen × ffn_dim × a/8
+                   (the largest tensor one layer holds at a time: the fc1 output; attention
+                   probabilities are left out, as a fused/flash attention kernel never stores them)
+
+This is the same breakdown as the RPTQ paper's memory table. It is arithmetic on the published
+shapes, not a measurement; for a compiled model ``rptq-onnx inspect`` shows the measured
+initializer bytes by dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rptq_onnx.config import PRESETS
+from rptq_onnx.errors import RptqError
+
+
+@dataclass(frozen=True)
+class OptShape:
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    vocab: int = 50272
+    positions: int = 2048
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * (4 * self.hidden * self.hidden + 2 * self.hidden * self.ffn)
+
+    @property
+    def linear_out_channels(self) -> int:
+        return self.layers * (4 * self.hidden + self.ffn + self.hidden)
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings (tied LM head), learned positions (+2 offset), LayerNorms, biases."""
+        per_layer = 2 * 2 * self.hidden + 4 * self.hidden + self.ffn + self.hidden
+        return self.vocab * self.hidden + (self.positions + 2) * self.hidden + self.layers * per_layer + 2 * self.hidden
+
+
+# The published OPT shapes (Zhang et al. 2022, Table 1).
+OPT_CONFIGS = {
+    "opt-125m": OptShape(12, 768, 12, 3072),
+    "opt-350m": OptShape(24, 1024, 16, 4096),
+    "opt-1.3b": OptShape(24, 2048, 32, 8192),
+    "opt-2.7b": OptShape(32, 2560, 32, 10240),
+    "opt-6.7b": OptShape(32, 4096, 32, 16384),
+    "opt-13b": OptShape(40, 5120, 40, 20480),
+    "opt-30b": OptShape(48, 7168, 56, 28672),
+    "opt-66b": OptShape(64, 9216, 72, 36864),
+    "opt-175b": OptShape(96, 12288, 96, 49152),
+}
+TABLE_PRESETS = ("FP16", "W8A8", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV")
+
+
+@dataclass(frozen=True)
+class Memory:
+    preset: str
+    wbits: int
+    abits: int
+    kvbits: int
+    weights: float
+    kv_cache: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.activations
+
+
+def preset_bits(preset: str) -> tuple[int, int, int]:
+    """(weight, activation, cache) bits; activations of KV-only presets stay at 16 bits."""
+    if preset == "FP16":
+        return 16, 16, 16
+    if preset not in PRESETS:
+        raise RptqError(f"unknown preset {preset}; use FP16 or one of {', '.join(PRESETS)}")
+    w, a, kv_only = PRESETS[preset]
+    w, a = min(w, 16), min(a, 16)
+    return w, (16 if kv_only else a), a
+
+
+def memory(shape: OptShape, preset: str, batch: int, seqlen: int) -> Memory:
+    if batch < 1 or seqlen < 1:
+        raise RptqError(f"--batch {batch} / --seqlen {seqlen}: both must be at least 1")
+    w, a, kv = preset_bits(preset)
+    weights = shape.linear_params * w / 8 + shape.other_params * 2
+    if w < 16:
+        weights += shape.linear_out_channels * 2 * 2
+    kv_cache = 2 * shape.layers * batch * seqlen * shape.hidden * kv / 8
+    activations = batch * seqlen * shape.ffn * a / 8
+    return Memory(preset, w, a, kv, weights, kv_cache, activations)
+
+
+def resolve_shape(name: str) -> OptShape:
+    """A published config name (``opt-66b``), or a model directory / .onnx with export.json or config.json."""
+    import json
+    from pathlib import Path
+
+    key = name.lower().removeprefix("facebook/")
+    if key in OPT_CONFIGS:
+        return OPT_CONFIGS[key]
+    path = Path(name)
+    folder = path.parent if path.suffix == ".onnx" else path
+    cfg = None
+    if (folder / "export.json").is_file():
+        cfg = json.loads((folder / "export.json").read_text()).get("config")
+    elif (folder / "config.json").is_file():
+        cfg = json.loads((folder / "config.json").read_text())
+    if not cfg or cfg.get("model_type") != "opt":
+        raise RptqError(f"'{name}' is neither a known OPT config ({', '.join(OPT_CONFIGS)}) nor an OPT model "
+                        "directory with export.json / config.json")
+    return OptShape(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["ffn_dim"],
+                    cfg["vocab_size"], cfg["max_position_embeddings"])
+
+
+def gb(n: float) -> str:
+    """Decimal units (as the paper): GB, or MB / kB for small models."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def format_memory_table(name: str, shape: OptShape, batch: int, seqlen: int, presets=TABLE_PRESETS) -> str:
+    rows = [memory(shape, p, batch, seqlen) for p in presets]
+    lines = [f"{name}: {shape.layers} layers, hidden {shape.hidden}, ffn {shape.ffn}, "
+             f"{(shape.linear_params + shape.other_params) / 1e9:.2f} B parameters; batch {batch}, seqlen {seqlen}",
+             "",
+             "terms: weights = linear params × w/8 + scales/zeros (2 × fp16 per output channel) + other params × 2 B",
+             f"       linear params {shape.linear_params:,}, output channels {shape.linear_out_channels:,}, "
+             f"other params {shape.other_params:,}",
+             f"       KV cache = 2 × layers × batch × seqlen × hidden × kv/8 = 2 × {shape.layers} × {batch} × {seqlen} × "
+             f"{shape.hidden} × kv/8",
+             f"       activations = batch × seqlen × ffn × a/8 = {batch} × {seqlen} × {shape.ffn} × a/8 "
+             "(largest per-layer tensor; attention probabilities excluded)",
+             "",
+             "| preset | w | a | kv | weights | KV cache | activations | total |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in rows:
+        lines.append(f"| {m.preset} | {m.wbits} | {m.abits} | {m.kvbits} | {gb(m.weights)} | {gb(m.kv_cache)} | "
+                     f"{gb(m.activations)} | {gb(m.total)} |")
+    lines.append("")
+    lines.append("kv = the cache's quantization bits; rptq-onnx stores 3-bit codes in uint4, so its 3-bit cache "
+                 "takes 4 bits per element (the W4A4 row)")
+    by = {m.preset: m for m in rows}
+    if "W4A16" in by and "W4A4" in by:
+        saved = by["W4A16"].total - by["W4A4"].total
+        lines += ["", f"W4A4 vs W4A16: {gb(by['W4A4'].total)} vs {gb(by['W4A16'].total)} → saves {gb(saved)}"]
+    return "\n".join(lines)

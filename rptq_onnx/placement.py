@@ -1,0 +1,136 @@
+"""Deployment truth (`rptq-onnx inspect MODEL --placement`): what ONNX Runtime really runs in low bits.
+
+For every MatMul / Gemm / MatMulNBits and every Quantize/DequantizeLinear of a model, a verdict
+from the graph (what the node computes), and the execution provider ONNX Runtime assigned it,
+read from a session profile of one short prefill. Nodes that are absent from the profile were
+fused or constant-folded by ORT's graph optimizer (e.g. a DequantizeLinear of a constant weight
+is folded into a float initializer at session creation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from rptq_onnx.graph import GraphIndex, load_model
+
+GEMMS = ("MatMul", "Gemm", "MatMulNBits")
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def classify(model: onnx.ModelProto) -> list[dict]:
+    """A verdict per GEMM and per Q/DQ node, from the graph alone."""
+    index = GraphIndex(model)
+    rows = []
+    for node in model.graph.node:
+        if node.op_type in GEMMS:
+            rows.append({"node": node.name, "op": node.op_type, **_gemm_verdict(index, node)})
+        elif node.op_type in QDQ:
+            rows.append({"node": node.name, "op": node.op_type, **_qdq_verdict(index, node)})
+    return rows
+
+
+def _gemm_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
+    if node.op_type == "MatMulNBits":
+        bits = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "bits"), 4)
+        return {"kind": "real", "verdict": f"real low-bit kernel: MatMulNBits, {bits}-bit weights"}
+    producers = [_source_dq(index, t) for t in node.input[:2]]
+    weight_dq = [p for p in producers if p is not None and index.is_constant(p.input[0])]
+    act_dq = [p for p in producers if p is not None and not index.is_constant(p.input[0])]
+    if weight_dq:
+        verdict = "simulated: low-bit weights dequantized to float, float GEMM"
+        if act_dq:
+            verdict += "; activation fake-quantized"
+        return {"kind": "simulated", "verdict": verdict}
+    if act_dq:
+        return {"kind": "simulated", "verdict": "simulated: fake-quantized activation, float GEMM"}
+    return {"kind": "float", "verdict": "float GEMM"}
+
+
+# ops that move or rescale values without leaving their grid (attention reshapes, the cache concat, q scaling)
+_PASS_THROUGH = ("Reshape", "Transpose", "Concat", "Squeeze", "Unsqueeze", "Identity", "Mul", "Div")
+
+
+def _source_dq(index: GraphIndex, tensor: str, depth: int = 6) -> onnx.NodeProto | None:
+    """The DequantizeLinear a GEMM input comes from, through data-movement ops (None if it is float)."""
+    node = index.producer.get(tensor)
+    if node is None or depth == 0:
+        return None
+    if node.op_type == "DequantizeLinear":
+        return node
+    dynamic = index.dynamic_inputs(node)
+    if node.op_type not in _PASS_THROUGH or (node.op_type in ("Mul", "Div") and len(dynamic) != 1):
+        return None
+    for t in dynamic if node.op_type == "Concat" else dynamic[:1]:
+        found = _source_dq(index, t, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _qdq_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
+    name = node.name
+    if name.startswith("rptq.kv."):
+        return {"kind": "real", "verdict": "KV cache storage: low-bit codes held between decode steps"}
+    if name.startswith("rptq.w.") or (node.op_type == "DequantizeLinear" and index.is_constant(node.input[0])):
+        return {"kind": "weights", "verdict": "weight dequantize: low-bit in the file, float for the GEMM"}
+    return {"kind": "simulated", "verdict": "activation fake-quantization (simulated, float math after it)"}
+
+
+def assigned_providers(model_path: Path, providers: list[str] | None = None, seqlen: int = 8) -> dict[str, str]:
+    """node name → execution provider, from a profiled prefill of ``seqlen`` tokens."""
+    from rptq_onnx.calibrate import feeds_for
+    from rptq_onnx.runtime import make_session
+
+    with tempfile.TemporaryDirectory(prefix="rptq-profile-") as tmp:
+        session = make_session(model_path, providers=providers, profile_prefix=os.path.join(tmp, "profile"))
+        ids = np.full((1, seqlen), 5, np.int64)
+        import onnxruntime as ort
+
+        feed = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
+                for k, v in feeds_for(session, ids).items()}
+        session.run_with_ort_values(None, feed)  # every output, 4-bit ones included, as OrtValues
+        profile = Path(session.end_profiling())
+        events = json.loads(profile.read_text())
+    out = {}
+    for ev in events:
+        args = ev.get("args", {})
+        if ev.get("cat") == "Node" and "provider" in args and ev.get("name", "").endswith("_kernel_time"):
+            out[ev["name"][: -len("_kernel_time")]] = args["provider"]
+    return out
+
+
+def placement(model_path: str | os.PathLike, providers: list[str] | None = None) -> dict:
+    path = Path(model_path)
+    path = path / "model.onnx" if path.is_dir() else path
+    model = load_model(path, load_weights=False)
+    rows = classify(model)
+    eps = assigned_providers(path, providers)
+    for row in rows:
+        row["provider"] = eps.get(row["node"], "fused or constant-folded by ORT")
+        if row["kind"] == "weights" and row["node"] not in eps:
+            row["verdict"] = "weight dequantize: constant-folded by ORT at session creation, float weights in memory"
+    gemms = [r for r in rows if r["op"] in GEMMS]
+    return {"model": str(path), "providers_requested": providers, "rows": rows,
+            "summary": {"gemms": len(gemms), "matmulnbits": sum(r["op"] == "MatMulNBits" for r in gemms),
+                        "by_kind": dict(Counter(f"{r['op']}: {r['kind']}" for r in rows)),
+                        "by_provider": dict(Counter(r["provider"] for r in rows))}}
+
+
+def format_placement(report: dict) -> str:
+    lines = [f"placement of {report['model']} (providers {', '.join(report['providers_requested'] or ['default'])})", ""]
+    width = max((len(r["node"]) for r in report["rows"]), default=10)
+    lines.append(f"{'node':{width}s}  {'op':16s}  {'provider':32s}  verdict")
+    for r in report["rows"]:
+        lines.append(f"{r['node']:{width}s}  {r['op']:16s}  {r['provider']:32s}  {r['verdict']}")
+    s = report["summary"]
+    lines += ["", f"{s['gemms']} GEMMs, {s['matmulnbits']} MatMulNBits (real 4-bit kernels); "
+              + ", ".join(f"{k} {v}" for k, v in sorted(s["by_kind"].items())),
+              "providers: " + ", ".join(f"{k} {v}" for k, v in sorted(s["by_provider"].items()))]
+    return "\n".join(lines)
