@@ -38,6 +38,35 @@ def load_tokenizer(model_dir: Path):
         raise RptqError(f"{model_dir}: the tokenizer files could not be loaded ({reason})") from None
 
 
+_TOKEN_CACHE: dict[tuple[str, str], np.ndarray] = {}
+
+
+def token_ids(text: str, model_dir: Path) -> np.ndarray | None:
+    """``text`` tokenized (no special tokens) with the tokenizer beside the model, or None without one.
+
+    Kept per process by (text, tokenizer files) digest: a benchmark that compiles and evaluates
+    many variants of one model tokenizes its texts once.
+    """
+    import hashlib
+
+    files = [model_dir / f for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")]
+    digest = hashlib.sha1()
+    for f in files:
+        if f.is_file():
+            digest.update(f.read_bytes())
+    key = (hashlib.sha1(text.encode("utf-8")).hexdigest(), digest.hexdigest())
+    if key not in _TOKEN_CACHE:
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer is None:
+            return None
+        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        ids.setflags(write=False)
+        if len(_TOKEN_CACHE) >= 4:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        _TOKEN_CACHE[key] = ids
+    return _TOKEN_CACHE[key]
+
+
 def read_text(path: str) -> str:
     """A UTF-8 text file, or a bundled text by name (``sotu-train``, ``sotu-test``)."""
     p = text_path(path) or Path(path)
@@ -65,11 +94,10 @@ def calibration_windows(calib: CalibConfig, model_dir: Path, vocab_size: int, ma
     if calib.source == "random":
         return rng.integers(0, vocab_size, size=(calib.nsamples, seqlen), dtype=np.int64)
     text = read_text(calib.source)
-    tokenizer = load_tokenizer(model_dir)
-    if tokenizer is None:
+    ids = token_ids(text, model_dir)
+    if ids is None:
         raise RptqError(f"{model_dir}: no tokenizer beside the model, so --calib text cannot be tokenized; "
                         "export from a model directory with tokenizer files, or use --calib random")
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     if len(ids) < seqlen + 1:
         raise RptqError(f"--calib {calib.source}: {len(ids)} tokens, shorter than one window of --seqlen {seqlen}; "
                         "use a longer text or a smaller --seqlen")

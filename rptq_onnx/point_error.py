@@ -152,6 +152,9 @@ def plot_errors(report: dict, out_png: str | os.PathLike) -> None:
     for label, pts in by_point.items():
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o", ms=3, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("local SQNR (dB)")
     ax.set_title("SQNR of each quantization point (higher is better)", fontsize=10)

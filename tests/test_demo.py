@@ -54,18 +54,19 @@ def test_compile_without_model_uses_the_bundled_demo(tmp_path):
 
 
 def test_quality_ordering_on_a_few_windows(demo_onnx, tmp_path):
-    # The demo's channel ranges are nearly uniform: on it, per-tensor W4A4 is within noise of the
-    # clustered one (159.90 vs 159.91 on these windows), so that contrast is left to the quality
-    # benchmark and the outlier fixtures (tests/test_presets.py::test_more_clusters_never_hurt).
-    calib = CalibConfig(source="sotu-train", nsamples=16, seqlen=SEQLEN)
+    """A reduced tools/bench_quality.py: its calibration (32 × 256 of sotu-train), 64 test windows."""
+    calib = CalibConfig(source="sotu-train", nsamples=32, seqlen=SEQLEN)
+    windows = 64
 
-    def ppl(name, preset, clusters=None):
+    def ppl(path):
+        return perplexity(path, TEXT, seqlen=SEQLEN, max_tokens=SEQLEN * windows, progress=False).perplexity
+
+    def compiled(name, preset, clusters=None):
         cfg = CompileConfig(preset=preset, quant=QuantSpec.for_preset(preset), calib=calib,
                             clusters=clusters or ClusterCounts())
-        path = compile_model(str(demo_onnx), tmp_path / name, cfg, progress=False).model_path
-        return perplexity(path, TEXT, seqlen=SEQLEN, max_tokens=SEQLEN * WINDOWS, progress=False).perplexity
+        return ppl(compile_model(str(demo_onnx), tmp_path / name, cfg, progress=False).model_path)
 
-    fp = perplexity(demo_onnx, TEXT, seqlen=SEQLEN, max_tokens=SEQLEN * WINDOWS, progress=False).perplexity
-    w8a8 = ppl("w8a8", "W8A8")
-    w4a4 = ppl("w4a4", "W4A4")
+    fp, w8a8, w4a4 = ppl(demo_onnx), compiled("w8a8", "W8A8"), compiled("w4a4", "W4A4")
+    per_tensor = compiled("w4a4-k1", "W4A4", ClusterCounts.parse("all=1"))
     assert fp <= w8a8 <= w4a4, (fp, w8a8, w4a4)
+    assert w4a4 < per_tensor, (w4a4, per_tensor)
