@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rptq_onnx.graph import GraphIndex
+from rptq_onnx.graph import GraphIndex, insert_nodes, rename_inputs
 from rptq_onnx.quant import QParams
 
 
@@ -79,21 +79,9 @@ def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.Mod
             q_out = f"{prefix}.qc"
         nodes.append(helper.make_node("DequantizeLinear", [q_out, f"{prefix}.scale", f"{prefix}.zero_point"],
                                       [p.dequantized()], name=f"{prefix}.dequantize", **axis))
-        for node in readers[p.tensor]:
-            for i, t in enumerate(node.input):
-                if t == p.tensor:
-                    node.input[i] = p.dequantized()
+        rename_inputs(readers[p.tensor], {p.tensor: p.dequantized()})
         new_nodes[p.tensor] = nodes
         report["points"] += 1
         report["by_bits"][str(p.qparams.bits)] = report["by_bits"].get(str(p.qparams.bits), 0) + 1
-    # insert each Q/DQ group right after the producer of its tensor (keeps the file topological)
-    ordered = []
-    for node in g.node:
-        ordered.append(node)
-        for t in node.output:
-            ordered.extend(new_nodes.pop(t, []))
-    for nodes in new_nodes.values():  # tensors that are graph inputs
-        ordered[:0] = nodes
-    del g.node[:]
-    g.node.extend(ordered)
+    insert_nodes(g, new_nodes)  # each Q/DQ group right after the producer of its tensor
     return out, report

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rptq_onnx.graph import GraphIndex
+from rptq_onnx.graph import GraphIndex, insert_nodes, rename_inputs
 from rptq_onnx.quant import QParams
 
 
@@ -89,10 +89,7 @@ def quantize_kv_cache(model: onnx.ModelProto, caches: list[CacheTensor]) -> tupl
 
         # past: codes [B, C, T] → float [B, H, T, D] for the graph's original readers
         past_float = f"{p}.past"
-        for node in index.consumers.get(c.past, []):
-            for i, t in enumerate(node.input):
-                if t == c.past:
-                    node.input[i] = past_float
+        rename_inputs(index.consumers.get(c.past, []), {c.past: past_float})
         before += [
             helper.make_node("DequantizeLinear", [c.past, f"{p}.scale", f"{p}.zero_point"], [f"{p}.past_channels"],
                              name=f"{p}.past.dequantize", axis=1),
@@ -107,10 +104,7 @@ def quantize_kv_cache(model: onnx.ModelProto, caches: list[CacheTensor]) -> tupl
         present_float = f"{p}.present"
         producer = index.producer[c.present]
         producer.output[list(producer.output).index(c.present)] = present_float
-        for node in index.consumers.get(c.present, []):
-            for i, t in enumerate(node.input):
-                if t == c.present:
-                    node.input[i] = present_float
+        rename_inputs(index.consumers.get(c.present, []), {c.present: present_float})
         after[present_float] = [
             helper.make_node("Transpose", [present_float], [f"{p}.present_heads"], name=f"{p}.present.transpose",
                              perm=TO_CACHE_PERM),
@@ -126,13 +120,7 @@ def quantize_kv_cache(model: onnx.ModelProto, caches: list[CacheTensor]) -> tupl
     kept = [vi for vi in g.value_info if vi.name not in stale]
     del g.value_info[:]
     g.value_info.extend(kept)
-    ordered = list(before)
-    for node in g.node:
-        ordered.append(node)
-        for t in node.output:
-            ordered.extend(after.pop(t, []))
-    del g.node[:]
-    g.node.extend(ordered)
+    insert_nodes(g, after, first=before)
     return out, report
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rptq_onnx.calibrate import empty_cache, load_tokenizer
+from rptq_onnx.calibrate import feeds_for, load_tokenizer
 from rptq_onnx.compile import model_limits
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import as_ort_values, make_session
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 
@@ -136,15 +136,8 @@ class Generator:
         return self.past_inputs[0].type
 
     def empty_past(self, batch: int) -> dict[str, ort.OrtValue]:
-        past = {}
-        for inp in self.past_inputs:
-            if inp.type == "tensor(float)":
-                heads, head_dim = inp.shape[1], inp.shape[3]
-                value = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, 0, head_dim), np.float32))
-            else:
-                value = empty_cache(inp.type, batch, inp.shape[1])
-            past[inp.name] = value
-        return past
+        feed = feeds_for(self.session, np.zeros((batch, 1), np.int64))  # empty float or low-bit past
+        return as_ort_values({i.name: feed[i.name] for i in self.past_inputs})
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, ort.OrtValue],
              all_logits: bool = False) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:

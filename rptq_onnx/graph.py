@@ -258,3 +258,26 @@ class GraphIndex:
 
     def dynamic_inputs(self, node: onnx.NodeProto) -> list[str]:
         return [t for t in node.input if t and not self.is_constant(t)]
+
+
+def rename_inputs(nodes: Iterable[onnx.NodeProto], mapping: dict[str, str]) -> None:
+    """Make ``nodes`` read ``mapping[t]`` wherever they read ``t``."""
+    for node in nodes:
+        for i, t in enumerate(node.input):
+            if t in mapping:
+                node.input[i] = mapping[t]
+
+
+def insert_nodes(graph: onnx.GraphProto, after: dict[str, list[onnx.NodeProto]],
+                 first: list[onnx.NodeProto] | None = None) -> None:
+    """Put ``after[t]`` right behind the producer of ``t`` and ``first`` at the front (keeps the file
+    topological); groups whose tensor no node produces (graph inputs) go to the front too."""
+    after = dict(after)
+    ordered = list(first or [])
+    for node in graph.node:
+        ordered.append(node)
+        for t in node.output:
+            ordered.extend(after.pop(t, []))
+    ordered[:0] = [n for nodes in after.values() for n in nodes]
+    del graph.node[:]
+    graph.node.extend(ordered)

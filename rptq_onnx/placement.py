@@ -86,16 +86,12 @@ def _qdq_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
 def assigned_providers(model_path: Path, providers: list[str] | None = None, seqlen: int = 8) -> dict[str, str]:
     """node name → execution provider, from a profiled prefill of ``seqlen`` tokens."""
     from rptq_onnx.calibrate import feeds_for
-    from rptq_onnx.runtime import make_session
+    from rptq_onnx.runtime import as_ort_values, make_session
 
     with tempfile.TemporaryDirectory(prefix="rptq-profile-") as tmp:
         session = make_session(model_path, providers=providers, profile_prefix=os.path.join(tmp, "profile"))
         ids = np.full((1, seqlen), 5, np.int64)
-        import onnxruntime as ort
-
-        feed = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
-                for k, v in feeds_for(session, ids).items()}
-        session.run_with_ort_values(None, feed)  # every output, 4-bit ones included, as OrtValues
+        session.run_with_ort_values(None, as_ort_values(feeds_for(session, ids)))  # 4-bit outputs too
         profile = Path(session.end_profiling())
         events = json.loads(profile.read_text())
     out = {}

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import load_model
+from rptq_onnx.graph import load_model, rename_inputs
 
 QDQ_NAME = re.compile(r"^rptq\.qdq\.L(\d+)\.(\w+)\.quantize$")
 POINT_LABELS = {"attn_ln": "R1 attn-LN out", "q": "R2 q", "k": "R2 k", "v": "R3 v", "out_in": "R3 out_proj in",
@@ -54,10 +54,7 @@ def _bypassed(model: onnx.ModelProto, points) -> onnx.ModelProto:
     out.CopyFrom(model)
     rename = {dq: src for _, _, src, dq in points}
     keep = [n for n in out.graph.node if not n.name.startswith("rptq.qdq.")]
-    for node in keep:
-        for i, t in enumerate(node.input):
-            if t in rename:
-                node.input[i] = rename[t]
+    rename_inputs(keep, rename)
     del out.graph.node[:]
     out.graph.node.extend(keep)
     return out

@@ -66,3 +66,8 @@ def make_session(model: str | os.PathLike | bytes, providers: list[str] | None =
 def numpy_outputs(session: ort.InferenceSession) -> list[str]:
     """Output names ``session.run`` can return as NumPy arrays (not the 4-bit KV-cache outputs)."""
     return [o.name for o in session.get_outputs() if o.type not in ("tensor(uint4)", "tensor(int4)")]
+
+
+def as_ort_values(feed: dict) -> dict[str, ort.OrtValue]:
+    """``feed`` with NumPy arrays wrapped as OrtValues (for ``run_with_ort_values`` / IOBinding)."""
+    return {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}

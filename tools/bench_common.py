@@ -14,6 +14,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the default model is built and cached")
 
 
+def add_calib_args(parser: argparse.ArgumentParser, nsamples: int = 8, seqlen: int = 128) -> None:
+    parser.add_argument("--calib", default="random", help="calibration text file, or random token ids (default)")
+    parser.add_argument("--nsamples", type=int, default=nsamples)
+    parser.add_argument("--seqlen", type=int, default=seqlen)
+
+
 def prepare_model(workdir: Path) -> Path:
     """A random OPT with the opt-125m shapes, exported with past (cached in ``workdir``)."""
     onnx_path = workdir / "onnx" / "model.onnx"

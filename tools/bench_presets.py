@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rptq_onnx.tools.bench_common import add_model_args, open_model
+from rptq_onnx.tools.bench_common import add_calib_args, add_model_args, open_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(parser)
-    parser.add_argument("--calib", default="random")
-    parser.add_argument("--nsamples", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=128)
+    add_calib_args(parser)
     parser.add_argument("--presets", default=",".join(p for p in PRESETS if p != "reorder"))
     parser.add_argument("--weight-quant", default="gptq", choices=("gptq", "rtn"))
     parser.add_argument("--extra", default="W4A16:rtn,W4A16:gptq,W3A16:rtn,W3A16:gptq",

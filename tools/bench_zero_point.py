@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from rptq_onnx.tools.bench_common import add_model_args, open_model
+from rptq_onnx.tools.bench_common import add_calib_args, add_model_args, open_model
 
 
 def reference_fake_quant(x, lo, hi, bits):
@@ -29,9 +29,7 @@ def reference_fake_quant(x, lo, hi, bits):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(parser)
-    parser.add_argument("--calib", default="random")
-    parser.add_argument("--nsamples", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=128)
+    add_calib_args(parser)
     parser.add_argument("--bits", default="4,8")
     args = parser.parse_args(argv)
 
