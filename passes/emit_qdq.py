@@ -5,6 +5,12 @@ A cluster's scale/zero point is repeated over its channels, giving a 1-D per-cha
 bits, uint4 for 4 bits, and uint8 with a ``Clip(0, 2ⁿ−1)`` between Q and DQ for the other
 widths (3, 5–7 bits). Every reader of the tensor is moved to the dequantized value.
 
+A tensor in the attention head layout [B, H, S, D] (Llama's q and k after RoPE) needs one scale
+per head *and* channel, but per-axis Q/DQ takes a 1-D scale on one axis. Such a point is
+quantized in the channel-major layout the KV cache uses, [B, H·D, S] with axis 1:
+Transpose → Reshape → Q → [Clip] → DQ → Reshape → Transpose (the reshapes are named
+``rptq.layout.<tag>.*``, so bypassing the ``rptq.qdq.*`` nodes leaves an identity).
+
 On ONNX Runtime's CPU and CUDA providers this is *simulated* quantization: the values are
 rounded to the low-bit grid, but the following MatMul still runs in float.
 """
@@ -29,6 +35,7 @@ class QuantPoint:
     tensor: str
     qparams: QParams
     per_tensor: bool = False  # a scalar scale/zero point (the softmax output's fixed 1/255)
+    heads: int = 0  # > 0: ``tensor`` is [B, heads, S, D]; qparams has one entry per head·D + d
 
     def dequantized(self) -> str:
         return f"rptq.qdq.{self.tag}.dq"
@@ -67,10 +74,14 @@ def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.Mod
         g.initializer.append(numpy_helper.from_array(scale, f"{prefix}.scale"))
         g.initializer.append(helper.make_tensor(f"{prefix}.zero_point", elem, list(np.shape(zp)),
                                                 np.asarray(zp).astype(np.int64).ravel().tolist()))
-        axis = {} if p.per_tensor else {"axis": -1}
+        axis = {} if p.per_tensor else {"axis": 1 if p.heads else -1}
+        source, nodes, dq_out = p.tensor, [], p.dequantized()
+        if p.heads:
+            source, dq_out = f"rptq.layout.{p.tag}.channels", f"rptq.layout.{p.tag}.back"
+            nodes += _to_channels(g, p, source)
         q_out = f"{prefix}.q"
-        nodes = [helper.make_node("QuantizeLinear", [p.tensor, f"{prefix}.scale", f"{prefix}.zero_point"], [q_out],
-                                  name=f"{prefix}.quantize", **axis)]
+        nodes.append(helper.make_node("QuantizeLinear", [source, f"{prefix}.scale", f"{prefix}.zero_point"], [q_out],
+                                      name=f"{prefix}.quantize", **axis))
         if clip:
             g.initializer.append(numpy_helper.from_array(np.array(0, np.uint8), f"{prefix}.lo"))
             g.initializer.append(numpy_helper.from_array(np.array(p.qparams.qmax, np.uint8), f"{prefix}.hi"))
@@ -79,9 +90,28 @@ def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.Mod
             q_out = f"{prefix}.qc"
         nodes.append(helper.make_node("DequantizeLinear", [q_out, f"{prefix}.scale", f"{prefix}.zero_point"],
                                       [p.dequantized()], name=f"{prefix}.dequantize", **axis))
-        rename_inputs(readers[p.tensor], {p.tensor: p.dequantized()})
+        if p.heads:
+            nodes += _from_channels(g, p, dq_out)
+        rename_inputs(readers[p.tensor], {p.tensor: dq_out})
         new_nodes[p.tensor] = nodes
         report["points"] += 1
         report["by_bits"][str(p.qparams.bits)] = report["by_bits"].get(str(p.qparams.bits), 0) + 1
     insert_nodes(g, new_nodes)  # each Q/DQ group right after the producer of its tensor
     return out, report
+
+
+def _to_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:
+    """[B, H, S, D] → [B, H·D, S] (channel h·D + d on axis 1)."""
+    t = f"rptq.layout.{p.tag}"
+    g.initializer.append(numpy_helper.from_array(np.array([0, p.qparams.scale.size, -1], np.int64), f"{t}.flat_shape"))
+    return [helper.make_node("Transpose", [p.tensor], [f"{t}.bhds"], perm=[0, 1, 3, 2], name=f"{t}.transpose_in"),
+            helper.make_node("Reshape", [f"{t}.bhds", f"{t}.flat_shape"], [out], name=f"{t}.reshape_in")]
+
+
+def _from_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:
+    """[B, H·D, S] → [B, H, S, D], the inverse of ``_to_channels``."""
+    t = f"rptq.layout.{p.tag}"
+    head_dim = p.qparams.scale.size // p.heads
+    g.initializer.append(numpy_helper.from_array(np.array([0, p.heads, head_dim, -1], np.int64), f"{t}.heads_shape"))
+    return [helper.make_node("Reshape", [p.dequantized(), f"{t}.heads_shape"], [f"{t}.bhds_dq"], name=f"{t}.reshape_out"),
+            helper.make_node("Transpose", [f"{t}.bhds_dq"], [out], perm=[0, 1, 3, 2], name=f"{t}.transpose_out")]

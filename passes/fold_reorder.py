@@ -1,17 +1,24 @@
 """Pass: fold the RPTQ channel reorders into initializers, so clusters are contiguous for free.
 
-Per layer, with ``index`` the new → old channel map of each point's ClusterPlan:
+Per layer, with ``index`` the new → old channel map of each point's ClusterPlan (R2/R3 plans
+are per K/V head; query heads use their K/V head's order, ``ClusterPlan.expand_heads``):
 
     R2  q_proj, k_proj: output columns + bias  (one permutation within heads; QKᵀ unchanged)
     R3  v_proj: output columns + bias; out_proj: input rows
-    R5  fc1: output columns + bias; fc2: input rows
-    R1  (contiguous layout) LN γ/β permuted, a Gather(axis=-1) on the LN input, q/k/v input rows
-    R4  (contiguous layout) LN γ/β permuted, a Gather(axis=-1) on the LN input, fc1 input rows
+    R5  fc1 (and up_proj): output columns + bias; fc2: input rows
+    R1  (contiguous layout) norm γ/β permuted, a Gather(axis=-1) on the norm's data, q/k/v input rows
+    R4  (contiguous layout) norm γ/β permuted, a Gather(axis=-1) on the norm's data, fc1/up_proj rows
 
 The residual stream stays in the original channel order, which is why R1/R4 need the Gather
-in the contiguous layout; it is the only runtime cost of reordering. In the ``zero-copy``
-layout (default) R1/R4 stay in the original order: per-channel Q/DQ parameters do not need
-contiguous clusters, so those points keep their cluster plan as labels only.
+in the contiguous layout (for an RMSNorm it sits right before the multiplication by γ). In the
+``zero-copy`` layout (default) R1/R4 stay in the original order: per-channel Q/DQ parameters do
+not need contiguous clusters, so those points keep their cluster plan as labels only.
+
+RoPE (Llama) ties each channel of a head to a rotation frequency, so permuting q/k columns alone
+would change the function, even when RoPE pairs (i, i + D/2) move together. An exact R2 reorder
+must also permute the cos/sin tables: per layer, a Gather turns the shared [B, 1, S, D] tables
+into [B, heads, S, D] ones in each head's order. That is a runtime copy, so Llama's R2 is folded
+in the contiguous layout only; zero-copy keeps R2 as labels, like R1/R4.
 
 K and V in ``present.N.key/value`` come out in the permuted channel order (consistently with
 ``past_key_values``, so a cache round-trips unchanged).
@@ -25,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rptq_onnx.anatomy import Linear, Norm, OptLayer
+from rptq_onnx.anatomy import DecoderLayer, Linear, Norm, Rope
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.graph import GraphIndex
 
@@ -48,6 +55,19 @@ class _Initializers:
         self.by_name = {t.name: t for t in model.graph.initializer}
         self.nodes = {n.name: n for n in model.graph.node}
         self.copies: set[str] = set()
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        """Add an initializer ``name`` (once; later calls reuse it)."""
+        if name not in self.by_name:
+            self.model.graph.initializer.append(numpy_helper.from_array(value, name))
+            self.by_name[name] = self.model.graph.initializer[-1]
+        return name
+
+    def insert_before(self, node_name: str, nodes: list[onnx.NodeProto]) -> None:
+        graph_nodes = self.model.graph.node
+        pos = next(i for i, n in enumerate(graph_nodes) if n.name == node_name)
+        for offset, node in enumerate(nodes):
+            graph_nodes.insert(pos + offset, node)
 
     def get(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.by_name[name])
@@ -100,24 +120,51 @@ def _permute_input(inits: _Initializers, lin: Linear, index: np.ndarray) -> None
 
 
 def _permute_norm(inits: _Initializers, norm: Norm, index: np.ndarray, tag: str) -> None:
-    """Permute γ/β and gather the LN input so the LN output comes out in the new order."""
-    inits.update(norm.node, 1, norm.weight, lambda g: g[index])
+    """Permute γ/β and gather the norm's data input so its output comes out in the new order."""
+    inits.update(norm.node, norm.weight_input, norm.weight, lambda g: g[index])
     if norm.bias:
         inits.update(norm.node, 2, norm.bias, lambda b: b[index])
-    idx_name, gathered = f"rptq.reorder.{tag}.index", f"rptq.reorder.{tag}.input"
-    inits.model.graph.initializer.append(numpy_helper.from_array(index.astype(np.int64), idx_name))
-    gather = helper.make_node("Gather", [norm.input, idx_name], [gathered], axis=-1, name=f"rptq.reorder.{tag}.gather")
-    node = inits.nodes[norm.node]
     if norm.gather is not None:
         raise ValueError(f"{norm.node} is already reordered (Gather {norm.gather}); fold reorders into an uncompiled graph")
-    node.input[0] = gathered
-    graph_nodes = inits.model.graph.node
-    pos = next(i for i, n in enumerate(graph_nodes) if n.name == norm.node)
-    graph_nodes.insert(pos, gather)
+    idx_name = inits.constant(f"rptq.reorder.{tag}.index", index.astype(np.int64))
+    node = inits.nodes[norm.node]
+    gathered = f"rptq.reorder.{tag}.input"
+    gather = helper.make_node("Gather", [node.input[norm.data_input], idx_name], [gathered], axis=-1,
+                              name=f"rptq.reorder.{tag}.gather")
+    node.input[norm.data_input] = gathered
+    inits.insert_before(norm.node, [gather])
     inits.report.gathers += 1
 
 
-def fold_reorder(model: onnx.ModelProto, layers: list[OptLayer], plans: list[dict[str, ClusterPlan]],
+def _permute_rope(inits: _Initializers, rope: Rope, plan: ClusterPlan, tag: str) -> None:
+    """Make the rotation follow a per-head channel order: each head's cos/sin in that order.
+
+    The tables [B, 1, S, D] become [B, H, S, D]: Gather(axis=-1) with indices [H, D] gives
+    [B, 1, S, H, D], then Transpose → [B, H, S, 1, D] and Squeeze.
+    """
+    per_head = plan.channels // plan.heads
+    within = (plan.index.reshape(plan.heads, per_head) - per_head * np.arange(plan.heads)[:, None]).astype(np.int64)
+    idx = inits.constant(f"rptq.reorder.{tag}.rope_index", within)
+    axis = inits.constant("rptq.reorder.rope_squeeze_axis", np.array([3], np.int64))
+    for which, mul, slot in (("cos", rope.cos_mul, rope.cos_input), ("sin", rope.sin_mul, rope.sin_input)):
+        node = inits.nodes[mul]
+        p = f"rptq.reorder.{tag}.{which}"
+        nodes = [helper.make_node("Gather", [node.input[slot], idx], [f"{p}.gathered"], axis=-1, name=f"{p}.gather"),
+                 helper.make_node("Transpose", [f"{p}.gathered"], [f"{p}.heads"], perm=[0, 3, 2, 1, 4],
+                                  name=f"{p}.transpose"),
+                 helper.make_node("Squeeze", [f"{p}.heads", axis], [f"{p}.table"], name=f"{p}.squeeze")]
+        node.input[slot] = f"{p}.table"
+        inits.insert_before(mul, nodes)
+        inits.report.gathers += 1
+
+
+def folded_points(layer: DecoderLayer, layout: str) -> set[str]:
+    """The points whose reorder is folded into the graph (the others are cluster labels only)."""
+    free = {"R3", "R5"} | ({"R2"} if layer.q_rope is None else set())  # permutes initializers only
+    return (free | {"R1", "R2", "R4"}) if layout == "contiguous" else free
+
+
+def fold_reorder(model: onnx.ModelProto, layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],
                  layout: str = "zero-copy") -> tuple[onnx.ModelProto, FoldReport]:
     """A reordered copy of ``model`` computing the same function; ``model`` is not modified."""
     out = onnx.ModelProto()
@@ -125,22 +172,28 @@ def fold_reorder(model: onnx.ModelProto, layers: list[OptLayer], plans: list[dic
     report = FoldReport(layout=layout)
     inits = _Initializers(out, report)
     for layer, plan in zip(layers, plans):
-        i = layer.index
-        if "R2" in plan:
-            for lin in (layer.q_proj, layer.k_proj):
-                _permute_output(inits, lin, plan["R2"].index)
-        if "R3" in plan:
+        i, group = layer.index, layer.group
+        folded = folded_points(layer, layout)
+        mlp_in = [lin for lin in (layer.fc1, layer.up_proj) if lin is not None]
+        if "R2" in plan and "R2" in folded:
+            _permute_output(inits, layer.q_proj, plan["R2"].expand_heads(group).index)
+            _permute_output(inits, layer.k_proj, plan["R2"].index)
+            if layer.q_rope is not None:
+                _permute_rope(inits, layer.q_rope, plan["R2"].expand_heads(group), f"L{i}.R2.q")
+                _permute_rope(inits, layer.k_rope, plan["R2"], f"L{i}.R2.k")
+        if "R3" in plan and "R3" in folded:
             _permute_output(inits, layer.v_proj, plan["R3"].index)
-            _permute_input(inits, layer.out_proj, plan["R3"].index)
-        if "R5" in plan:
-            _permute_output(inits, layer.fc1, plan["R5"].index)
+            _permute_input(inits, layer.out_proj, plan["R3"].expand_heads(group).index)
+        if "R5" in plan and "R5" in folded:
+            for lin in mlp_in:
+                _permute_output(inits, lin, plan["R5"].index)
             _permute_input(inits, layer.fc2, plan["R5"].index)
-        if layout == "contiguous":
-            if "R1" in plan:
-                _permute_norm(inits, layer.attn_norm, plan["R1"].index, f"L{i}.R1")
-                for lin in (layer.q_proj, layer.k_proj, layer.v_proj):
-                    _permute_input(inits, lin, plan["R1"].index)
-            if "R4" in plan:
-                _permute_norm(inits, layer.final_norm, plan["R4"].index, f"L{i}.R4")
-                _permute_input(inits, layer.fc1, plan["R4"].index)
+        if "R1" in plan and "R1" in folded:
+            _permute_norm(inits, layer.attn_norm, plan["R1"].index, f"L{i}.R1")
+            for lin in (layer.q_proj, layer.k_proj, layer.v_proj):
+                _permute_input(inits, lin, plan["R1"].index)
+        if "R4" in plan and "R4" in folded:
+            _permute_norm(inits, layer.final_norm, plan["R4"].index, f"L{i}.R4")
+            for lin in mlp_in:
+                _permute_input(inits, lin, plan["R4"].index)
     return out, report

@@ -7,13 +7,17 @@ calibration then costs about as much memory as plain inference without logits.
 
 Tapped tensors per layer (``TAPS``):
 
-    attn_ln  R1  attention-LN output                 [B, S, C]
+    attn_ln  R1  attention-norm output               [B, S, C]
     q_attn   R2  QKᵀ input q (after scaling)         [B, H, S, D]   (as the reference clusters)
     k_attn   R2  QKᵀ input kᵀ                        [B, H, D, T]
     q, k, v      q_proj/k_proj/v_proj outputs        [B, S, C]      (quantization ranges)
     out_in   R3  out_proj input                      [B, S, C]
-    ffn_ln   R4  final-LN output                     [B·S, C]
-    fc2_in   R5  fc2 input                           [B·S, C]
+    ffn_ln   R4  final-norm output                   [B·S, C] (OPT) or [B, S, C]
+    fc2_in   R5  fc2 / down_proj input               [B·S, C] (OPT) or [B, S, C]
+
+For Llama the quantized q and k *are* the QKᵀ inputs (after RoPE; k before its GQA repeat, so
+K/V-head channels): ``q`` / ``k`` are tapped once there, [B, H, S, D], and ``q_attn`` /
+``k_attn`` name the same statistics (``Tap.aliases``).
 
 With ``hessians=True`` it also adds, for the input of each linear group (``HESSIAN_TAPS``),
 ``Xᵀ·X`` over all tokens of the batch ([C, C]): GPTQ's Hessian, summed by the caller.
@@ -28,11 +32,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rptq_onnx.anatomy import OptLayer
+from rptq_onnx.anatomy import DecoderLayer
 from rptq_onnx.graph import GraphIndex
 
 TAPS = ("attn_ln", "q_attn", "k_attn", "q", "k", "v", "out_in", "ffn_ln", "fc2_in")
-HESSIAN_TAPS = {"attn_ln": ("q_proj", "k_proj", "v_proj"), "out_in": ("out_proj",), "ffn_ln": ("fc1",),
+HESSIAN_TAPS = {"attn_ln": ("q_proj", "k_proj", "v_proj"), "out_in": ("out_proj",), "ffn_ln": ("fc1", "up_proj"),
                 "fc2_in": ("fc2",)}
 TAP_POINT = {"attn_ln": "R1", "q_attn": "R2", "k_attn": "R2", "out_in": "R3", "ffn_ln": "R4", "fc2_in": "R5"}
 
@@ -42,34 +46,39 @@ class Tap:
     layer: int
     name: str
     tensor: str
-    layout: str  # "bsc", "flat" ([B·S, C]), "bhsd" (reduce axis 2), "bhdt" (reduce axis 3)
+    layout: str  # "bsc", "flat" ([B·S, C] or [B, S, C]), "bhsd" (reduce axis 2), "bhdt" (reduce axis 3)
     channels: int
+    aliases: tuple[str, ...] = ()  # other tap names for the same statistics
 
     def output(self, stat: str) -> str:
         return f"rptq.tap.L{self.layer}.{self.name}.{stat}"
 
 
-def plan_taps(layers: list[OptLayer], model: onnx.ModelProto) -> list[Tap]:
+def plan_taps(layers: list[DecoderLayer], model: onnx.ModelProto) -> list[Tap]:
     index = GraphIndex(model)
     taps = []
     for layer in layers:
-        qk = index.node_by_name[layer.qk_matmul]
-        c, f = layer.hidden_size, layer.ffn_dim
+        i, c, f = layer.index, layer.hidden_size, layer.ffn_dim
+        qc, kc, vc = layer.q_proj.out_features, layer.k_proj.out_features, layer.v_proj.out_features
+        if layer.qk_layout == "bhsd":
+            qk = [Tap(i, "q", layer.query, "bhsd", qc, aliases=("q_attn",)),
+                  Tap(i, "k", layer.key, "bhsd", kc, aliases=("k_attn",))]
+        else:
+            qk_node = index.node_by_name[layer.qk_matmul]
+            qk = [Tap(i, "q_attn", qk_node.input[0], "bhsd", qc), Tap(i, "k_attn", qk_node.input[1], "bhdt", kc),
+                  Tap(i, "q", layer.query, "bsc", qc), Tap(i, "k", layer.key, "bsc", kc)]
         taps += [
-            Tap(layer.index, "attn_ln", layer.attn_norm.output, "bsc", c),
-            Tap(layer.index, "q_attn", qk.input[0], "bhsd", c),
-            Tap(layer.index, "k_attn", qk.input[1], "bhdt", c),
-            Tap(layer.index, "q", layer.q_proj.output, "bsc", c),
-            Tap(layer.index, "k", layer.k_proj.output, "bsc", c),
-            Tap(layer.index, "v", layer.v_proj.output, "bsc", c),
-            Tap(layer.index, "out_in", layer.attn_output, "bsc", c),
-            Tap(layer.index, "ffn_ln", layer.final_norm.output, "flat", c),
-            Tap(layer.index, "fc2_in", layer.mlp_hidden, "flat", f),
+            Tap(i, "attn_ln", layer.attn_norm.output, "bsc", c),
+            *qk,
+            Tap(i, "v", layer.v_proj.output, "bsc", vc),
+            Tap(i, "out_in", layer.attn_output, "bsc", layer.out_proj.in_features),
+            Tap(i, "ffn_ln", layer.final_norm.output, "flat", c),
+            Tap(i, "fc2_in", layer.mlp_hidden, "flat", f),
         ]
     return taps
 
 
-def insert_taps(model: onnx.ModelProto, layers: list[OptLayer], batch_source: str = "input_ids",
+def insert_taps(model: onnx.ModelProto, layers: list[DecoderLayer], batch_source: str = "input_ids",
                 hessians: bool = False) -> tuple[onnx.ModelProto, list[Tap]]:
     """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums).
 
@@ -93,7 +102,7 @@ def insert_taps(model: onnx.ModelProto, layers: list[OptLayer], batch_source: st
     for tap in taps:
         src, axes = tap.tensor, "rptq.tap.axes1"
         prefix = f"rptq.tap.L{tap.layer}.{tap.name}"
-        if tap.layout == "flat":  # [B·S, C] → [B, S, C]
+        if tap.layout == "flat":  # [B·S, C] (or already [B, S, C]) → [B, S, C]
             shape = f"{prefix}.shape"
             tail = const(f"{prefix}.tail", [-1, tap.channels])
             nodes.append(helper.make_node("Concat", ["rptq.tap.batch", tail], [shape], axis=0, name=shape))

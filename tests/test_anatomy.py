@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rptq_onnx import RptqError
-from rptq_onnx.anatomy import find_opt_layers, map_model
+from rptq_onnx.anatomy import find_layers, map_model
 from rptq_onnx.export import to_onnx
 from rptq_onnx.graph import load_model
 from rptq_onnx.models import random_opt
@@ -29,7 +29,7 @@ def _as_out_in(model, lin):
 def test_layer_map_locates_every_point(opt_dir, exported, name, exporter):
     path = exported(name, with_past=True, exporter=exporter)
     model = load_model(path)
-    layers = find_opt_layers(model)
+    layers = find_layers(model)
     hf = AutoModelForCausalLM.from_pretrained(str(opt_dir(name))).eval()
     cfg = hf.config
     assert len(layers) == cfg.num_hidden_layers
@@ -69,7 +69,7 @@ def test_dynamo_scope_metadata_agrees(exported):
         props = {p.key: p.value for p in nodes[node_name].metadata_props}
         return props.get("pkg.torch.onnx.name_scopes", "")
 
-    for layer in find_opt_layers(model):
+    for layer in find_layers(model):
         i = layer.index
         for role, lin in [("q_proj", layer.q_proj), ("k_proj", layer.k_proj), ("v_proj", layer.v_proj),
                           ("out_proj", layer.out_proj), ("fc1", layer.fc1), ("fc2", layer.fc2)]:
@@ -110,20 +110,20 @@ def _tiny_graph(op_type, domain=""):
 
 def test_non_opt_graph_is_rejected_with_one_line():
     with pytest.raises(RptqError, match="no attention Softmax") as err:
-        find_opt_layers(_tiny_graph("MatMul"))
+        find_layers(_tiny_graph("MatMul"))
     assert "\n" not in str(err.value)
 
 
 def test_fused_attention_is_rejected():
     with pytest.raises(RptqError, match="fused attention"):
-        find_opt_layers(_tiny_graph("MultiHeadAttention", "com.microsoft"))
+        find_layers(_tiny_graph("MultiHeadAttention", "com.microsoft"))
 
 
 def test_post_ln_opt_graph_is_rejected():
     model = random_opt(0, do_layer_norm_before=False, num_hidden_layers=1)
     graph = to_onnx(model, with_past=False, exporter="torchscript")
     with pytest.raises(RptqError, match="layer 0: .*post-LN") as err:
-        find_opt_layers(graph)
+        find_layers(graph)
     assert "\n" not in str(err.value)
 
 
@@ -143,5 +143,5 @@ def test_gpt2_graph_is_rejected():
 
     program = torch.onnx.export(Logits().eval(), (ids,), None, dynamo=True, opset_version=21, verbose=False)
     with pytest.raises(RptqError, match="layer 0: ") as err:
-        find_opt_layers(program.model_proto)
+        find_layers(program.model_proto)
     assert "\n" not in str(err.value)

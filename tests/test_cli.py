@@ -35,7 +35,7 @@ def test_export_then_inspect(opt_dir, tmp_path):
     assert "→" in proc.stdout and (out / "model.onnx").is_file()
     table = run_cli("inspect", out / "model.onnx")
     assert table.returncode == 0, table.stderr
-    assert "R1 attn-LN out" in table.stdout and "8×16" in table.stdout
+    assert "R1 attn-norm out" in table.stdout and "8×16" in table.stdout
     js = run_cli("inspect", out / "model.onnx", "--json")
     desc = json.loads(js.stdout)
     assert desc["num_layers"] == 2 and desc["with_past"] is False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rptq_onnx.anatomy import find_opt_layers
+from rptq_onnx.anatomy import find_layers
 from rptq_onnx.clustering import plan_clusters
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig
@@ -55,7 +55,7 @@ def test_reorder_is_fp_exact_on_random_configs(case):
     cfg = _random_config(rng)
     hf = random_opt(seed=case, **cfg)
     graph = to_onnx(hf, with_past=bool(case % 2), exporter="torchscript" if case % 3 == 0 else "dynamo")
-    layers = find_opt_layers(graph)
+    layers = find_layers(graph)
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     top = min(32, cfg["hidden_size"]) + 1
     clusters = ClusterCounts(R1=int(rng.integers(1, top)), R2=int(rng.integers(1, min(4, head_dim) + 1)),
@@ -81,7 +81,7 @@ def test_reorder_copies_shared_initializers():
     hf = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32)).eval()
     graph = to_onnx(hf, with_past=False)
-    layers = find_opt_layers(graph)
+    layers = find_layers(graph)
     index = GraphIndex(graph)
     assert len(index.readers_of_initializer(layers[0].q_proj.bias)) > 1  # the fixture really shares
     before = graph.SerializeToString()
@@ -101,7 +101,7 @@ def test_reorder_copies_shared_initializers():
 def test_opt125m_shapes_reorder_is_exact(opt125m):
     _, path = opt125m
     graph = load_model(path)
-    layers = find_opt_layers(graph)
+    layers = find_layers(graph)
     windows = np.random.default_rng(0).integers(0, 50272, (2, 32))
     config = CompileConfig(calib=CalibConfig(nsamples=2, seqlen=32, batch_size=2), layout="contiguous")
     c = compile_graph(graph, layers, windows, config)

@@ -16,8 +16,8 @@ def fp_export(text_opt, tmp_path_factory):
     return export(str(text_opt), tmp_path_factory.mktemp("fp-past"), with_past=True).model_path.parent
 
 
-def test_left_padded_batch_matches_single_prompts(compiled_text_opt):
-    gen = Generator(compiled_text_opt("W4A4KV"))
+def test_left_padded_batch_matches_single_prompts(compiled_text):
+    gen = Generator(compiled_text("W4A4KV"))
     prompts = ["The Congress", "In the course of the last year the nation has"]
     batch = gen.generate(prompts, max_new_tokens=12, stop_at_eos=False)
     for i, prompt in enumerate(prompts):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rptq_onnx.anatomy import find_opt_layers
+from rptq_onnx.anatomy import find_layers
 from rptq_onnx.calibrate import calibrate, feeds_for
 from rptq_onnx.graph import load_model
 from rptq_onnx.passes.insert_taps import TAPS, insert_taps
@@ -53,7 +53,7 @@ def _torch_ranges(model_dir, ids):
 def test_taps_equal_torch_ranges(opt_dir, exported):
     path = exported("l3h96")
     model = load_model(path)
-    layers = find_opt_layers(model)
+    layers = find_layers(model)
     tapped, taps = insert_taps(model, layers)
     # exactly two reductions per tap, nothing of size [B, S, C] among the outputs, LM head gone
     ops = Counter(n.op_type for n in tapped.graph.node)
@@ -78,7 +78,7 @@ def test_taps_equal_torch_ranges(opt_dir, exported):
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_calibrate_merges_batches_independently_of_batch_size(exported, batch_size):
     model = load_model(exported("tiny"))
-    layers = find_opt_layers(model)
+    layers = find_layers(model)
     windows = np.random.default_rng(3).integers(0, 512, (5, 12))
     stats = calibrate(model, layers, windows, batch_size=batch_size, progress=False).stats
     ref = calibrate(model, layers, windows, batch_size=5, progress=False).stats

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from rptq_onnx.anatomy import find_opt_layers
+from rptq_onnx.anatomy import find_layers
 from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.compile import compile_graph, compile_model
 from rptq_onnx.config import PRESETS, CalibConfig, ClusterCounts, CompileConfig, QuantSpec
@@ -31,7 +31,7 @@ def test_every_preset_compiles_checks_and_runs(exported, tmp_path, preset):
                            clusters=ClusterCounts(R1=8, R4=8, R5=8), calib=CalibConfig(nsamples=4, seqlen=32))
     result = compile_model(str(src), tmp_path / preset, config, progress=False)
     onnx.checker.check_model(str(result.model_path), full_check=True)
-    layers = find_opt_layers(onnx.load(str(result.model_path)))
+    layers = find_layers(onnx.load(str(result.model_path)))
     logits = _logits(str(result.model_path), np.random.default_rng(0).integers(0, 512, (2, 12)), layers)
     assert logits.shape == (2, 12, 512) and np.isfinite(logits).all()
     q = result.report["quantization"]
@@ -50,7 +50,7 @@ def test_opt125m_shapes_w4a4_and_w4a16(opt125m, text_opt, tmp_path):
                                calib=CalibConfig(nsamples=2, seqlen=32, batch_size=2))
         result = compile_model(str(src), tmp_path / preset, config, progress=False)
         onnx.checker.check_model(str(result.model_path), full_check=True)
-        layers = find_opt_layers(onnx.load(str(result.model_path), load_external_data=False))
+        layers = find_layers(onnx.load(str(result.model_path), load_external_data=False))
         logits = _logits(str(result.model_path), np.random.default_rng(0).integers(0, 50272, (1, 16)), layers)
         assert np.isfinite(logits).all()
         if preset == "W4A16":
@@ -67,7 +67,7 @@ def test_opt125m_shapes_w4a4_and_w4a16(opt125m, text_opt, tmp_path):
 
 def test_more_clusters_never_hurt():
     graph = to_onnx(random_opt_with_outliers(), with_past=False)
-    layers = find_opt_layers(graph)
+    layers = find_layers(graph)
     ids = np.random.default_rng(0).integers(0, 300, (8, 48))
     ref = _logits(graph, ids, layers)
     mse = []

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from rptq_onnx.anatomy import find_opt_layers
+from rptq_onnx.anatomy import find_layers
 from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.generate import Generator, cache_codes
 from rptq_onnx.graph import GraphIndex
@@ -23,14 +23,14 @@ def _cache_io(model_dir):
 
 
 @pytest.mark.parametrize("preset", KV_PRESETS + ("W8A8",))
-def test_cache_inputs_and_outputs_are_low_bit(compiled_text_opt, preset):
-    m, types = _cache_io(compiled_text_opt(preset))
+def test_cache_inputs_and_outputs_are_low_bit(compiled_text, preset):
+    m, types = _cache_io(compiled_text(preset))
     want = onnx.TensorProto.UINT8 if preset == "W8A8" else onnx.TensorProto.UINT4
     assert types and set(types.values()) == {want}
     onnx.checker.check_model(m)
-    layers = find_opt_layers(m)  # the layer map still finds every cache tensor through the store/load chains
+    layers = find_layers(m)  # the layer map still finds every cache tensor through the store/load chains
     assert all(lay.past_key and lay.present_key and lay.past_value and lay.present_value for lay in layers)
-    cache = describe(compiled_text_opt(preset) / "model.onnx")["cache"]  # what `inspect` reports
+    cache = describe(compiled_text(preset) / "model.onnx")["cache"]  # what `inspect` reports
     assert cache["dtype"] == ("uint8" if preset == "W8A8" else "uint4") and "real low-bit" in cache["storage"]
     index = GraphIndex(m)
     for lay in layers:
@@ -39,15 +39,16 @@ def test_cache_inputs_and_outputs_are_low_bit(compiled_text_opt, preset):
 
 
 @pytest.mark.parametrize("preset", KV_PRESETS)
-def test_cached_decoding_equals_recomputation(compiled_text_opt, preset):
+def test_cached_decoding_equals_recomputation(compiled_text, preset):
     """Step t of the cached graph = position t of the no-cache graph on the whole sequence (32 + 32 tokens)."""
-    gen = Generator(compiled_text_opt(preset))
-    prompt = gen.encode(["The Congress of the United States has the duty to provide for the defense of the nation"])[0]
+    gen = Generator(compiled_text(preset))
+    prompt = gen.encode(["The Congress of the United States has the duty to provide for the defense of the nation"],
+                        chat=False)[0]
     prompt = (prompt * 32)[:32]
     out = gen.generate_ids([prompt], max_new_tokens=32, keep_logits=True, stop_at_eos=False)
     assert out.prompt_tokens == [32] and len(out.new_tokens[0]) == 32
 
-    nocache = make_session(compiled_text_opt(preset, with_past=False) / "model.onnx")
+    nocache = make_session(compiled_text(preset, with_past=False) / "model.onnx")
     full = np.array([prompt + out.new_tokens[0]])
     ref = nocache.run(["logits"], feeds_for(nocache, full))[0][0]
     for t, step in enumerate(out.step_logits):
@@ -58,8 +59,8 @@ def test_cached_decoding_equals_recomputation(compiled_text_opt, preset):
     # 4 bits per element, nothing else per token: 32 + 31 tokens are in the cache after the last step
     c = out.cache
     assert c.element_type == "tensor(uint4)" and c.tokens == 63
-    layer = find_opt_layers(onnx.load(compiled_text_opt(preset) / "model.onnx"))[0]
-    elements = 2 * c.layers * c.batch * c.tokens * layer.hidden_size
+    layer = find_layers(onnx.load(compiled_text(preset) / "model.onnx"))[0]
+    elements = 2 * c.layers * c.batch * c.tokens * layer.num_kv_heads * layer.head_dim
     assert c.bytes_total == elements // 2
     assert c.bytes_total * 3.9 <= 2 * elements and c.bytes_total * 7.8 <= 4 * elements
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rptq_onnx.anatomy import Linear, find_opt_layers
+from rptq_onnx.anatomy import Linear, find_layers
 from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
@@ -96,7 +96,7 @@ def _logits(model, ids, layers):
 def test_gptq_beats_rtn_on_a_model_at_w4a16_and_w3a16():
     hf = random_opt(seed=5, num_hidden_layers=2, hidden_size=128, num_attention_heads=4, ffn_dim=512, vocab_size=300)
     graph = to_onnx(hf, with_past=False)
-    layers = find_opt_layers(graph)
+    layers = find_layers(graph)
     rng = np.random.default_rng(0)
     calib, held_out = rng.integers(0, 300, (16, 64)), rng.integers(0, 300, (4, 64))
     ref = _logits(graph, held_out, layers)
@@ -113,7 +113,7 @@ def test_gptq_beats_rtn_on_a_model_at_w4a16_and_w3a16():
 def test_w4_weight_bytes_are_under_a_third_of_fp16():
     hf = random_opt(seed=6, num_hidden_layers=1, hidden_size=128, num_attention_heads=4, ffn_dim=512, vocab_size=300)
     graph = to_onnx(hf, with_past=False)
-    layers = find_opt_layers(graph)
+    layers = find_layers(graph)
     params = sum(getattr(layers[0], r).in_features * getattr(layers[0], r).out_features
                  for r in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))
     for group in (None, 128):

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from rptq_onnx.anatomy import find_opt_layers
+from rptq_onnx.anatomy import find_layers
 from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
@@ -35,13 +35,13 @@ def test_qdq_codes_and_layer_outputs_match_numpy(cfg_id, bits):
     cfg = CONFIGS[cfg_id]
     hf = random_opt(seed=10 + cfg_id, vocab_size=200, max_position_embeddings=64, **cfg)
     graph = to_onnx(hf, with_past=cfg_id == 1, exporter="torchscript" if cfg_id == 2 else "dynamo")
-    layers = find_opt_layers(graph)
+    layers = find_layers(graph)
     quant = QuantSpec(wbits=bits if bits != 3 else 4, abits=bits, weight_quant="rtn")
     config = CompileConfig(preset="W8A8", clusters=ClusterCounts(R1=4, R2=2, R3=2, R4=4, R5=8), quant=quant,
                            calib=CalibConfig(nsamples=4, seqlen=24), layout="contiguous" if cfg_id == 1 else "zero-copy")
     windows = np.random.default_rng(cfg_id).integers(0, 200, (4, 24))
     compiled = compile_graph(graph, layers, windows, config).model
-    qlayers = find_opt_layers(compiled)
+    qlayers = find_layers(compiled)
     refs = [LayerReference(compiled, layer) for layer in qlayers]
     names = []
     for ref in refs:

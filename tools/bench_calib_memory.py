@@ -25,21 +25,21 @@ mode, model, nsamples, seqlen, batch, vocab = sys.argv[1], sys.argv[2], *map(int
 windows = np.random.default_rng(0).integers(0, vocab, (nsamples, seqlen))
 if mode == "inference":
     from rptq_onnx.calibrate import feeds_for
-    from rptq_onnx.anatomy import find_opt_layers
+    from rptq_onnx.anatomy import find_layers
     from rptq_onnx.graph import load_model
     from rptq_onnx.runtime import make_session
-    layers = find_opt_layers(load_model(model, load_weights=False))
+    layers = find_layers(load_model(model, load_weights=False))
     sess = make_session(model)
     for s in range(0, nsamples, batch):
         out = sess.run(None, feeds_for(sess, windows[s:s + batch], layers))
         del out
 else:
     from pathlib import Path
-    from rptq_onnx.anatomy import find_opt_layers
+    from rptq_onnx.anatomy import find_layers
     from rptq_onnx.calibrate import calibrate
     from rptq_onnx.graph import load_model
     graph = load_model(model, load_weights=False)
-    layers = find_opt_layers(graph)
+    layers = find_layers(graph)
     calibrate(graph, layers, windows, batch_size=batch, progress=False, model_dir=Path(model).parent)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

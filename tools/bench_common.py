@@ -41,11 +41,11 @@ class BenchModel:
 
 
 def open_model(args: argparse.Namespace) -> BenchModel:
-    from rptq_onnx.anatomy import find_opt_layers
+    from rptq_onnx.anatomy import find_layers
     from rptq_onnx.compile import model_limits
     from rptq_onnx.graph import load_model
 
     path = args.model or prepare_model(args.workdir)
     skeleton = load_model(path, load_weights=False)
     vocab, max_pos = model_limits(path, skeleton)
-    return BenchModel(path=path, layers=find_opt_layers(skeleton), vocab=vocab, max_positions=max_pos)
+    return BenchModel(path=path, layers=find_layers(skeleton), vocab=vocab, max_positions=max_pos)

