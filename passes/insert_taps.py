@@ -35,10 +35,9 @@ from onnx import helper, numpy_helper
 from rptq_onnx.anatomy import DecoderLayer
 from rptq_onnx.graph import GraphIndex
 
-TAPS = ("attn_ln", "q_attn", "k_attn", "q", "k", "v", "out_in", "ffn_ln", "fc2_in")
+TAPS = ("attn_ln", "q_attn", "k_attn", "q", "k", "v", "out_in", "ffn_ln", "fc2_in")  # OPT; Llama taps 7 of them
 HESSIAN_TAPS = {"attn_ln": ("q_proj", "k_proj", "v_proj"), "out_in": ("out_proj",), "ffn_ln": ("fc1", "up_proj"),
                 "fc2_in": ("fc2",)}
-TAP_POINT = {"attn_ln": "R1", "q_attn": "R2", "k_attn": "R2", "out_in": "R3", "ffn_ln": "R4", "fc2_in": "R5"}
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model = resolve_onnx_source(args.model, Path(tmp), with_past=True)
         gen = Generator(model, providers=providers, threads=args.threads)
         out = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat)
+    chat = args.chat and gen.has_chat_template  # an answer, not a continuation: print it on its own line
     for prompt, text in zip(out.prompts, out.texts):
-        print(f"{prompt}{text}" if len(out.prompts) == 1 else f"[{prompt!r}] → {text}")
+        if len(out.prompts) > 1:
+            print(f"[{prompt!r}] → {text.strip() if chat else text}")
+        else:
+            print(f"{prompt}\n{text.strip()}" if chat else f"{prompt}{text}")
     c = out.cache
     step_ms = 1000 * sorted(out.step_seconds)[len(out.step_seconds) // 2] if out.step_seconds else float("nan")
     print(f"cache {c.element_type.removeprefix('tensor(').rstrip(')')} held between steps as OrtValues on "
@@ -223,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-quant", default="gptq", choices=("gptq", "rtn"), help="weight algorithm (default gptq)")
     p.add_argument("--group-size", type=int, default=None,
                    help="weight group size along the input (default: per output channel; 128 for weight-only 4-bit, "
-                        "which MatMulNBits needs; 0 = per channel)")
+                        "which MatMulNBits needs; 0 = per channel); a linear whose input size it does not divide "
+                        "takes the largest power of two ≥ 16 that does")
     p.add_argument("--observer", default="ema", choices=("ema", "minmax"),
                    help="activation ranges: the reference's EMA min/max (default) or plain min/max")
     p.add_argument("--no-matmulnbits", action="store_true",

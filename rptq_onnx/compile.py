@@ -23,7 +23,7 @@ from rptq_onnx import __version__
 from rptq_onnx.anatomy import DecoderLayer, find_layers
 from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
-from rptq_onnx.config import PER_CHANNEL, CompileConfig
+from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
 from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output, weights_loaded
@@ -90,7 +90,7 @@ def check_cluster_counts(config: CompileConfig, layers: list[DecoderLayer]) -> N
               "R5": (layer.ffn_dim, "fc1 channels")}
     for point, k in counts.items():
         limit, what = limits[point]
-        if k != PER_CHANNEL and k > limit:
+        if k not in (PER_CHANNEL, PER_TENSOR) and k > limit:
             raise RptqError(f"--clusters {point}={k} exceeds the model's {limit} {what}; use {point}≤{limit}")
 
 
@@ -100,7 +100,8 @@ def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], 
     R2 and R3 are planned per K/V head (per head without GQA): features of the query heads that
     share a K/V head sit side by side. With RoPE (Llama), R2 clusters channel pairs (i, i + D/2).
     """
-    k = {p: (v if v != PER_CHANNEL else None) for p, v in config.clusters.as_dict().items()}
+    # per-tensor points keep their channel order (one cluster per head); quantize.py gives them one scale
+    k = {p: {PER_CHANNEL: None, PER_TENSOR: 1}.get(v, v) for p, v in config.clusters.as_dict().items()}
     c, d, f = layer.hidden_size, layer.head_dim, layer.ffn_dim
     rope = layer.qk_layout == "bhsd"
     k = {"R1": k["R1"] or c, "R2": k["R2"] or (d // 2 if rope else d), "R3": k["R3"] or d, "R4": k["R4"] or c,
@@ -139,18 +140,23 @@ class Compiled:
 
 
 def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, config: CompileConfig,
-                  timer: _Timer | None = None, progress: bool = False, model_path: Path | None = None) -> Compiled:
+                  timer: _Timer | None = None, progress: bool = False, model_path: Path | None = None,
+                  calibration: Calibration | None = None) -> Compiled:
     """Calibrate on ``windows``, cluster, fold the reorders, quantize.
 
     ``graph`` may be a skeleton without its external weights (from ``model_path``): it is
-    calibrated as is, and the weights are loaded only for folding.
+    calibrated as is, and the weights are loaded only for folding. ``calibration``: statistics
+    of the same graph and windows from an earlier run (benchmarks compiling many variants),
+    used instead of calibrating again (with Hessians when GPTQ needs them).
     """
     timer = timer or _Timer()
     q = config.quant
+    hessians = q.quantizes_weights and q.weight_quant == "gptq"
     with timer.stage("calibrate"):
-        calib = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
-                          model_dir=model_path.parent if model_path else None,
-                          hessians=q.quantizes_weights and q.weight_quant == "gptq")
+        calib = calibration
+        if calib is None or (hessians and not calib.xtx):
+            calib = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
+                              model_dir=model_path.parent if model_path else None, hessians=hessians)
     with timer.stage("cluster"):
         plans = [plan_layer(layer, calib.stats, config) for layer in layers]
     with timer.stage("fold"):
@@ -167,8 +173,11 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
 
 
 def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig, with_past: bool = True,
-                  progress: bool = True, write_report: bool = False) -> CompileResult:
-    """Compile ``model`` into ``out_dir`` (written atomically); ``write_report``: also report.md + PNGs."""
+                  progress: bool = True, write_report: bool = False,
+                  calibration: Calibration | None = None) -> CompileResult:
+    """Compile ``model`` into ``out_dir`` (written atomically); ``write_report``: also report.md + PNGs.
+
+    ``calibration``: see ``compile_graph`` (it must come from the same model and ``config.calib``)."""
     timer = _Timer()
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -180,7 +189,8 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
             check_cluster_counts(config, layers)
             vocab, max_pos = model_limits(onnx_path, graph)
             windows = calibration_windows(config.calib, onnx_path.parent, vocab, max_pos)
-        compiled = compile_graph(graph, layers, windows, config, timer=timer, progress=progress, model_path=onnx_path)
+        compiled = compile_graph(graph, layers, windows, config, timer=timer, progress=progress, model_path=onnx_path,
+                                 calibration=calibration)
         del graph
         folded, plans, fold_report = compiled.model, compiled.plans, compiled.fold
         _stamp(folded, config)

@@ -27,6 +27,7 @@ WEIGHT_QUANT = ("gptq", "rtn")
 OBSERVERS = ("ema", "minmax")
 LAYOUTS = ("zero-copy", "contiguous")
 PER_CHANNEL = 0  # a cluster count meaning "one cluster per channel" (--clusters R1=ch)
+PER_TENSOR = -1  # "one scale for the whole tensor", across heads too (--clusters all=tensor)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class ClusterCounts:
     @classmethod
     def parse(cls, text: str | None) -> ClusterCounts:
         """``"R1=32,R2=4"`` (unnamed points keep their defaults); ``"all=1"`` sets every point;
-        ``ch`` means one cluster per channel (``all=ch``: the per-channel baseline)."""
+        ``ch`` means one cluster per channel (``all=ch``: the per-channel baseline) and ``tensor`` one
+        scale per tensor (``all=tensor``: the per-tensor baseline; ``1`` is one per head at R2/R3)."""
         if not text:
             return cls()
         values: dict[str, int] = {}
@@ -53,14 +55,16 @@ class ClusterCounts:
                 raise RptqError(f"--clusters: '{item.strip()}' is not POINT=K; use keys {', '.join(POINTS)} or all, e.g. R1=32,R2=4")
             if raw.strip() in ("ch", "channel", "per-channel"):
                 k = PER_CHANNEL
+            elif raw.strip() in ("tensor", "per-tensor"):
+                k = PER_TENSOR
             else:
                 try:
                     k = int(raw)
                 except ValueError:
                     raise RptqError(f"--clusters: {key}={raw.strip()} is not an integer cluster count (or 'ch' for "
-                                    "per-channel)") from None
+                                    "per-channel, 'tensor' for per-tensor)") from None
                 if k < 1:
-                    raise RptqError(f"--clusters: {key}={k}; a cluster count must be at least 1 (or 'ch')")
+                    raise RptqError(f"--clusters: {key}={k}; a cluster count must be at least 1 (or 'ch', 'tensor')")
             if key == "all":
                 values.update({p: k for p in POINTS})
             else:
@@ -71,7 +75,8 @@ class ClusterCounts:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={'ch' if v == PER_CHANNEL else v}" for k, v in self.as_dict().items())
+        names = {PER_CHANNEL: "ch", PER_TENSOR: "tensor"}
+        return ",".join(f"{k}={names.get(v, v)}" for k, v in self.as_dict().items())
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,8 @@ def load_config(source: ModelSource | Path):
     source = source if isinstance(source, ModelSource) else ModelSource(Path(source))
     where = source.directory / source.gguf_file if source.gguf_file else source.directory
     try:
-        config = AutoConfig.from_pretrained(str(source.directory), **source.hf_kwargs())
+        with _quiet(), _no_progress_bars():
+            config = AutoConfig.from_pretrained(str(source.directory), **source.hf_kwargs())
     except Exception as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         what = "the GGUF metadata" if source.gguf_file else "config.json"
@@ -199,7 +200,8 @@ def _save_gguf_tokenizer(source: ModelSource, stage: Path) -> None:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.directory), **source.hf_kwargs())
+        with _quiet(), _no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(str(source.directory), **source.hf_kwargs())
     except Exception:
         return  # a GGUF without tokenizer metadata: the export still works from token ids
     tokenizer.save_pretrained(str(stage))
@@ -335,16 +337,9 @@ def to_onnx(hf_model, with_past: bool = True, opset: int = DEFAULT_OPSET, export
 
 @contextlib.contextmanager
 def _no_progress_bars():
-    """transformers' GGUF loader draws tqdm bars of its own; TQDM_DISABLE turns every bar off."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
+    """transformers' GGUF loader draws a tqdm bar of its own (no switch turns it off): hide stderr meanwhile."""
+    with contextlib.redirect_stderr(io.StringIO()):
         yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
 
 
 @contextlib.contextmanager

@@ -146,9 +146,11 @@ def format_table(desc: dict) -> str:
         pts, ch = layer["points"], layer["point_channels"]
         kv = f"{layer['present_key']} / {layer['present_value']}" if layer["present_key"] else "k_proj / v_proj out"
         kv_heads = f" ({layer['num_kv_heads']})" if llama else ""
+        q_ch, kv_ch = layer["num_heads"] * layer["head_dim"], layer["num_kv_heads"] * layer["head_dim"]
+        qk_channels = f"{q_ch}" if q_ch == kv_ch else f"{q_ch} / {kv_ch}"  # channels of the tensors
         rows.append([str(layer["index"]), f"{layer['num_heads']}×{layer['head_dim']}{kv_heads}",
-                     f"{pts['R1'][0]} [{ch['R1']}]", f"{pts['R2'][0]} / {pts['R2'][1]} [{ch['R2']}]",
-                     f"{pts['R3'][0]} [{ch['R3']}]", f"{pts['R4'][0]} [{ch['R4']}]", f"{pts['R5'][0]} [{ch['R5']}]", kv])
+                     f"{pts['R1'][0]} [{ch['R1']}]", f"{pts['R2'][0]} / {pts['R2'][1]} [{qk_channels}]",
+                     f"{pts['R3'][0]} [{q_ch}]", f"{pts['R4'][0]} [{ch['R4']}]", f"{pts['R5'][0]} [{ch['R5']}]", kv])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines.append("  ".join("-" * w for w in widths))

@@ -29,21 +29,27 @@ def random_opt(seed: int = 0, **config):
     shapes.setdefault("word_embed_proj_dim", shapes["hidden_size"])
     cfg = OPTConfig(**shapes, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     torch.manual_seed(seed)
-    model = OPTForCausalLM(cfg).eval()
+    return _randomized(OPTForCausalLM(cfg).eval(), seed)
+
+
+def _randomized(model, seed: int):
+    """Draw every parameter from a seeded generator: norm γ ≈ 1 ± 0.2, norm β / biases small,
+    embeddings 0.1·N(0, 1), weights N(0, 1/fan_in)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("layer_norm.weight"):
+            if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
-            elif name.endswith("layer_norm.bias"):
+            elif name.endswith("norm.bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=gen))
             elif name.endswith(".bias"):
                 param.copy_(0.05 * torch.randn(param.shape, generator=gen))
             elif "embed" in name:
                 param.copy_(0.1 * torch.randn(param.shape, generator=gen))
             else:
-                fan_in = param.shape[-1]
-                param.copy_(torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
+                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
     return model
 
 
@@ -65,26 +71,14 @@ def random_opt_with_outliers(seed: int = 7, ln_seed: int = 0, outliers: int = 4,
 
 
 def random_llama(seed: int = 0, **config):
-    """A ``LlamaForCausalLM`` (eval mode, fp32, eager attention) with seeded random weights;
-    ``config`` overrides TINY_LLAMA_SHAPES (e.g. ``num_key_value_heads``, ``head_dim``)."""
+    """A ``LlamaForCausalLM`` (eval mode, fp32) with seeded random weights; ``config`` overrides
+    TINY_LLAMA_SHAPES (e.g. ``num_key_value_heads``, ``head_dim``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{**TINY_LLAMA_SHAPES, **config}, attention_dropout=0.0)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
-            elif name.endswith(".bias"):
-                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
-            elif "embed" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
-    return model
+    return _randomized(LlamaForCausalLM(cfg).eval(), seed)
 
 
 def save_random_opt(out_dir: str | os.PathLike, seed: int = 0, tokenizer: bool = False, **config) -> Path:

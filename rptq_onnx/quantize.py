@@ -25,7 +25,7 @@ from tqdm import tqdm
 from rptq_onnx.anatomy import DecoderLayer, Linear
 from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
-from rptq_onnx.config import CompileConfig
+from rptq_onnx.config import PER_TENSOR, CompileConfig
 from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
 from rptq_onnx.passes.fold_reorder import folded_points
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
@@ -65,6 +65,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
     if not q.quantizes_activations:
         return []
     points = []
+    per_tensor = {p: k == PER_TENSOR for p, k in config.clusters.as_dict().items()}
     for layer, fl, plan in zip(layers, folded_layers, plans):
         i = layer.index
         heads = {"q": fl.num_heads, "k": fl.num_kv_heads} if fl.qk_layout == "bhsd" else {}
@@ -76,6 +77,8 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
         for tap in chosen:
             tensor, bits = tensors[tap]
             index, labels = folded_order(layer, tap, plan, config.layout)
+            if per_tensor[TAP_POINT[tap]]:
+                labels = np.zeros_like(labels)
             mx, mn = channel_range(calib, i, tap, q.observer)
             if index is not None:
                 mx, mn = mx[index], mn[index]
@@ -92,6 +95,21 @@ def _weight_out_in(model_inits: dict[str, onnx.TensorProto], lin: Linear) -> np.
     return w if lin.weight_layout == "out_in" else w.T
 
 
+MIN_GROUP = 16
+
+
+def effective_group(in_features: int, group_size: int | None) -> int | None:
+    """The group size used for a linear with ``in_features`` inputs: ``group_size`` halved until it
+    divides them (SmolLM2's 576 inputs take groups of 64 under the default 128), or None
+    (per output channel) when no power of two ≥ 16 does."""
+    g = group_size
+    while g and g >= MIN_GROUP:
+        if in_features % g == 0:
+            return g
+        g //= 2
+    return None
+
+
 def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],
                       calib: Calibration, config: CompileConfig, progress: bool = False) -> dict[str, tuple[Linear, QuantizedWeight]]:
     """RTN or GPTQ codes for the six linears of every layer (weights and Hessians in folded order)."""
@@ -102,7 +120,7 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
     for fl, plan, role, lin in tqdm(todo, desc=f"weights ({q.weight_quant}, {q.wbits}-bit)", unit="linear",
                                     disable=not progress or None):
         w = _weight_out_in(inits, lin)
-        group = q.group_size if (q.group_size and w.shape[1] % q.group_size == 0) else None
+        group = effective_group(w.shape[1], q.group_size)
         if q.weight_quant == "gptq":
             tap = LINEAR_INPUT_TAP[role]
             h = calib.hessian(fl.index, tap)
@@ -127,7 +145,9 @@ def quantize_graph(folded: onnx.ModelProto, layers: list[DecoderLayer], folded_l
         weights = quantized_weights(folded, folded_layers, plans, calib, config, progress)
         form = "matmulnbits" if (q.matmulnbits and not q.quantizes_activations) else "dq"
         model, report["weights"] = quantize_weights(model, weights, form=form)
-        report["weights"].update({"algorithm": q.weight_quant, "bits": q.wbits, "group_size": q.group_size})
+        used = sorted({qw.group_size or 0 for _, qw in weights.values()})  # 0: per output channel
+        report["weights"].update({"algorithm": q.weight_quant, "bits": q.wbits, "group_size": q.group_size,
+                                  "group_sizes_used": used})
     points = activation_points(layers, folded_layers, plans, calib, config)
     if points:
         model, report["activations"] = emit_qdq(model, points)

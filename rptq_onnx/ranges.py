@@ -19,7 +19,7 @@ from rptq_onnx.errors import RptqError
 
 RANGES_NAME = "ranges.safetensors"
 # point → (calibration tap whose (max, min) the plot shows, what it is)
-POINT_TAPS = {"R1": ("attn_ln", "attention-LN output"), "R2": ("k_attn", "K (k_proj output, as at QKᵀ)"),
+POINT_TAPS = {"R1": ("attn_ln", "attention-LN output"), "R2": ("k_attn", "K (as at QKᵀ)"),
               "R3": ("out_in", "out_proj input (V channels)"), "R4": ("ffn_ln", "final-LN output"),
               "R5": ("fc2_in", "fc2 input")}
 
@@ -56,7 +56,10 @@ def check_selection(layer: int | None, point: str, layers: int) -> None:
 def point_data(ranges: dict, plans: list[dict[str, ClusterPlan]], layer: int, point: str) -> dict:
     tap, what = POINT_TAPS[point]
     hi, lo = ranges[f"L{layer}.{tap}.max"], ranges[f"L{layer}.{tap}.min"]
-    labels = plans[layer][point].labels()
+    plan = plans[layer][point]
+    if len(hi) != plan.channels:  # the o_proj input of a GQA model: each query head takes its K/V head's plan
+        plan = plan.expand_heads(len(hi) // plan.channels)
+    labels = plan.labels()
     clusters = []
     for c in range(int(labels.max()) + 1):
         sel = labels == c
@@ -90,7 +93,7 @@ def plot_ranges(model_dir: str | os.PathLike, out_png: str | os.PathLike, point:
 
     cols = min(4, len(data))
     rows = (len(data) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.4, 4.2 * cols), 4.0 * rows), squeeze=False)  # room for the title
     cmap = plt.get_cmap("tab20")
     for ax, d in zip(axes.flat, data):
         hi, lo, lab = np.array(d["max"]), np.array(d["min"]), np.array(d["cluster"])

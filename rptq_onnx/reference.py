@@ -1,5 +1,8 @@
 """An independent NumPy forward of one compiled OPT decoder layer, to check the ONNX graph.
 
+(Llama layers are checked point by point instead: ``tests/test_llama.py`` recomputes every Q/DQ
+point, including the per-(head, channel) ones after RoPE, from its input.)
+
 It reads the layer's parameters and Q/DQ parameters out of a compiled model (weights are
 dequantized here from their integer codes, not by ONNX Runtime) and recomputes the layer in
 float32 with fake quantization at the same points. Used by the tests: integer codes at every
@@ -35,6 +38,8 @@ class LayerReference:
     """Parameters of one layer, read from a compiled graph, and its NumPy forward."""
 
     def __init__(self, model: onnx.ModelProto, layer: DecoderLayer):
+        if layer.family != "opt":
+            raise ValueError(f"LayerReference recomputes OPT layers; layer {layer.index} is {layer.family}")
         self.g = GraphIndex(model)
         self.layer = layer
         self.qdq: dict[str, RefQDQ] = {}

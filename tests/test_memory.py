@@ -51,3 +51,22 @@ def test_bad_input():
     with pytest.raises(RptqError):
         memory(OPT_CONFIGS["opt-125m"], "W5A5", 1, 1)
     assert_one_line_error(run_cli("memory", "opt-125m", "--batch", "0"), "--batch")
+
+
+def test_llama_shape_counts_gqa_cache_and_three_mlp_linears():
+    from rptq_onnx.memory import LLAMA_CONFIGS, LlamaShape
+
+    # 2 layers, hidden 8, 4 query heads of 4 (16 channels), 1 K/V head, ffn 12, vocab 10, tied
+    s = LlamaShape(layers=2, hidden=8, heads=4, ffn=12, kv_heads=1, head_dim=4, vocab=10)
+    assert s.kv_channels == 4
+    assert s.linear_params == 2 * (2 * 8 * 16 + 2 * 8 * 4 + 3 * 8 * 12)  # q, o; k, v; gate, up, down = 1216
+    assert s.linear_out_channels == 2 * (16 + 8 + 8 + 24 + 8)  # 128
+    assert s.other_params == 80 + 5 * 8  # tied embedding, 2 RMSNorms per layer + the final one
+    m = memory(s, "W4A4KV", batch=3, seqlen=5)
+    assert m.kv_cache == 2 * 2 * 3 * 5 * 4 * 4 / 8  # only the K/V heads are cached
+    assert m.weights == 1216 * 4 / 8 + 128 * 4 + 120 * 2
+    smol = LLAMA_CONFIGS["smollm2-135m"]
+    assert 134e6 < smol.linear_params + smol.other_params < 135e6
+    proc = run_cli("memory", "smollm2-135m", "--batch", "1", "--seqlen", "8192")
+    assert proc.returncode == 0, proc.stderr
+    assert "kv_heads × head_dim × kv/8 = 2 × 30 × 1 × 8192 × 192" in proc.stdout

@@ -122,3 +122,11 @@ def test_w4_weight_bytes_are_under_a_third_of_fp16():
         model = compile_graph(graph, layers, np.zeros((2, 16), np.int64), cfg).model
         low = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer if t.name.startswith("rptq.w."))
         assert low <= 0.3 * 2 * params, (group, low, 2 * params)
+
+
+def test_group_size_falls_back_to_a_divisor():
+    from rptq_onnx.quantize import effective_group
+
+    assert effective_group(1536, 128) == 128
+    assert effective_group(576, 128) == 64  # SmolLM2's hidden size: MatMulNBits blocks of 64, not per channel
+    assert effective_group(48, 128) == 16 and effective_group(40, 128) is None and effective_group(576, None) is None

@@ -11,7 +11,9 @@ named ones or any ``W{w}A{a}[KV]`` (e.g. W16A4: 4-bit activations with float wei
 only K and V at 4 bits). Columns:
 
 - rptq-onnx: the reference cluster counts (R1=32, R2=4, R3=4, R4=32, R5=32);
-- per-tensor: the same compiler with one cluster per point (``--clusters all=1``);
+- per-tensor: the same compiler with one scale per tensor (``--clusters all=tensor``);
+- per-head: one cluster per point (``--clusters all=1``), which is one per head at q/k/v and the
+  out_proj input (R2/R3 are planned per head) and per tensor elsewhere;
 - per-channel: one cluster per channel (``all=ch``), an upper bound hardware kernels can't use;
 - ORT: ``onnxruntime.quantization.quantize_static`` (QDQ, MinMax, per-channel weights,
   per-tensor activations, A4 as QUInt4) on the same FP graph and calibration windows, for
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-COLUMNS = ("rptq-onnx", "per-tensor", "per-channel", "ORT")
+COLUMNS = ("rptq-onnx", "per-tensor", "per-head", "per-channel", "ORT")
 DEFAULT_PRESETS = "W8A8,W4A16,W4A8,W4A4,W16A4,W4A4KV,W4A3KV,W3A3KV"
 
 
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
 
     from rptq_onnx.bundled import DEMO_MODEL_DIR
-    from rptq_onnx.calibrate import calibration_windows
+    from rptq_onnx.anatomy import find_layers
+    from rptq_onnx.calibrate import calibrate, calibration_windows
     from rptq_onnx.compile import compile_model, model_limits
     from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig
     from rptq_onnx.evaluate import cloze_accuracy, load_text, perplexity
@@ -137,8 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             fp_path = export(source, tmp / "fp", with_past=False).model_path
         calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
-        vocab, max_pos = model_limits(fp_path, load_model(fp_path, load_weights=False))
+        skeleton = load_model(fp_path, load_weights=False)
+        vocab, max_pos = model_limits(fp_path, skeleton)
         windows = calibration_windows(calib, fp_path.parent, vocab, max_pos)
+        # one calibration (with GPTQ's Hessians) serves every cell: the statistics do not depend on the preset
+        statistics = calibrate(skeleton, find_layers(skeleton), windows, batch_size=calib.batch_size, progress=False,
+                               model_dir=fp_path.parent, hessians=True)
+        del skeleton
 
         def ppl(path: Path) -> float:
             return perplexity(path, text, seqlen=args.seqlen, max_tokens=args.eval_tokens, progress=False).perplexity
@@ -173,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                     row[col] = ppl(with_tokenizer(path)) if path else None
                     acc[col] = cloze(path) if path else None
                 else:
-                    clusters = {"rptq-onnx": ClusterCounts(), "per-tensor": ClusterCounts.parse("all=1"),
-                                "per-channel": ClusterCounts.parse("all=ch")}[col]
+                    clusters = {"rptq-onnx": ClusterCounts(), "per-tensor": ClusterCounts.parse("all=tensor"),
+                                "per-head": ClusterCounts.parse("all=1"), "per-channel": ClusterCounts.parse("all=ch")}[col]
                     cfg = CompileConfig(preset=name, quant=quant, calib=calib, clusters=clusters)
-                    result = compile_model(str(fp_path), tmp / f"{preset}-{col}", cfg, progress=False)
+                    result = compile_model(str(fp_path), tmp / f"{preset}-{col}", cfg, progress=False,
+                                           calibration=statistics)
                     row[col] = ppl(result.model_path)
                     acc[col] = cloze(result.model_path)
                 print(f"{preset:7s} {col:11s} {row[col] if row[col] is None else round(row[col], 2)}  {acc[col]}",
