@@ -247,10 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per ORT run (default {d.batch_size})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing windows (default 0)")
     p.add_argument("--clusters", default=None, metavar="R1=32,R2=4,...",
-                   help="KMeans clusters per point; defaults R1=32,R2=4,R3=4,R4=32,R5=32 (R2/R3 per head); all=K sets all")
+                   help="KMeans clusters per point; defaults R1=32,R2=4,R3=4,R4=32,R5=32 (R2/R3 per (K/V) head); "
+                        "all=K sets all; K=ch is one cluster per channel, K=tensor one scale per tensor")
     p.add_argument("--layout", default="zero-copy", choices=LAYOUTS,
-                   help="zero-copy (default): R1/R4 stay in original order, no runtime copies; contiguous: "
-                        "R1/R4 reordered too, with one Gather before each LayerNorm")
+                   help="zero-copy (default): R1/R4 (and Llama's R2) stay in original order, no runtime copies; "
+                        "contiguous: those reordered too, with one Gather per norm (and per-head RoPE tables for Llama)")
     past = p.add_mutually_exclusive_group()
     past.add_argument("--with-past", dest="with_past", action="store_true", default=True,
                       help="when exporting first: graph with a KV cache (default)")

@@ -36,7 +36,9 @@ SUPPORTED_OPSETS = range(18, 24)
 # Llama reorder points (and ORT's RotaryEmbedding failed for batch > 1 here)
 LLAMA_MAX_OPSET = 22
 EXPORTERS = ("dynamo", "torchscript")
-FAMILIES = {"opt": "opt", "llama": "llama"}  # HF model_type → the layer-map family it exports to
+# HF model_type → the layer-map family it exports to (Mistral and Qwen2 have Llama's graph; Qwen2 adds
+# q/k/v biases, which the layer map folds like OPT's)
+FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 RECORD_NAME = "export.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json", "config.json",
@@ -100,10 +102,9 @@ def _download_from_hub(repo_id: str) -> Path:
     return Path(local)
 
 
-def load_config(source: ModelSource | Path):
+def load_config(source: ModelSource):
     from transformers import AutoConfig
 
-    source = source if isinstance(source, ModelSource) else ModelSource(Path(source))
     where = source.directory / source.gguf_file if source.gguf_file else source.directory
     try:
         with _quiet(), _no_progress_bars():
@@ -123,9 +124,9 @@ def family_of(config) -> str:
 def check_supported(config, where: str) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise RptqError(f"{where}: model_type '{model_type}' is not supported; rptq-onnx compiles OPT and Llama "
-                        "models (model_type 'opt' or 'llama')")
-    if model_type == "llama":
+        raise RptqError(f"{where}: model_type '{model_type}' is not supported; rptq-onnx compiles OPT and "
+                        f"Llama-family models (model_type {', '.join(repr(t) for t in FAMILIES)})")
+    if FAMILIES[model_type] == "llama":
         _check_llama(config, where)
         return
     if not getattr(config, "do_layer_norm_before", True):
@@ -207,13 +208,12 @@ def _save_gguf_tokenizer(source: ModelSource, stage: Path) -> None:
     tokenizer.save_pretrained(str(stage))
 
 
-def _load_torch_model(source: ModelSource | Path):
+def _load_torch_model(source: ModelSource):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    source = source if isinstance(source, ModelSource) else ModelSource(Path(source))
     try:
         with _quiet(), _no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(str(source.directory), attn_implementation="eager",

@@ -167,7 +167,9 @@ def resolve_shape(name: str) -> OptShape | LlamaShape:
         cfg = json.loads((folder / "export.json").read_text()).get("config")
     elif (folder / "config.json").is_file():
         cfg = json.loads((folder / "config.json").read_text())
-    if cfg and cfg.get("model_type") == "llama":
+    from rptq_onnx.export import FAMILIES
+
+    if cfg and FAMILIES.get(cfg.get("model_type")) == "llama":
         heads = cfg["num_attention_heads"]
         return LlamaShape(cfg["num_hidden_layers"], cfg["hidden_size"], heads, cfg["intermediate_size"],
                           kv_heads=cfg.get("num_key_value_heads") or heads,

@@ -70,15 +70,21 @@ def random_opt_with_outliers(seed: int = 7, ln_seed: int = 0, outliers: int = 4,
     return model
 
 
-def random_llama(seed: int = 0, **config):
-    """A ``LlamaForCausalLM`` (eval mode, fp32) with seeded random weights; ``config`` overrides
-    TINY_LLAMA_SHAPES (e.g. ``num_key_value_heads``, ``head_dim``)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Llama-family model types with the same graph (Qwen2 adds q/k/v biases) → their transformers classes
+LLAMA_FAMILY = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+                "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
-    cfg = LlamaConfig(**{**TINY_LLAMA_SHAPES, **config}, attention_dropout=0.0)
+
+def random_llama(seed: int = 0, model_type: str = "llama", **config):
+    """A Llama-family causal LM (``model_type`` in LLAMA_FAMILY; eval mode, fp32) with seeded random
+    weights; ``config`` overrides TINY_LLAMA_SHAPES (e.g. ``num_key_value_heads``, ``head_dim``)."""
+    import torch
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, name) for name in LLAMA_FAMILY[model_type])
+    cfg = config_cls(**{**TINY_LLAMA_SHAPES, **config}, attention_dropout=0.0)
     torch.manual_seed(seed)
-    return _randomized(LlamaForCausalLM(cfg).eval(), seed)
+    return _randomized(model_cls(cfg).eval(), seed)
 
 
 def save_random_opt(out_dir: str | os.PathLike, seed: int = 0, tokenizer: bool = False, **config) -> Path:

@@ -13,7 +13,7 @@ from rptq_onnx.calibrate import feeds_for, position_ids
 from rptq_onnx.clustering import plan_pair_clusters
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
-from rptq_onnx.export import to_onnx
+from rptq_onnx.export import head_dim_of, to_onnx
 from rptq_onnx.graph import GraphIndex
 from rptq_onnx.models import random_llama
 from rptq_onnx.passes.fold_reorder import FoldReport, _Initializers, _permute_output
@@ -67,8 +67,9 @@ def _random_config(rng, case):
                 rope_theta=float(rng.choice([1e4, 1e5])))
 
 
-def test_export_matches_torch_with_left_padding_and_a_decode_step():
-    hf = random_llama(3, num_key_value_heads=1)  # 4 query heads share one K/V head
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])  # Qwen2: q/k/v biases
+def test_export_matches_torch_with_left_padding_and_a_decode_step(model_type):
+    hf = random_llama(3, model_type=model_type, num_key_value_heads=1)  # 4 query heads share one K/V head
     graph = to_onnx(hf, with_past=True)
     layers = find_layers(graph)
     ids, mask = _padded(np.random.default_rng(0), hf.config.vocab_size)
@@ -79,7 +80,7 @@ def test_export_matches_torch_with_left_padding_and_a_decode_step():
     scale = float(ref.logits.abs().max())
     keep = mask.astype(bool)  # padded positions are masked out and need not agree
     assert np.abs(out[0][keep] - ref.logits.numpy()[keep]).max() <= 1e-4 * scale
-    assert out[1].shape == (2, 1, 11, hf.config.head_dim)  # present K: [batch, kv_heads, tokens, head_dim]
+    assert out[1].shape == (2, 1, 11, head_dim_of(hf.config))  # present K: [batch, kv_heads, tokens, head_dim]
     nxt, mask2 = ids[:, -1:], np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
     out2 = _run(graph, nxt, mask2, layers, out[1:])
     with torch.no_grad():
@@ -142,6 +143,19 @@ def test_reorder_is_fp_exact_on_random_llama_configs(case):
     else:
         assert c.fold.gathers == 0
     _assert_exact(graph, c.model, layers, cfg["vocab_size"], seed=case)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_reorder_is_fp_exact_on_other_llama_family_types(model_type):
+    hf = random_llama(4, model_type=model_type)
+    graph = to_onnx(hf, with_past=True)
+    layers = find_layers(graph)
+    assert all(lay.family == "llama" for lay in layers)
+    assert all((lay.q_proj.bias is not None) == (model_type == "qwen2") for lay in layers)
+    config = CompileConfig(layout="contiguous", clusters=ClusterCounts(R1=8, R2=3, R3=3, R4=8, R5=8),
+                           calib=CalibConfig(nsamples=3, seqlen=16))
+    c = compile_graph(graph, layers, np.random.default_rng(0).integers(0, 512, (3, 16)), config)
+    _assert_exact(graph, c.model, layers, 512)
 
 
 def test_rope_pairs_alone_are_not_an_exact_reorder():
@@ -280,3 +294,11 @@ def test_per_tensor_and_per_head_baselines(llama_graph):
             scales = index.constant_value(f"rptq.qdq.L0.{tap}.scale")
             assert len(set(scales.ravel().tolist())) == k, (clusters, tap)
     assert str(ClusterCounts.parse("all=tensor,R1=ch")) == "R1=ch,R2=tensor,R3=tensor,R4=tensor,R5=tensor"
+
+
+def test_compiling_twice_gives_the_same_bytes(llama_graph):
+    graph, layers, windows = llama_graph
+    config = CompileConfig(preset="W4A4", layout="contiguous", calib=CalibConfig(nsamples=4, seqlen=16),
+                           quant=QuantSpec.for_preset("W4A4"))
+    a, b = (compile_graph(graph, layers, windows, config).model.SerializeToString() for _ in range(2))
+    assert a == b
