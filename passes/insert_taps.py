@@ -8,7 +8,7 @@ calibration then costs about as much memory as plain inference without logits.
 Tapped tensors per layer (``TAPS``):
 
     attn_ln  R1  attention-norm output               [B, S, C]
-    q_attn   R2  QKᵀ input q (after scaling)         [B, H, S, D]   (as the reference clusters)
+    q_attn   R2  QKᵀ input q (OPT: after scaling)    [B, H, S, D]   (as the reference clusters)
     k_attn   R2  QKᵀ input kᵀ                        [B, H, D, T]
     q, k, v      q_proj/k_proj/v_proj outputs        [B, S, C]      (quantization ranges)
     out_in   R3  out_proj input                      [B, S, C]

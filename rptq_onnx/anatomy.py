@@ -25,7 +25,7 @@ Llama (RMSNorm decomposed as Pow → ReduceMean → Add → Sqrt → Reciprocal 
 
     RoPE(x) = x·cos + rotate_half(x)·sin,  rotate_half(x) = Concat(−x[..., D/2:], x[..., :D/2])
 
-R-points (see DESIGN.md §1):
+R-points (README "Reorder points"; ``TAP_POINTS`` below maps every tap and Q/DQ point to one):
     R1  attention-norm output                 (→ rows of q/k/v)
     R2  OPT: q_proj and k_proj outputs;       (one shared permutation, per head; Llama: per K/V
         Llama: q and k after RoPE              head, moving RoPE pairs (i, i + D/2) together)
@@ -47,6 +47,26 @@ from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex
 
 POINTS = ("R1", "R2", "R3", "R4", "R5")
+
+# Every calibration tap and activation Q/DQ point → (the R-point whose cluster plan it uses, a label).
+# q_attn / k_attn are the QKᵀ inputs R2 is clustered on (for Llama the same tensors as q / k);
+# P (the softmax output) has no R-point: it takes a fixed 1/255 scale.
+TAP_POINTS = {
+    "attn_ln": ("R1", "attn-norm out"),
+    "q_attn": ("R2", "q at QKᵀ"), "k_attn": ("R2", "k at QKᵀ"),
+    "q": ("R2", "q"), "k": ("R2", "k (K cache)"),
+    "v": ("R3", "v (V cache)"), "out_in": ("R3", "out_proj in"),
+    "ffn_ln": ("R4", "ffn-norm out"),
+    "fc2_in": ("R5", "fc2 / down_proj in"),
+}
+
+
+def tap_label(tap: str) -> str:
+    """'R2 q', 'R3 out_proj in', …, for tables and plots."""
+    if tap == "P":
+        return "softmax P"
+    point, what = TAP_POINTS[tap]
+    return f"{point} {what}"
 
 # Ops that carry a tensor's values to another layout without mixing channels of different
 # tokens; the walks below pass through them. Input 0 is the data input unless listed below.
@@ -143,7 +163,7 @@ class DecoderLayer:
     softmax_output: str
     pv_matmul: str
     out_proj: Linear
-    final_norm: Norm
+    final_norm: Norm  # the norm before the FFN (R4): OPT final_layer_norm, Llama post_attention_layernorm
     fc1: Linear
     activation: str  # the node whose output is R5 (OPT: the ReLU; Llama: the SwiGLU product)
     fc2: Linear
@@ -479,14 +499,37 @@ class _Matcher:
                 x = self._rotated_half_of(sin_mul.input[r_slot])
                 if x is None or x not in cos_mul.input:
                     continue
-                return Rope(input=x, output=add.output[0], cos_mul=cos_mul.name,
+                rope = Rope(input=x, output=add.output[0], cos_mul=cos_mul.name,
                             cos_input=1 - list(cos_mul.input).index(x), sin_mul=sin_mul.name, sin_input=1 - r_slot)
+                for mul, slot in ((cos_mul, rope.cos_input), (sin_mul, rope.sin_input)):
+                    if not self._is_head_broadcast(mul.input[slot]):
+                        raise self.fail(f"the rotary table {mul.input[slot]} is not [B, 1, S, D] (cos/sin "
+                                        "unsqueezed on axis 1); this RoPE layout is not supported")
+                return rope
         return None
 
+    def _is_head_broadcast(self, table: str) -> bool:
+        """True when ``table`` = Unsqueeze(axis 1) of [B, S, D]: one row of cos or sin for all heads
+        (or, in a compiled graph, that row permuted per head by ``fold_reorder``)."""
+        node = self.g.producer.get(self.skip_casts(table))
+        if node is not None and node.op_type == "Squeeze" and node.name.startswith("rptq.reorder."):
+            return True
+        if node is None or node.op_type != "Unsqueeze":
+            return False
+        axes = self.g.constant_value(node.input[1]) if len(node.input) > 1 else \
+            next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axes"), None)
+        return axes is not None and np.asarray(axes).ravel().tolist() == [1]
+
     def _rotated_half_of(self, tensor: str) -> str | None:
-        """x when ``tensor`` = Concat(Neg(x[..., D/2:]), x[..., :D/2]) (rotate_half), else None."""
+        """x when ``tensor`` = Concat(Neg(x[..., D/2:]), x[..., :D/2]) (rotate_half), else None.
+
+        Both slices and the Concat must be on the last axis, and the halves must meet (the split
+        point is checked where it is a constant; TorchScript exports compute it from the shape).
+        """
         cat = self.g.producer.get(tensor)
         if cat is None or cat.op_type != "Concat" or len(cat.input) != 2:
+            return None
+        if {a.name: onnx.helper.get_attribute_value(a) for a in cat.attribute}.get("axis") not in (-1, 3):
             return None
         neg = self.g.producer.get(cat.input[0])
         second = self.g.producer.get(cat.input[1])
@@ -495,7 +538,21 @@ class _Matcher:
         first = self.g.producer.get(neg.input[0])
         if first is None or first.op_type != "Slice" or first.input[0] != second.input[0]:
             return None
+        starts, ends = (self._slice_arg(first, 1), self._slice_arg(second, 1)), (self._slice_arg(first, 2),
+                                                                                 self._slice_arg(second, 2))
+        if any(self._slice_arg(s, 3) not in (-1, 3) for s in (first, second)) or \
+                any(self._slice_arg(s, 4, default=1) != 1 for s in (first, second)):
+            return None
+        if starts[1] != 0 or (starts[0] is not None and ends[1] is not None and starts[0] != ends[1]):
+            return None  # not [D/2:] and [:D/2]
         return second.input[0]
+
+    def _slice_arg(self, node: onnx.NodeProto, slot: int, default: int | None = None) -> int | None:
+        """A Slice's scalar starts/ends/axes/steps input, None when it is computed at run time."""
+        if len(node.input) <= slot or not node.input[slot]:
+            return default
+        value = self.g.constant_value(node.input[slot])
+        return int(np.asarray(value).ravel()[0]) if value is not None and np.asarray(value).size == 1 else None
 
     def rope_behind(self, tensor: str, role: str) -> Rope:
         found = self.back_to(tensor, lambda n: self.rope(n) is not None, max_depth=16)
@@ -544,15 +601,17 @@ class _Matcher:
             raise self.fail("gate_proj/up_proj/down_proj shapes do not form an MLP")
         return gate, up, product, down
 
-    def heads(self, qk: onnx.NodeProto, hidden: int, present: str | None) -> tuple[int, int]:
+    def heads(self, qk: onnx.NodeProto, q_channels: int, present: str | None) -> tuple[int, int]:
+        """(heads, head_dim) of the query side; ``q_channels`` is q_proj's output size, which need not
+        equal the hidden size (Llama configs with an explicit head_dim)."""
         for tensor in (qk.input[1], qk.input[0], present):
             dims = self.shapes.get(tensor) if tensor else None
             if dims and len(dims) == 4:
                 h = dims[1]
                 d = dims[2] if tensor == qk.input[1] else dims[3]
-                if isinstance(d, int) and not isinstance(h, int) and tensor != present and hidden % d == 0:
-                    h = hidden // d  # a view(..., -1, head_dim) leaves the head count symbolic
-                if isinstance(h, int) and isinstance(d, int) and h * d == hidden:
+                if isinstance(d, int) and not isinstance(h, int) and tensor != present and q_channels % d == 0:
+                    h = q_channels // d  # a view(..., -1, head_dim) leaves the head count symbolic
+                if isinstance(h, int) and isinstance(d, int) and h * d == q_channels:
                     return h, d
         raise self.fail("cannot determine the number of attention heads from the graph's shapes")
 

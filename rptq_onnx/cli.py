@@ -296,9 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("memory", help="weights / activations / KV cache memory per preset (the paper's table)",
-                       description="Memory of an OPT model at each preset from its shapes (formula printed); for a "
-                                   "model file also the measured initializer bytes.")
-    p.add_argument("model", metavar="CONFIG|MODEL", help="opt-125m … opt-175b, or an exported/compiled model directory")
+                       description="Memory of an OPT or Llama-family model at each preset from its shapes (formula "
+                                   "printed); for a model file also the measured initializer bytes.")
+    p.add_argument("model", metavar="CONFIG|MODEL",
+                   help="opt-125m … opt-175b, smollm2(-135m), llama-2-7b, llama-3-8b, or an exported/compiled model "
+                        "directory")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--seqlen", type=int, default=2048, help="sequence length held in the cache (default 2048)")
     p.add_argument("--presets", default=None, help="comma-separated presets (default: FP16 and every preset)")

@@ -25,8 +25,10 @@ class ClusterPlan:
     run_clusters: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        assert sum(self.counts) == len(self.index)
-        assert self.run_clusters is None or len(self.run_clusters) == len(self.counts)
+        if sum(self.counts) != len(self.index):
+            raise ValueError(f"cluster runs cover {sum(self.counts)} channels, the index {len(self.index)}")
+        if self.run_clusters is not None and len(self.run_clusters) != len(self.counts):
+            raise ValueError(f"{len(self.run_clusters)} run cluster ids for {len(self.counts)} runs")
 
     @property
     def channels(self) -> int:
@@ -60,14 +62,15 @@ class ClusterPlan:
         if group == 1:
             return self
         per_head = self.channels // self.heads
-        runs_per_head = len(self.counts) // self.heads
+        # a head's runs: KMeans may find fewer clusters in one head than in another (empty ones are dropped)
+        run_head = (np.cumsum(self.counts) - np.asarray(self.counts)) // per_head
         run_ids = np.arange(len(self.counts)) if self.run_clusters is None else np.asarray(self.run_clusters)
         index, counts, run_clusters, next_id = [], [], [], 0
         for h in range(self.heads * group):
             g = h // group
             index.append(self.index[g * per_head:(g + 1) * per_head] - g * per_head + h * per_head)
-            counts.extend(self.counts[g * runs_per_head:(g + 1) * runs_per_head])
-            ids = run_ids[g * runs_per_head:(g + 1) * runs_per_head]
+            counts.extend(c for c, head in zip(self.counts, run_head) if head == g)
+            ids = run_ids[run_head == g]
             run_clusters.extend((ids - ids.min() + next_id).tolist())
             next_id += int(ids.max() - ids.min()) + 1
         return ClusterPlan(index=np.concatenate(index), counts=tuple(counts), heads=self.heads * group,

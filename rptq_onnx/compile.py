@@ -26,11 +26,12 @@ from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, pla
 from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
-from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output, weights_loaded
+from rptq_onnx.graph import MODEL_FILES, GraphIndex, check_output_dir, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder
 from rptq_onnx.quantize import quantize_graph
 from rptq_onnx.ranges import RANGES_NAME, save_ranges
+from rptq_onnx.report import MARKDOWN_NAME, REPORT_DIR
 
 CLUSTERS_NAME = "clusters.json"
 REPORT_NAME = "report.json"
@@ -139,6 +140,15 @@ class Compiled:
     calibration: Calibration
 
 
+def _check_uncompiled(graph: onnx.ModelProto, model_path: Path | None) -> None:
+    """Compiling a compiled graph would permute already-permuted (or already-quantized) weights."""
+    if any(p.key == "rptq.config" for p in graph.metadata_props) or \
+            any(n.name.startswith("rptq.") for n in graph.graph.node):
+        where = model_path or "the model"
+        raise RptqError(f"{where} was already compiled by rptq-onnx; compile the exported model it came from "
+                        "(or the checkpoint) instead")
+
+
 def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, config: CompileConfig,
                   timer: _Timer | None = None, progress: bool = False, model_path: Path | None = None,
                   calibration: Calibration | None = None) -> Compiled:
@@ -149,6 +159,7 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     of the same graph and windows from an earlier run (benchmarks compiling many variants),
     used instead of calibrating again (with Hessians when GPTQ needs them).
     """
+    _check_uncompiled(graph, model_path)
     timer = timer or _Timer()
     q = config.quant
     hessians = q.quantizes_weights and q.weight_quant == "gptq"
@@ -181,6 +192,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
     timer = _Timer()
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, model)
     with tempfile.TemporaryDirectory(prefix="rptq-compile-") as tmp:
         onnx_path = resolve_onnx_source(model, Path(tmp), with_past, timer)
         with timer.stage("load"):
@@ -212,7 +224,9 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
         }
         clusters = {"format": "rptq-onnx clusters", "version": 1, "layout": config.layout,
                     "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}
-        with staged_output(out_dir) as stage:
+        owns = (*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME, CLUSTERS_NAME, RANGES_NAME, REPORT_NAME, MARKDOWN_NAME,
+                REPORT_DIR)
+        with staged_output(out_dir, owns=owns) as stage:
             with timer.stage("save"):
                 save_model(folded, stage / "model.onnx")
                 for name in (*TOKENIZER_FILES, RECORD_NAME):

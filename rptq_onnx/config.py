@@ -30,6 +30,8 @@ PER_CHANNEL = 0  # a cluster count meaning "one cluster per channel" (--clusters
 PER_TENSOR = -1  # "one scale for the whole tensor", across heads too (--clusters all=tensor)
 
 
+MIN_GROUP = 16  # weight groups: MatMulNBits' smallest block
+
 @dataclass(frozen=True)
 class ClusterCounts:
     """KMeans cluster counts per reorder point (R2/R3 are per head). Reference defaults."""
@@ -127,8 +129,9 @@ class QuantSpec:
             raise RptqError(f"--weight-quant {self.weight_quant} is unknown; use gptq or rtn")
         if self.observer not in OBSERVERS:
             raise RptqError(f"--observer {self.observer} is unknown; use ema or minmax")
-        if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
-            raise RptqError(f"--group-size {self.group_size}: use a power of two ≥ 8 (or 0 for per-channel)")
+        if self.group_size is not None and (self.group_size < MIN_GROUP or self.group_size & (self.group_size - 1)):
+            raise RptqError(f"--group-size {self.group_size}: use a power of two ≥ {MIN_GROUP} (MatMulNBits' "
+                            "smallest block), or 0 for per-channel")
 
     @property
     def ln_bits(self) -> int:

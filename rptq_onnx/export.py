@@ -28,7 +28,7 @@ import onnx
 
 from rptq_onnx.bundled import named_model
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import save_model, staged_output
+from rptq_onnx.graph import MODEL_FILES, check_output_dir, save_model, staged_output
 
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(18, 24)
@@ -161,12 +161,18 @@ def export(model: str, out_dir: str | os.PathLike, with_past: bool = True, opset
     if exporter not in EXPORTERS:
         raise RptqError(f"--exporter {exporter} is unknown; use one of {', '.join(EXPORTERS)}")
     source = resolve_model_source(model)
+    check_output_dir(out_dir, model)
     config = load_config(source)
     if family_of(config) == "llama" and opset > LLAMA_MAX_OPSET:
         raise RptqError(f"--opset {opset}: Llama graphs are exported at opset ≤ {LLAMA_MAX_OPSET} (opset 23 fuses "
                         f"RMSNorm and RoPE into single nodes that hide the reorder points); use the default {DEFAULT_OPSET}")
     hf_model = _load_torch_model(source)
-    onnx_model = to_onnx(hf_model, with_past=with_past, opset=opset, exporter=exporter)
+    try:
+        onnx_model = to_onnx(hf_model, with_past=with_past, opset=opset, exporter=exporter)
+    except Exception as exc:
+        other = next(e for e in EXPORTERS if e != exporter)
+        raise RptqError(f"{model}: the {exporter} exporter failed ({_first_line(exc)}); try --exporter {other}, "
+                        "or check that torch and transformers match pyproject's versions") from None
     config_dict = json.loads(config.to_json_string(use_diff=False))
     config_dict.pop("quantization_config", None)  # a GGUF source is dequantized to fp32 on load
     record = {
@@ -183,7 +189,7 @@ def export(model: str, out_dir: str | os.PathLike, with_past: bool = True, opset
         "outputs": [_io_record(v) for v in onnx_model.graph.output],
         "versions": _versions(),
     }
-    with staged_output(out_dir) as stage:
+    with staged_output(out_dir, owns=(*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME)) as stage:
         save_model(onnx_model, stage / "model.onnx")
         if source.gguf_file:
             _save_gguf_tokenizer(source, stage)
@@ -219,9 +225,14 @@ def _load_torch_model(source: ModelSource):
             model = AutoModelForCausalLM.from_pretrained(str(source.directory), attn_implementation="eager",
                                                          dtype=torch.float32, **source.hf_kwargs())
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise RptqError(f"{source.directory / (source.gguf_file or '')}: the weights could not be loaded ({reason})") from None
+        raise RptqError(f"{source.directory / (source.gguf_file or '')}: the weights could not be loaded "
+                        f"({_first_line(exc)})") from None
     return model.eval()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class _FlatCausalLM:
@@ -238,7 +249,9 @@ class _FlatCausalLM:
             if past is None:
                 return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).logits
-            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(num_layers)], config=model.config)
+            # plain full-length layers, also for a sliding-window config (Mistral): the graph keeps every
+            # position and the attention mask applies the window, as the torch model computes it
+            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(num_layers)])
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                         use_cache=True)
             present = []

@@ -15,6 +15,7 @@ Greedy by default; sampling with temperature, top-k and top-p when asked.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class Generator:
             raise RptqError(f"{path}: cache outputs {', '.join(missing[:2])} are missing; re-export the model")
         eos = self.tokenizer.eos_token_id
         self.eos_id = int(eos) if eos is not None else None
+        self.stop_ids = _stop_ids(self.eos_id, tok_dir)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else (self.eos_id or 0)
 
@@ -218,9 +220,9 @@ class Generator:
             if keep_logits:
                 kept.append(logits)
             token = sampling.choose(logits, rng)
-            if self.eos_id is not None:
+            if self.stop_ids:
                 token = np.where(done, self.pad_id, token)
-                done |= token == self.eos_id
+                done |= np.isin(token, self.stop_ids)
             new = np.concatenate([new, token[:, None]], axis=1)
             if (stop_at_eos and done.all()) or i == steps - 1:
                 break
@@ -232,8 +234,9 @@ class Generator:
         texts, tokens = [], []
         for row in new:
             row = [int(t) for t in row]
-            if self.eos_id is not None and self.eos_id in row:
-                row = row[:row.index(self.eos_id)]
+            stop = next((j for j, t in enumerate(row) if t in self.stop_ids), None)
+            if stop is not None:
+                row = row[:stop]
             tokens.append(row)
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         prompts = list(prompts) if prompts is not None else [self.tokenizer.decode(e) for e in encoded]
@@ -300,3 +303,19 @@ def codes_to_ortvalue(codes: np.ndarray, element_type: str) -> ort.OrtValue:
     if packed.size:
         ctypes.memmove(value.data_ptr(), packed.ctypes.data, value.tensor_size_in_bytes())
     return value
+
+
+def _stop_ids(eos_id: int | None, tok_dir: Path) -> list[int]:
+    """The tokenizer's EOS and every ``eos_token_id`` in generation_config.json (e.g. an instruct
+    model's end-of-turn token beside its end-of-text)."""
+    ids = [] if eos_id is None else [eos_id]
+    gen = tok_dir / "generation_config.json"
+    if gen.is_file():
+        try:
+            listed = json.loads(gen.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            listed = None
+        for t in listed if isinstance(listed, list) else [listed]:
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+    return ids

@@ -66,11 +66,28 @@ def _load_small_external_tensors(model: onnx.ModelProto, base_dir: Path, max_ele
             del init.external_data[:]
 
 
+MODEL_FILES = ("model.onnx", "model.onnx" + EXTERNAL_DATA_SUFFIX)
+
+
+def check_output_dir(out_dir: str | os.PathLike, source: str) -> None:
+    """Refuse an output directory that holds the input model (it would be overwritten)."""
+    src = Path(source)
+    if not src.exists():
+        return  # a hub id or a bundled name
+    src_dir = src if src.is_dir() else src.parent
+    if Path(out_dir).resolve() == src_dir.resolve():
+        raise RptqError(f"-o {out_dir} is the directory of the input model {source}; choose another output "
+                        "directory (the input is never modified)")
+
+
 @contextlib.contextmanager
-def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
+def staged_output(out_dir: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator[Path]:
     """Yield an empty staging directory; on success move its files into ``out_dir``.
 
-    On any exception the staging directory is deleted and ``out_dir`` is left as it was.
+    ``owns``: names this writer may produce; those already in ``out_dir`` that the stage lacks are
+    removed (a recompile without ``--report`` leaves no stale report, a small model no stale .data).
+    Other files in ``out_dir`` are left alone. On any exception the staging directory is deleted
+    and ``out_dir`` is left as it was.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -86,17 +103,38 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
     created = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
     try:
-        for item in sorted(stage.iterdir()):
-            target = out_dir / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        written = sorted(stage.iterdir())
+        for name in sorted(set(owns) - {item.name for item in written}):
+            _remove(out_dir / name)  # stale from an earlier run
+        for item in written:
+            _remove(out_dir / item.name)
+            os.replace(item, out_dir / item.name)
     except BaseException:
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix) to write; on success rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from rptq_onnx.anatomy import map_model
+from rptq_onnx.anatomy import map_model, tap_label
 from rptq_onnx.compile import load_cluster_plans
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, load_model
@@ -60,8 +60,7 @@ def describe(model_path: str | os.PathLike) -> dict:
     }
 
 
-QDQ_TAGS = {"attn_ln": "R1", "q": "R2 q", "k": "R2 k (K)", "v": "V", "out_in": "R3", "ffn_ln": "R4", "fc2_in": "R5",
-            "P": "softmax P"}
+QDQ_TAGS = {tap: tap_label(tap) for tap in ("attn_ln", "q", "k", "v", "out_in", "ffn_ln", "fc2_in", "P")}
 
 
 def quantization_summary(model: onnx.ModelProto, layers) -> list[dict]:

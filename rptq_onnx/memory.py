@@ -150,6 +150,9 @@ def memory(shape: OptShape | LlamaShape, preset: str, batch: int, seqlen: int) -
     return Memory(preset, w, a, kv, weights, kv_cache, activations)
 
 
+CONFIG_ALIASES = {"smollm2": "smollm2-135m"}  # the bundled model's name, as export/compile take it
+
+
 def resolve_shape(name: str) -> OptShape | LlamaShape:
     """A published config name (``opt-66b``, ``llama-3-8b``), or a model directory / .onnx with export.json or config.json."""
     import json
@@ -158,6 +161,7 @@ def resolve_shape(name: str) -> OptShape | LlamaShape:
     key = name.lower().removeprefix("facebook/")
     if key in OPT_CONFIGS:
         return OPT_CONFIGS[key]
+    key = CONFIG_ALIASES.get(key, key)
     if key in LLAMA_CONFIGS:
         return LLAMA_CONFIGS[key]
     path = Path(name)

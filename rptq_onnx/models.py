@@ -103,13 +103,17 @@ def save_random_llama(out_dir: str | os.PathLike, seed: int = 0, tokenizer: bool
 
 def _save(model, out_dir: str | os.PathLike, tokenizer: bool) -> Path:
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    tok = None
     if tokenizer:
         from rptq_onnx.bundled import TEXTS
 
         text = TEXTS["sotu-train"].read_text(encoding="utf-8")[:200_000]
         tok = train_bpe_tokenizer([p for p in text.split("\n") if p.strip()],
                                   vocab_size=min(512, model.config.vocab_size))
+        for cfg in (model.config, model.generation_config):  # special ids as the tokenizer has them
+            cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model.save_pretrained(out_dir)
+    if tok is not None:
         tok.save_pretrained(out_dir)
     return out_dir
 

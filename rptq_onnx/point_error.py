@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from rptq_onnx.anatomy import tap_label
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import load_model, rename_inputs
+from rptq_onnx.graph import load_model, rename_inputs, replaced_atomically
 
 QDQ_NAME = re.compile(r"^rptq\.qdq\.L(\d+)\.(\w+)\.quantize$")
-POINT_LABELS = {"attn_ln": "R1 attn-LN out", "q": "R2 q", "k": "R2 k", "v": "R3 v", "out_in": "R3 out_proj in",
-                "ffn_ln": "R4 final-LN out", "fc2_in": "R5 fc2 in", "P": "softmax P"}
+POINT_LABELS = {tap: tap_label(tap) for tap in ("attn_ln", "q", "k", "v", "out_in", "ffn_ln", "fc2_in", "P")}
 
 
 def qdq_points(model: onnx.ModelProto) -> list[tuple[int, str, str, str]]:
@@ -158,9 +158,8 @@ def plot_errors(report: dict, out_png: str | os.PathLike) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    with replaced_atomically(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, metadata={"Software": None})
     plt.close(fig)
-    os.replace(tmp, out_png)
-    out_png.with_suffix(".json").write_text(json.dumps(report) + "\n")
+    with replaced_atomically(out_png.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(report) + "\n")

@@ -1,6 +1,6 @@
 """The quantization stage of `compile`: activation Q/DQ points and low-bit weights for a folded graph.
 
-Which tensor gets which bits (DESIGN.md §1, the reference's choices):
+Which tensor gets which bits (the reference's choices):
 
     R1 attention-norm output, R4 final-norm out  max(8, abits)   clusters R1 / R4
     q, k (OPT: q_proj / k_proj outputs;          abits           clusters R2 (per K/V head, shared)
@@ -22,10 +22,10 @@ import onnx
 from onnx import numpy_helper
 from tqdm import tqdm
 
-from rptq_onnx.anatomy import DecoderLayer, Linear
+from rptq_onnx.anatomy import TAP_POINTS, DecoderLayer, Linear
 from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
-from rptq_onnx.config import PER_TENSOR, CompileConfig
+from rptq_onnx.config import MIN_GROUP, PER_TENSOR, CompileConfig
 from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
 from rptq_onnx.passes.fold_reorder import folded_points
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
@@ -33,7 +33,7 @@ from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.quant import QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn
 
 # tap → the cluster plan point whose clusters (and, if folded, order) it has
-TAP_POINT = {"attn_ln": "R1", "q": "R2", "k": "R2", "v": "R3", "out_in": "R3", "ffn_ln": "R4", "fc2_in": "R5"}
+TAP_POINT = {tap: point for tap, (point, _) in TAP_POINTS.items()}
 # taps over query-head channels: the K/V-head plan applied to every query head of a group (GQA)
 QUERY_HEAD_TAPS = {"q", "out_in"}
 # linear → the tap of its input (for GPTQ's Hessian)
@@ -94,8 +94,6 @@ def _weight_out_in(model_inits: dict[str, onnx.TensorProto], lin: Linear) -> np.
     w = numpy_helper.to_array(model_inits[lin.weight])
     return w if lin.weight_layout == "out_in" else w.T
 
-
-MIN_GROUP = 16
 
 
 def effective_group(in_features: int, group_size: int | None) -> int | None:

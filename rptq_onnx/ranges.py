@@ -16,12 +16,14 @@ import numpy as np
 
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.errors import RptqError
+from rptq_onnx.graph import replaced_atomically
 
 RANGES_NAME = "ranges.safetensors"
 # point → (calibration tap whose (max, min) the plot shows, what it is)
-POINT_TAPS = {"R1": ("attn_ln", "attention-LN output"), "R2": ("k_attn", "K (as at QKᵀ)"),
-              "R3": ("out_in", "out_proj input (V channels)"), "R4": ("ffn_ln", "final-LN output"),
-              "R5": ("fc2_in", "fc2 input")}
+POINT_TAPS = {"R1": ("attn_ln", "attention-norm output"), "R2": ("k_attn", "K (as at QKᵀ)"),
+              "R3": ("out_in", "out_proj / o_proj input (V channels)"),
+              "R4": ("ffn_ln", "FFN-norm output (OPT final LN, Llama post-attention norm)"),
+              "R5": ("fc2_in", "fc2 / down_proj input")}
 
 
 def save_ranges(path: Path, stats: dict, layers: int) -> None:
@@ -117,12 +119,10 @@ def plot_ranges(model_dir: str | os.PathLike, out_png: str | os.PathLike, point:
                  "black X + dashed: per-tensor range; boxes: clusters; x: each cluster's quantization range",
                  fontsize=9)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})  # no version/date stamps: same input → same bytes
+    out_png, out_json = Path(out_png), Path(out_png).with_suffix(".json")
+    with replaced_atomically(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, metadata={"Software": None})  # no version/date stamps: same input → same bytes
     plt.close(fig)
-    os.replace(tmp, out_png)
-    out_json = out_png.with_suffix(".json")
-    out_json.write_text(json.dumps({"model": str(model_dir), "point": point, "layers": data}) + "\n")
+    with replaced_atomically(out_json) as tmp:
+        tmp.write_text(json.dumps({"model": str(model_dir), "point": point, "layers": data}) + "\n")
     return {"png": str(out_png), "json": str(out_json), "layers": len(data)}

@@ -15,6 +15,7 @@ import numpy as np
 from rptq_onnx.errors import RptqError
 
 REPORT_DIR = "report"
+MARKDOWN_NAME = "report.md"
 
 
 def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
@@ -66,6 +67,6 @@ def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
         pass
     lines += ["Activation Q/DQ runs as simulated quantization on ONNX Runtime's CPU and CUDA providers; "
               "`rptq-onnx inspect MODEL --placement` shows which nodes run as real low-bit kernels.", ""]
-    out = model_dir / "report.md"
+    out = model_dir / MARKDOWN_NAME
     out.write_text("\n".join(lines))
     return out

@@ -56,6 +56,22 @@ def test_truncated_onnx(exported, tmp_path):
     assert_one_line_error(run_cli("inspect", bad), "cut.onnx", "truncated")
 
 
+def test_compiling_a_compiled_model(compiled_text_opt, tmp_path):
+    model = compiled_text_opt("W4A4KV") / "model.onnx"
+    before = model.read_bytes()
+    proc = run_cli("compile", model, "-o", tmp_path / "again", "--preset", "W4A4", "--calib", "random")
+    assert_one_line_error(proc, "was already compiled by rptq-onnx", "compile the exported model")
+    assert not (tmp_path / "again").exists() and model.read_bytes() == before
+
+
+def test_output_into_the_input_directory(exported, tmp_path):
+    model = exported("tiny")
+    before = sorted((p.name, p.read_bytes()) for p in model.parent.iterdir())
+    proc = run_cli("compile", model, "-o", model.parent, "--calib", "random")
+    assert_one_line_error(proc, "is the directory of the input model", "choose another output directory")
+    assert sorted((p.name, p.read_bytes()) for p in model.parent.iterdir()) == before
+
+
 def test_post_ln_config(tmp_path):
     src = save_random_opt(tmp_path / "post", do_layer_norm_before=False, num_hidden_layers=1)
     proc = run_cli("export", src, "-o", tmp_path / "out")

@@ -111,3 +111,39 @@ def test_opt125m_shapes_export_matches_torch_and_maps_12_layers(opt125m):
     assert all(layer["num_heads"] == 12 and layer["head_dim"] == 64 for layer in desc["layers"])
     assert all(layer["point_channels"] == {"R1": 768, "R2": 768, "R3": 768, "R4": 768, "R5": 3072}
                for layer in desc["layers"])
+
+
+def test_exporter_failure_is_one_error_and_writes_nothing(opt_dir, tmp_path, monkeypatch):
+    from rptq_onnx import export as export_module
+    from rptq_onnx.errors import RptqError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported operator aten::foo\n  long torch.export trace ...")
+
+    monkeypatch.setattr(export_module, "to_onnx", broken)
+    with pytest.raises(RptqError, match=r"dynamo exporter failed \(Unsupported operator aten::foo\); try --exporter torchscript"):
+        export(str(opt_dir("l1h32")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_staged_output_replaces_what_it_owns_and_keeps_the_rest(tmp_path):
+    from rptq_onnx.graph import replaced_atomically, staged_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model.onnx", "model.onnx.data", "report.md", "notes.txt"):
+        (out / name).write_text("old")
+    (out / "report").mkdir()
+    with staged_output(out, owns=("model.onnx", "model.onnx.data", "report.md", "report")) as stage:
+        (stage / "model.onnx").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "notes.txt"]  # no stale .data or report
+    assert (out / "model.onnx").read_text() == "new" and (out / "notes.txt").read_text() == "old"
+    with pytest.raises(RuntimeError), staged_output(out, owns=("model.onnx",)) as stage:
+        (stage / "model.onnx").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (out / "model.onnx").read_text() == "new"  # a failed run leaves the output as it was
+    with pytest.raises(RuntimeError), replaced_atomically(out / "notes.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert (out / "notes.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and len(list(out.iterdir())) == 2

@@ -47,9 +47,20 @@ def test_stops_at_positions_and_eos(compiled_text_opt):
     gen = Generator(compiled_text_opt("W4A4KV"))
     out = gen.generate_ids([list(range(5, 5 + gen.max_positions - 4))], max_new_tokens=10, stop_at_eos=False)
     assert out.truncated and len(out.new_tokens[0]) == 4
-    gen.eos_id = int(gen.generate_ids([[5, 6, 7]], max_new_tokens=1).new_tokens[0][0])  # force an early EOS
+    first = int(gen.generate_ids([[5, 6, 7]], max_new_tokens=1).new_tokens[0][0])
+    gen.stop_ids = [gen.eos_id, first]  # force an early stop, as a second EOS id would
     out = gen.generate_ids([[5, 6, 7]], max_new_tokens=10)
     assert out.new_tokens == [[]] and out.step_seconds == []
+
+
+def test_stop_ids_include_generation_config(tmp_path):
+    from rptq_onnx.generate import _stop_ids
+
+    assert _stop_ids(2, tmp_path) == [2]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 128009]}')
+    assert _stop_ids(2, tmp_path) == [2, 128009]  # e.g. Llama-3-Instruct's end of turn
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 7}')
+    assert _stop_ids(None, tmp_path) == [7]
 
 
 @pytest.mark.parametrize("which", ["fp", "W4A4KV", "W8A8"])

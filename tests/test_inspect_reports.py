@@ -88,6 +88,6 @@ def test_compile_report_bundle(outlier_models, tmp_path):
     text = (out / "report.md").read_text()
     for section in ("## Cluster plan", "## Channel ranges", "## Per-point error", "## Memory"):
         assert section in text
-    assert "| 1 | R3 v |" in text  # one SQNR row per layer × quantized point
+    assert "| 1 | R3 v (V cache) |" in text  # one SQNR row per layer × quantized point
     for png in ("ranges-R1.png", "ranges-R4.png", "sqnr.png"):
         assert (out / "report" / png).read_bytes()[:8] == PNG_MAGIC

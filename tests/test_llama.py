@@ -10,10 +10,11 @@ from onnx import numpy_helper
 
 from rptq_onnx.anatomy import find_layers
 from rptq_onnx.calibrate import feeds_for, position_ids
-from rptq_onnx.clustering import plan_pair_clusters
+from rptq_onnx.clustering import plan_clusters, plan_pair_clusters
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 from rptq_onnx.export import head_dim_of, to_onnx
+from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex
 from rptq_onnx.models import random_llama
 from rptq_onnx.passes.fold_reorder import FoldReport, _Initializers, _permute_output
@@ -67,11 +68,14 @@ def _random_config(rng, case):
                 rope_theta=float(rng.choice([1e4, 1e5])))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])  # Qwen2: q/k/v biases
-def test_export_matches_torch_with_left_padding_and_a_decode_step(model_type):
-    hf = random_llama(3, model_type=model_type, num_key_value_heads=1)  # 4 query heads share one K/V head
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {})],
+                         ids=["llama", "mistral-window6", "qwen2"])  # Qwen2: q/k/v biases
+def test_export_matches_torch_with_left_padding_and_a_decode_step(model_type, extra):
+    hf = random_llama(3, model_type=model_type, num_key_value_heads=1, **extra)  # 4 query heads, one K/V head
     graph = to_onnx(hf, with_past=True)
     layers = find_layers(graph)
+    assert all((lay.past_key, lay.present_key) == (f"past_key_values.{lay.index}.key", f"present.{lay.index}.key")
+               for lay in layers)  # a KV cache the 4-bit pass can find (Mistral's window too)
     ids, mask = _padded(np.random.default_rng(0), hf.config.vocab_size)
     out = _run(graph, ids, mask, layers)
     with torch.no_grad():
@@ -119,6 +123,19 @@ def test_layer_map_finds_every_llama_part(exporter, kv_heads):
         assert (layer.past_key, layer.present_value) == (f"past_key_values.{layer.index}.key",
                                                          f"present.{layer.index}.value")
         assert layer.points()["R5"] == (layer.fc2.input,)
+
+
+def test_an_unsupported_rope_table_layout_is_one_error():
+    """The R2 fold permutes cos/sin per head, so the tables must be [B, 1, S, D] (one row for every head)."""
+    graph = to_onnx(random_llama(2), with_past=True)
+    rope = find_layers(graph)[0].q_rope
+    index = GraphIndex(graph)
+    table = index.node_by_name[rope.cos_mul].input[rope.cos_input]
+    unsqueeze = index.producer[table]
+    graph.graph.initializer.append(numpy_helper.from_array(np.array([2], np.int64), "test.axis2"))
+    unsqueeze.input[1] = "test.axis2"
+    with pytest.raises(RptqError, match=r"rotary table .* is not \[B, 1, S, D\]"):
+        find_layers(graph)
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -196,6 +213,22 @@ def test_pair_clusters_keep_rope_pairs_and_serve_query_heads():
     for h in range(4):
         np.testing.assert_array_equal(q.index[h * d:(h + 1) * d] - h * d, plan.index[(h // 2) * d:(h // 2 + 1) * d] - (h // 2) * d)
     assert len(set(q.labels()[:d]) & set(q.labels()[d:2 * d])) == 0  # each query head has its own scales
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_expand_heads_when_a_head_has_fewer_clusters(pairs):
+    """A dead K/V head (all channels alike) gets one cluster from KMeans, the other head k."""
+    d, k = 8, 3
+    features = np.random.default_rng(0).normal(size=(2 * d, 2))
+    features[d:] = 0.0
+    plan = (plan_pair_clusters if pairs else plan_clusters)(features, k, heads=2)
+    assert plan.num_clusters == k + 1
+    q = plan.expand_heads(2)
+    assert q.num_clusters == 2 * (k + 1)
+    for h in range(4):
+        g = h // 2
+        np.testing.assert_array_equal(q.index[h * d:(h + 1) * d] - h * d, plan.index[g * d:(g + 1) * d] - g * d)
+        assert len(set(q.labels()[h * d:(h + 1) * d])) == (k if g == 0 else 1)
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def test_bad_input():
 
 
 def test_llama_shape_counts_gqa_cache_and_three_mlp_linears():
-    from rptq_onnx.memory import LLAMA_CONFIGS, LlamaShape
+    from rptq_onnx.memory import LLAMA_CONFIGS, LlamaShape, resolve_shape
 
     # 2 layers, hidden 8, 4 query heads of 4 (16 channels), 1 K/V head, ffn 12, vocab 10, tied
     s = LlamaShape(layers=2, hidden=8, heads=4, ffn=12, kv_heads=1, head_dim=4, vocab=10)
@@ -67,6 +67,7 @@ def test_llama_shape_counts_gqa_cache_and_three_mlp_linears():
     assert m.weights == 1216 * 4 / 8 + 128 * 4 + 120 * 2
     smol = LLAMA_CONFIGS["smollm2-135m"]
     assert 134e6 < smol.linear_params + smol.other_params < 135e6
+    assert resolve_shape("smollm2") == smol  # the name export/compile take
     proc = run_cli("memory", "smollm2-135m", "--batch", "1", "--seqlen", "8192")
     assert proc.returncode == 0, proc.stderr
     assert "kv_heads × head_dim × kv/8 = 2 × 30 × 1 × 8192 × 192" in proc.stdout

@@ -11,6 +11,7 @@ from rptq_onnx.anatomy import Linear, find_layers
 from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
+from rptq_onnx.errors import RptqError
 from rptq_onnx.export import to_onnx
 from rptq_onnx.models import random_opt
 from rptq_onnx.passes.quantize_weights import quantize_weights
@@ -130,3 +131,5 @@ def test_group_size_falls_back_to_a_divisor():
     assert effective_group(1536, 128) == 128
     assert effective_group(576, 128) == 64  # SmolLM2's hidden size: MatMulNBits blocks of 64, not per channel
     assert effective_group(48, 128) == 16 and effective_group(40, 128) is None and effective_group(576, None) is None
+    with pytest.raises(RptqError, match="--group-size 8: use a power of two ≥ 16"):
+        QuantSpec(wbits=4, abits=16, group_size=8)  # smaller than any block MatMulNBits takes

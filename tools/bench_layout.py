@@ -1,10 +1,12 @@
 """Runtime cost of the two reorder layouts: zero-copy (no Gather) vs contiguous (Gather before R1/R4 LNs).
 
     python -m rptq_onnx.tools.bench_layout [--model MODEL.onnx] [--batch 1] [--seqlen 128] [--repeats 20]
+                                           [--tokens random|sotu-test|FILE]
 
 Compiles ``--preset reorder`` in both layouts (random calibration tokens: this measures
-speed and equality, not quality), then times ORT CPU prefill (median of --repeats runs) and
-reports the largest logits difference to the original graph.
+speed and equality, not quality), then times ORT CPU prefill (median of --repeats runs) on
+``--tokens`` (uniformly random ids by default, or windows of a text) and reports the largest
+logits difference to the original graph.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tokens", default="random",
+                        help="random (default: uniform ids), or a text to cut windows from: sotu-test or a file")
+    parser.add_argument("--fp64", action="store_true",
+                        help="also compare every graph with the torch model in float64 (the fp32 rounding floor)")
     args = parser.parse_args(argv)
 
     from rptq_onnx.calibrate import feeds_for
@@ -46,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = open_model(args)
     model, layers, vocab = bench.path, bench.layers, bench.vocab
-    ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seqlen))
+    if args.tokens == "random":
+        ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seqlen))
+    else:
+        from rptq_onnx.calibrate import calibration_windows
+
+        text = CalibConfig(source=args.tokens, nsamples=args.batch, seqlen=args.seqlen, seed=1)
+        ids = calibration_windows(text, Path(model).parent, vocab, None)
+    exact = _torch_fp64_logits(Path(model).parent, ids) if args.fp64 else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"original": model}
@@ -61,13 +74,34 @@ def main(argv: list[str] | None = None) -> int:
                           for n in load_model(path, load_weights=False).graph.node)
             ref = logits if ref is None else ref
             diff = float(np.abs(logits - ref).max() / np.abs(ref).max())
-            rows.append((name, gathers, ms, diff))
-    print(f"model {model}  (prefill {args.batch} × {args.seqlen}, ORT CPU, median of {args.repeats})")
-    print(f"| {'graph':<11} | {'reorder Gathers':>15} | {'prefill ms':>10} | {'÷ original':>10} | {'max |Δlogits| / max|logits|':>27} |")
-    print(f"|{'-' * 13}|{'-' * 17}|{'-' * 12}|{'-' * 12}|{'-' * 29}|")
-    for name, gathers, ms, diff in rows:
-        print(f"| {name:<11} | {gathers:>15} | {ms:>10.2f} | {ms / rows[0][2]:>10.3f} | {diff:>27.2e} |")
+            floor = float(np.abs(logits - exact).max() / np.abs(exact).max()) if exact is not None else None
+            rows.append((name, gathers, ms, diff, floor))
+    print(f"model {model}  (prefill {args.batch} × {args.seqlen} {args.tokens} tokens, ORT CPU, median of {args.repeats})")
+    extra = f" {'vs torch fp64':>13} |" if exact is not None else ""
+    print(f"| {'graph':<11} | {'reorder Gathers':>15} | {'prefill ms':>10} | {'÷ original':>10} | "
+          f"{'max |Δlogits| / max|logits|':>27} |{extra}")
+    print(f"|{'-' * 13}|{'-' * 17}|{'-' * 12}|{'-' * 12}|{'-' * 29}|" + ("-" * 15 + "|" if extra else ""))
+    for name, gathers, ms, diff, floor in rows:
+        tail = f" {floor:>13.2e} |" if floor is not None else ""
+        print(f"| {name:<11} | {gathers:>15} | {ms:>10.2f} | {ms / rows[0][2]:>10.3f} | {diff:>27.2e} |{tail}")
     return 0
+
+
+def _torch_fp64_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
+    """Logits of the model the export came from (export.json's source), run by torch in float64."""
+    import json
+
+    import torch
+
+    from rptq_onnx.calibrate import position_ids
+    from rptq_onnx.export import _load_torch_model, resolve_model_source
+
+    record = json.loads((model_dir / "export.json").read_text())
+    hf = _load_torch_model(resolve_model_source(record["source"])).to(torch.float64)
+    mask = np.ones_like(ids)
+    kwargs = {"position_ids": torch.tensor(position_ids(mask, ids.shape[1]))} if record["family"] == "llama" else {}
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs).logits.numpy()
 
 
 if __name__ == "__main__":
