@@ -109,6 +109,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rptq_onnx.compile import resolve_onnx_source
     from rptq_onnx.evaluate import load_text, perplexity
 
+    if args.seqlen is not None and args.seqlen < 2:
+        raise RptqError(f"--seqlen {args.seqlen}: a window needs ≥ 2 tokens to predict one")
     text = load_text(args.text)
     with tempfile.TemporaryDirectory(prefix="rptq-eval-") as tmp:
         model = resolve_onnx_source(args.model, Path(tmp), with_past=False)
@@ -332,11 +334,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# numeric flags and their smallest sensible value (checked for every command that has them)
+_MINIMUM = {"seqlen": 1, "max_tokens": 2, "batch_size": 1, "nsamples": 1, "seed": 0, "cloze": 0, "batch": 1,
+            "max_new_tokens": 1, "threads": 1}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name, low in _MINIMUM.items():
+        value = getattr(args, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < low:
+            flag = "--" + name.replace("_", "-")
+            raise RptqError(f"{flag} {value}: must be ≥ {low}")
+    for flag in ("ranges", "plot"):
+        path = getattr(args, flag, None)
+        if path and not str(path).lower().endswith(".png"):
+            raise RptqError(f"--{flag} {path}: the plot is written as PNG; give a path ending in .png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
+        _check_numbers(args)
         return args.func(args)
     except RptqError as exc:
         print(f"rptq-onnx: error: {exc}", file=sys.stderr)

@@ -25,16 +25,13 @@ from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
 from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
 from rptq_onnx.errors import RptqError
-from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
-from rptq_onnx.graph import MODEL_FILES, GraphIndex, check_output_dir, load_model, save_model, staged_output, weights_loaded
+from rptq_onnx.export import CLUSTERS_NAME, OWNED_FILES, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, export
+from rptq_onnx.graph import GraphIndex, check_output_dir, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder
 from rptq_onnx.quantize import quantize_graph
 from rptq_onnx.ranges import RANGES_NAME, save_ranges
-from rptq_onnx.report import MARKDOWN_NAME, REPORT_DIR
 
-CLUSTERS_NAME = "clusters.json"
-REPORT_NAME = "report.json"
 
 
 @dataclass(frozen=True)
@@ -224,9 +221,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
         }
         clusters = {"format": "rptq-onnx clusters", "version": 1, "layout": config.layout,
                     "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}
-        owns = (*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME, CLUSTERS_NAME, RANGES_NAME, REPORT_NAME, MARKDOWN_NAME,
-                REPORT_DIR)
-        with staged_output(out_dir, owns=owns) as stage:
+        with staged_output(out_dir, owns=OWNED_FILES) as stage:
             with timer.stage("save"):
                 save_model(folded, stage / "model.onnx")
                 for name in (*TOKENIZER_FILES, RECORD_NAME):

@@ -29,6 +29,8 @@ import onnx
 from rptq_onnx.bundled import named_model
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import MODEL_FILES, check_output_dir, save_model, staged_output
+from rptq_onnx.ranges import RANGES_NAME
+from rptq_onnx.report import MARKDOWN_NAME
 
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(18, 24)
@@ -40,9 +42,14 @@ EXPORTERS = ("dynamo", "torchscript")
 # q/k/v biases, which the layer map folds like OPT's)
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 RECORD_NAME = "export.json"
+CLUSTERS_NAME = "clusters.json"  # compile's outputs beside the model
+REPORT_NAME = "report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json", "config.json",
                    "chat_template.jinja", "tokenizer.model")
+# what export and compile write into OUT_DIR; writing there again removes those the new run lacks
+# (not report/: a user's own files may sit there beside the plots)
+OWNED_FILES = (*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME, CLUSTERS_NAME, REPORT_NAME, RANGES_NAME, MARKDOWN_NAME)
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ def export(model: str, out_dir: str | os.PathLike, with_past: bool = True, opset
         "outputs": [_io_record(v) for v in onnx_model.graph.output],
         "versions": _versions(),
     }
-    with staged_output(out_dir, owns=(*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME)) as stage:
+    with staged_output(out_dir, owns=OWNED_FILES) as stage:
         save_model(onnx_model, stage / "model.onnx")
         if source.gguf_file:
             _save_gguf_tokenizer(source, stage)

@@ -103,3 +103,25 @@ def test_directory_without_config(tmp_path):
 @pytest.mark.parametrize("opset", ["12", "30"])
 def test_bad_opset(opt_dir, tmp_path, opset):
     assert_one_line_error(run_cli("export", opt_dir("tiny"), "-o", tmp_path / "out", "--opset", opset), "--opset")
+
+
+@pytest.mark.parametrize("args,msg", [(["eval", "MODEL", "--seqlen", "1"], "--seqlen 1: a window needs ≥ 2 tokens"),
+                                      (["eval", "MODEL", "--batch-size", "0"], "--batch-size 0: must be ≥ 1"),
+                                      (["eval", "MODEL", "--max-tokens", "0"], "--max-tokens 0: must be ≥ 2"),
+                                      (["eval", "MODEL", "--cloze", "-5"], "--cloze -5: must be ≥ 0"),
+                                      (["generate", "MODEL", "--prompt", "x", "--seed", "-1"], "--seed -1: must be ≥ 0"),
+                                      (["inspect", "MODEL", "--ranges", "out.txt"], "give a path ending in .png")])
+def test_bad_numbers_and_plot_paths(exported, args, msg):
+    args = [exported("tiny") if a == "MODEL" else a for a in args]
+    assert_one_line_error(run_cli(*args), msg)
+
+
+def test_export_over_a_compiled_directory_leaves_no_compile_files(compiled_text_opt, text_opt, tmp_path):
+    import shutil
+
+    out = tmp_path / "reused"
+    shutil.copytree(compiled_text_opt("W4A4KV"), out)
+    (out / "mine.txt").write_text("keep")
+    assert run_cli("export", text_opt, "-o", out).returncode == 0
+    assert not any((out / n).exists() for n in ("clusters.json", "ranges.safetensors", "report.json"))
+    assert (out / "mine.txt").read_text() == "keep" and (out / "export.json").is_file()
