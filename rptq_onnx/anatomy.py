@@ -68,6 +68,10 @@ def tap_label(tap: str) -> str:
     point, what = TAP_POINTS[tap]
     return f"{point} {what}"
 
+
+# the activation Q/DQ points (``rptq.qdq.L{i}.{tap}``) in table order, with their labels
+QDQ_LABELS = {tap: tap_label(tap) for tap in ("attn_ln", "q", "k", "v", "out_in", "ffn_ln", "fc2_in", "P")}
+
 # Ops that carry a tensor's values to another layout without mixing channels of different
 # tokens; the walks below pass through them. Input 0 is the data input unless listed below.
 # Compiled graphs add QuantizeLinear → [Clip] → DequantizeLinear on the data path.
@@ -514,10 +518,9 @@ class _Matcher:
         node = self.g.producer.get(self.skip_casts(table))
         if node is not None and node.op_type == "Squeeze" and node.name.startswith("rptq.reorder."):
             return True
-        if node is None or node.op_type != "Unsqueeze":
+        if node is None or node.op_type != "Unsqueeze" or len(node.input) < 2:  # opset ≥ 13: axes is an input
             return False
-        axes = self.g.constant_value(node.input[1]) if len(node.input) > 1 else \
-            next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axes"), None)
+        axes = self.g.constant_value(node.input[1])
         return axes is not None and np.asarray(axes).ravel().tolist() == [1]
 
     def _rotated_half_of(self, tensor: str) -> str | None:
@@ -538,12 +541,10 @@ class _Matcher:
         first = self.g.producer.get(neg.input[0])
         if first is None or first.op_type != "Slice" or first.input[0] != second.input[0]:
             return None
-        starts, ends = (self._slice_arg(first, 1), self._slice_arg(second, 1)), (self._slice_arg(first, 2),
-                                                                                 self._slice_arg(second, 2))
-        if any(self._slice_arg(s, 3) not in (-1, 3) for s in (first, second)) or \
-                any(self._slice_arg(s, 4, default=1) != 1 for s in (first, second)):
-            return None
-        if starts[1] != 0 or (starts[0] is not None and ends[1] is not None and starts[0] != ends[1]):
+        if any(self._slice_arg(s, 3) not in (-1, 3) or self._slice_arg(s, 4, default=1) != 1 for s in (first, second)):
+            return None  # not a unit-step slice of the last axis
+        split, end = self._slice_arg(first, 1), self._slice_arg(second, 2)
+        if self._slice_arg(second, 1) != 0 or (split is not None and end is not None and split != end):
             return None  # not [D/2:] and [:D/2]
         return second.input[0]
 

@@ -107,8 +107,10 @@ def staged_output(out_dir: str | os.PathLike, owns: Iterable[str] = ()) -> Itera
         for name in sorted(set(owns) - {item.name for item in written}):
             _remove(out_dir / name)  # stale from an earlier run
         for item in written:
-            _remove(out_dir / item.name)
-            os.replace(item, out_dir / item.name)
+            target = out_dir / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)  # a file is replaced atomically
     except BaseException:
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from rptq_onnx.anatomy import map_model, tap_label
+from rptq_onnx.anatomy import QDQ_LABELS, map_model
 from rptq_onnx.compile import load_cluster_plans
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, load_model
@@ -60,7 +60,7 @@ def describe(model_path: str | os.PathLike) -> dict:
     }
 
 
-QDQ_TAGS = {tap: tap_label(tap) for tap in ("attn_ln", "q", "k", "v", "out_in", "ffn_ln", "fc2_in", "P")}
+QDQ_TAGS = QDQ_LABELS
 
 
 def quantization_summary(model: onnx.ModelProto, layers) -> list[dict]:

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from rptq_onnx.anatomy import tap_label
+from rptq_onnx.anatomy import QDQ_LABELS
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model, rename_inputs, replaced_atomically
 
 QDQ_NAME = re.compile(r"^rptq\.qdq\.L(\d+)\.(\w+)\.quantize$")
-POINT_LABELS = {tap: tap_label(tap) for tap in ("attn_ln", "q", "k", "v", "out_in", "ffn_ln", "fc2_in", "P")}
+POINT_LABELS = QDQ_LABELS
 
 
 def qdq_points(model: onnx.ModelProto) -> list[tuple[int, str, str, str]]:
