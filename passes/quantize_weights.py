@@ -5,9 +5,14 @@ Two forms, both reading the same ``QuantizedWeight`` (codes, per-channel or per-
 - ``dq``: a standard ``DequantizeLinear`` of a uint4 (≤ 4 bits; 3-bit codes live in 0..7) or
   uint8 initializer feeding the original MatMul/Gemm. The file holds low-bit weights; at run
   time ONNX Runtime dequantizes them and multiplies in float (simulated).
-- ``matmulnbits``: ``com.microsoft:MatMulNBits`` (4 bits, block quantization along the input),
-  ONNX Runtime's real low-bit GEMM on CPU and CUDA. Used for weight-only presets, where the
-  activation is not itself Q/DQ'd.
+- ``matmulnbits``: ``com.microsoft:MatMulNBits`` (4 or 8 bits, block quantization along the
+  input), ONNX Runtime's real low-bit GEMM on CPU and CUDA: the weights stay packed in memory.
+  Its float input may be the output of an activation Q/DQ. Per-output-channel codes are carried
+  exactly by blocks that all repeat the row's scale and zero point; 3-bit codes (0..7) sit in
+  the 4-bit kernel unchanged.
+
+ORT constant-folds ``DequantizeLinear`` of a constant weight into a float initializer when it
+creates a session, so the ``dq`` form is low-bit in the file only; ``matmulnbits`` is the default.
 """
 
 from __future__ import annotations
@@ -20,10 +25,24 @@ from rptq_onnx.anatomy import Linear
 from rptq_onnx.quant import QuantizedWeight, pack_uint4
 
 MATMULNBITS_BLOCKS = (16, 32, 64, 128, 256)
+PER_CHANNEL_BLOCKS = (128, 64, 32, 16, 256)  # per-channel codes: the first that divides the input size
+
+
+def nbits_kernel_bits(bits: int) -> int:
+    """MatMulNBits' ``bits`` attribute for n-bit codes: 4 (codes ≤ 4 bits) or 8."""
+    return 4 if bits <= 4 else 8
+
+
+def matmulnbits_block(qw: QuantizedWeight) -> int | None:
+    """The MatMulNBits block size that carries ``qw`` exactly, or None if none does."""
+    k = qw.codes.shape[1]
+    if qw.group_size is not None:
+        return qw.group_size if qw.group_size in MATMULNBITS_BLOCKS and k % qw.group_size == 0 else None
+    return next((b for b in PER_CHANNEL_BLOCKS if k % b == 0), None)
 
 
 def matmulnbits_ok(qw: QuantizedWeight) -> bool:
-    return qw.bits == 4 and qw.group_size in MATMULNBITS_BLOCKS and qw.codes.shape[1] % qw.group_size == 0
+    return qw.bits in (3, 4, 8) and matmulnbits_block(qw) is not None
 
 
 def _uint_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
@@ -59,18 +78,23 @@ def _dq_form(g: onnx.GraphProto, node: onnx.NodeProto, lin: Linear, qw: Quantize
 
 def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, prefix: str, g: onnx.GraphProto):
     n, k = qw.codes.shape
-    bs = qw.group_size
+    bs = matmulnbits_block(qw)
     blocks = k // bs
-    packed = pack_uint4(qw.codes.reshape(n, blocks, bs))  # [N, K/bs, bs/2]
-    zp = pack_uint4(qw.zero_point.reshape(n, blocks))  # [N, ceil(K/bs / 2)]
-    g.initializer.append(numpy_helper.from_array(packed, f"{prefix}.B"))
-    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(qw.scale.astype(np.float32).reshape(-1)),
+    scale, zp = qw.scale, qw.zero_point  # [N, groups]; per channel: one group, repeated over the blocks
+    if qw.group_size is None:
+        scale, zp = np.repeat(scale, blocks, axis=1), np.repeat(zp, blocks, axis=1)
+    bits = nbits_kernel_bits(qw.bits)
+    codes = np.ascontiguousarray(qw.codes.reshape(n, blocks, bs).astype(np.uint8))
+    if bits == 4:
+        codes, zp = pack_uint4(codes), pack_uint4(zp)  # [N, K/bs, bs/2], [N, ceil(K/bs / 2)]
+    g.initializer.append(numpy_helper.from_array(codes, f"{prefix}.B"))
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scale.astype(np.float32).reshape(-1)),
                                                  f"{prefix}.scales"))
-    g.initializer.append(numpy_helper.from_array(zp, f"{prefix}.zero_points"))
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(zp.astype(np.uint8)), f"{prefix}.zero_points"))
     out = node.output[0]
     mm_out = out if node.op_type == "MatMul" or not lin.bias else f"{prefix}.matmul"
     new = [helper.make_node("MatMulNBits", [node.input[0], f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"],
-                            [mm_out], name=f"{prefix}.matmulnbits", domain="com.microsoft", K=k, N=n, bits=4,
+                            [mm_out], name=f"{prefix}.matmulnbits", domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=bs)]
     if node.op_type == "Gemm" and lin.bias:
         new.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=f"{prefix}.bias"))

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--observer", default="ema", choices=("ema", "minmax"),
                    help="activation ranges: the reference's EMA min/max (default) or plain min/max")
     p.add_argument("--no-matmulnbits", action="store_true",
-                   help="weight-only 4-bit: keep DequantizeLinear+MatMul instead of MatMulNBits")
+                   help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
+                        "MatMulNBits (packed in memory)")
     p.add_argument("--float-cache", action="store_true",
                    help="with-past graphs: keep the KV cache in float (K/V still fake-quantized) instead of "
                         "uint4/uint8 codes between decode steps")

@@ -127,7 +127,7 @@ def format_placement(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"{r['node']:{width}s}  {r['op']:16s}  {r['provider']:32s}  {r['verdict']}")
     s = report["summary"]
-    lines += ["", f"{s['gemms']} GEMMs, {s['matmulnbits']} MatMulNBits (real 4-bit kernels); "
+    lines += ["", f"{s['gemms']} GEMMs, {s['matmulnbits']} MatMulNBits (real low-bit kernels); "
               + ", ".join(f"{k} {v}" for k, v in sorted(s["by_kind"].items())),
               "providers: " + ", ".join(f"{k} {v}" for k, v in sorted(s["by_provider"].items()))]
     return "\n".join(lines)

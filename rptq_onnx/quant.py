@@ -169,3 +169,26 @@ def pack_uint4(codes: np.ndarray) -> np.ndarray:
     if codes.shape[-1] % 2:
         codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
     return (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
+
+
+def unpack_uint4(packed: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` 4-bit values along the last axis of ``packed`` (the inverse of ``pack_uint4``)."""
+    packed = np.asarray(packed, np.uint8)
+    both = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return both[..., :count]
+
+
+def dequantize_matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int,
+                           bits: int, block_size: int) -> np.ndarray:
+    """The float weight [N, K] that a ``com.microsoft:MatMulNBits`` node multiplies by."""
+    blocks = -(-k // block_size)
+    codes = b.reshape(n, blocks, -1)
+    if bits == 4:
+        codes = unpack_uint4(codes, block_size)
+    if zero_points is None:
+        zp = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    else:
+        zp = zero_points.reshape(n, -1)
+        zp = unpack_uint4(zp, blocks) if bits == 4 else zp[:, :blocks]
+    w = (codes.astype(np.float32) - zp[..., None].astype(np.float32)) * scales.reshape(n, blocks, 1)
+    return w.reshape(n, -1)[:, :k].astype(np.float32)

@@ -19,6 +19,7 @@ import onnx
 
 from rptq_onnx.anatomy import Linear, Norm, DecoderLayer
 from rptq_onnx.graph import GraphIndex
+from rptq_onnx.quant import dequantize_matmulnbits
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ class LayerReference:
     def weight(self, lin: Linear) -> np.ndarray:
         """The weight as [in, out] float32, dequantized here from its codes when stored low-bit."""
         node = self.g.node_by_name[lin.node]
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            zp = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            w = dequantize_matmulnbits(self.const(node.input[1]), self.const(node.input[2]), zp, attrs["K"], attrs["N"],
+                                       attrs["bits"], attrs["block_size"])
+            return w.T
         producer = self.g.producer.get(node.input[1])
         if producer is not None and producer.op_type == "DequantizeLinear":
             codes = self.const(producer.input[0]).astype(np.float32)

@@ -10,16 +10,25 @@ from rptq_onnx.placement import placement
 from test_cli import run_cli
 
 
-def test_w4a16_runs_matmulnbits_and_w4a8_does_not(compiled_text_opt):
-    w4a16 = placement(compiled_text_opt("W4A16"))
-    nbits = [r for r in w4a16["rows"] if r["op"] == "MatMulNBits"]
-    assert nbits and all(r["kind"] == "real" and r["provider"] == "CPUExecutionProvider" for r in nbits)
-    w4a8 = placement(compiled_text_opt("W4A8"))
-    assert w4a8["summary"]["matmulnbits"] == 0
-    gemms = [r for r in w4a8["rows"] if r["op"] in ("MatMul", "Gemm")]
-    weights = [r for r in gemms if "low-bit weights" in r["verdict"]]
-    assert len(weights) == 6 * 2  # six linears per layer, two layers
-    assert sum(r["kind"] == "simulated" for r in gemms) == 8 * 2  # + QKᵀ and PV on fake-quantized q/k/P/v
+def test_every_weight_preset_runs_matmulnbits(compiled_text_opt):
+    """W4A16 and W4A8 (activation Q/DQ in front) both keep their weights packed: MatMulNBits on the CPU EP."""
+    for preset in ("W4A16", "W4A8"):
+        report = placement(compiled_text_opt(preset))
+        nbits = [r for r in report["rows"] if r["op"] == "MatMulNBits"]
+        assert len(nbits) == 6 * 2  # six linears per layer, two layers
+        assert all(r["kind"] == "real" and r["provider"] == "CPUExecutionProvider" for r in nbits)
+        assert not [r for r in report["rows"] if r["kind"] == "weights"]  # nothing dequantized to float
+    gemms = [r for r in placement(compiled_text_opt("W4A8"))["rows"] if r["op"] in ("MatMul", "Gemm")]
+    assert sum(r["kind"] == "simulated" for r in gemms) == 2 * 2  # QKᵀ and PV on fake-quantized q/k/P/v
+    assert [r["kind"] for r in gemms if r["kind"] != "simulated"] == ["float"]  # the (tied, float) LM head
+
+
+def test_dequantize_linear_weights_are_folded_to_float(compiled_text_opt):
+    """--no-matmulnbits: the weights are DequantizeLinear codes, which ORT constant-folds to float."""
+    report = placement(compiled_text_opt("W4A8", matmulnbits=False))
+    assert report["summary"]["matmulnbits"] == 0
+    gemms = [r for r in report["rows"] if r["op"] in ("MatMul", "Gemm")]
+    assert len([r for r in gemms if "low-bit weights" in r["verdict"]]) == 6 * 2
 
 
 def test_every_gemm_and_qdq_is_listed(compiled_text_opt):
@@ -32,7 +41,7 @@ def test_every_gemm_and_qdq_is_listed(compiled_text_opt):
     kv = [r for r in report["rows"] if r["node"].startswith("rptq.kv.")]
     assert kv and all(r["kind"] == "real" for r in kv)
     # weight DequantizeLinear of constants is folded by ORT at session creation: float weights in memory
-    weights = [r for r in report["rows"] if r["kind"] == "weights"]
+    weights = [r for r in placement(compiled_text_opt("W4A4KV", matmulnbits=False))["rows"] if r["kind"] == "weights"]
     assert weights and all("constant-folded" in r["verdict"] for r in weights)
 
 

@@ -15,7 +15,7 @@ from rptq_onnx.errors import RptqError
 from rptq_onnx.export import to_onnx
 from rptq_onnx.models import random_opt
 from rptq_onnx.passes.quantize_weights import quantize_weights
-from rptq_onnx.quant import pack_uint4, quantize_gptq, quantize_rtn
+from rptq_onnx.quant import dequantize_matmulnbits, pack_uint4, quantize_gptq, quantize_rtn
 from rptq_onnx.runtime import make_session
 
 IN, OUT = 256, 96
@@ -59,13 +59,21 @@ def test_dq_form_equals_dequantized_matmul(layout, bits, group):
 
 
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
-@pytest.mark.parametrize("block", [32, 64, 128])
-def test_matmulnbits_equals_dq_matmul(layout, block):
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 64), (4, 128), (4, None), (3, None), (8, None), (8, 64)])
+def test_matmulnbits_equals_dq_matmul(layout, bits, block):
+    """Grouped and per-channel codes, 3/4/8 bits: MatMulNBits computes the same as DequantizeLinear+MatMul,
+    and its packed blocks dequantize (reference.py's reader) to exactly the codes' weight."""
     model, lin, w, _ = _linear_graph(layout)
-    qw = quantize_rtn(w, 4, block)
+    qw = quantize_rtn(w, bits, block)
     nbits, report = quantize_weights(model, {"lin": (lin, qw)}, form="matmulnbits")
     assert report == {"dq": 0, "matmulnbits": 1}
-    assert [n.op_type for n in nbits.graph.node].count("MatMulNBits") == 1
+    node = next(n for n in nbits.graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["bits"] == (8 if bits == 8 else 4)
+    inits = {t.name: numpy_helper.to_array(t) for t in nbits.graph.initializer}
+    w_nbits = dequantize_matmulnbits(inits[node.input[1]], inits[node.input[2]], inits[node.input[3]], attrs["K"],
+                                     attrs["N"], attrs["bits"], attrs["block_size"])
+    np.testing.assert_array_equal(w_nbits, qw.dequantize())
     dq, _ = quantize_weights(model, {"lin": (lin, qw)}, form="dq")
     x = np.random.default_rng(2).normal(size=(3, IN)).astype(np.float32)
     a, ref = _run(nbits, x), _run(dq, x)
