@@ -139,7 +139,10 @@ def feeds_for(session, input_ids: np.ndarray, layers: list[DecoderLayer] | None 
             dims = (inp.shape[1], inp.shape[3])
         if dims is None:
             raise RptqError(f"the graph has an input '{inp.name}' that rptq-onnx does not know how to feed")
-        feed[inp.name] = np.zeros((b, dims[0], 0, dims[1]), np.float32)
+        if isinstance(inp.shape[3], int):  # fused attention's int8 / packed 4-bit cache: [B, kv_heads, T, D or D/2]
+            dims = (dims[0], inp.shape[3])
+        dtype = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(inp.type, np.float32)
+        feed[inp.name] = np.zeros((b, dims[0], 0, dims[1]), dtype)
     return feed
 
 

@@ -88,7 +88,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                                  weight_quant=args.weight_quant, group_size=args.group_size, observer=args.observer,
                                  matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
-                           layout=args.layout, quant=quant)
+                           layout=args.layout, quant=quant, attention=args.attention)
     result = compile_model(args.model, args.output, config, with_past=args.with_past, progress=not args.quiet,
                            write_report=args.report)
     if args.calib == "random":
@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
                         "MatMulNBits (packed in memory)")
+    p.add_argument("--attention", default="eager", choices=("eager", "fused"),
+                   help="fused: each layer's attention and KV cache as one com.microsoft:GroupQueryAttention (a real "
+                        "int4/int8 cache kernel; K/V presets and presets that quantize no activations); eager "
+                        "(default): the exported MatMul/Softmax attention, every activation point visible")
     p.add_argument("--float-cache", action="store_true",
                    help="with-past graphs: keep the KV cache in float (K/V still fake-quantized) instead of "
                         "uint4/uint8 codes between decode steps")

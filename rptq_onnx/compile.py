@@ -29,6 +29,7 @@ from rptq_onnx.export import CLUSTERS_NAME, OWNED_FILES, RECORD_NAME, REPORT_NAM
 from rptq_onnx.graph import GraphIndex, check_output_dir, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder
+from rptq_onnx.passes.fuse_attention import fuse_attention
 from rptq_onnx.quantize import quantize_graph
 from rptq_onnx.ranges import RANGES_NAME, save_ranges
 
@@ -157,6 +158,9 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     used instead of calibrating again (with Hessians when GPTQ needs them).
     """
     _check_uncompiled(graph, model_path)
+    if config.attention == "fused" and not all(layer.past_key and layer.present_key for layer in layers):
+        raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); export with "
+                        "--with-past, or use --attention eager")
     timer = timer or _Timer()
     q = config.quant
     hessians = q.quantizes_weights and q.weight_quant == "gptq"
@@ -177,6 +181,9 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
         with timer.stage("quantize"):
             folded_layers = find_layers(folded)
             folded, quant_report = quantize_graph(folded, layers, folded_layers, plans, calib, config, progress)
+    if config.attention == "fused":
+        with timer.stage("fuse"):
+            folded, quant_report["attention"] = fuse_attention(folded, cache_bits=config.fused_cache_bits)
     return Compiled(model=folded, plans=plans, fold=fold_report, quant=quant_report, calibration=calib)
 
 

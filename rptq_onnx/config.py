@@ -26,6 +26,7 @@ ABITS = (3, 4, 5, 6, 7, 8, 16)
 WEIGHT_QUANT = ("gptq", "rtn")
 OBSERVERS = ("ema", "minmax")
 LAYOUTS = ("zero-copy", "contiguous")
+ATTENTION = ("eager", "fused")  # fused: one com.microsoft:GroupQueryAttention per layer over the (low-bit) cache
 PER_CHANNEL = 0  # a cluster count meaning "one cluster per channel" (--clusters R1=ch)
 PER_TENSOR = -1  # "one scale for the whole tensor", across heads too (--clusters all=tensor)
 
@@ -169,12 +170,25 @@ class CompileConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     layout: str = "zero-copy"
     quant: QuantSpec = field(default_factory=QuantSpec)
+    attention: str = "eager"
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise RptqError(f"--preset {self.preset} is not available; choose one of {', '.join(PRESETS)}")
         if self.layout not in LAYOUTS:
             raise RptqError(f"--layout {self.layout} is unknown; choose one of {', '.join(LAYOUTS)}")
+        if self.attention not in ATTENTION:
+            raise RptqError(f"--attention {self.attention} is unknown; choose one of {', '.join(ATTENTION)}")
+        q = self.quant
+        if self.attention == "fused" and q.quantizes_activations and not q.kv_only:
+            raise RptqError(f"--attention fused cannot apply to {self.name}: it quantizes the softmax output P, which "
+                            "GroupQueryAttention cannot; use a KV preset (W4A4KV, …) or --attention eager")
+
+    @property
+    def fused_cache_bits(self) -> int | None:
+        """With fused attention: the K/V bit width of the kernel's low-bit cache, or None (float cache)."""
+        q = self.quant
+        return q.abits if (self.attention == "fused" and q.quantizes_activations and not q.float_cache) else None
 
     @property
     def name(self) -> str:
@@ -189,4 +203,4 @@ class CompileConfig:
     def from_json(cls, text: str) -> CompileConfig:
         d = json.loads(text)
         return cls(preset=d["preset"], clusters=ClusterCounts(**d["clusters"]), calib=CalibConfig(**d["calib"]),
-                   layout=d["layout"], quant=QuantSpec(**d.get("quant", {})))
+                   layout=d["layout"], quant=QuantSpec(**d.get("quant", {})), attention=d.get("attention", "eager"))

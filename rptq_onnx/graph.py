@@ -321,3 +321,22 @@ def insert_nodes(graph: onnx.GraphProto, after: dict[str, list[onnx.NodeProto]],
     ordered[:0] = [n for nodes in after.values() for n in nodes]
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def prune_dead_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes no graph output depends on, then initializers nothing reads; returns nodes removed."""
+    g = model.graph
+    live = {o.name for o in g.output}
+    kept = []
+    for node in reversed(topological_order(g.node, [i.name for i in g.input])):
+        if any(t in live for t in node.output if t):
+            kept.append(node)
+            live.update(_all_inputs(node))
+    removed = len(g.node) - len(kept)
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    inits = [t for t in g.initializer if t.name in live]
+    if len(inits) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(inits)
+    return removed

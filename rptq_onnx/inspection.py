@@ -18,15 +18,9 @@ from rptq_onnx.graph import GraphIndex, load_model
 def describe(model_path: str | os.PathLike) -> dict:
     """Everything `inspect` prints, as plain data (JSON-serialisable)."""
     model = load_model(model_path, load_weights=False)
+    if any(n.op_type == "GroupQueryAttention" and n.name.startswith("rptq.attn.") for n in model.graph.node):
+        return _describe_fused(model_path, model)
     mm = map_model(model)
-    init_bytes: Counter[str] = Counter()
-    for init in model.graph.initializer:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-        count = 1
-        for d in init.dims:
-            count *= d
-        bits = 4 if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else dtype.itemsize * 8
-        init_bytes[onnx.helper.tensor_dtype_to_string(init.data_type).removeprefix("TensorProto.").lower()] += (count * bits + 7) // 8
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     compiled = _compile_config(model)
     plans = load_cluster_plans(model_path)
@@ -52,12 +46,70 @@ def describe(model_path: str | os.PathLike) -> dict:
         "outputs": [v.name for v in model.graph.output],
         "node_count": len(model.graph.node),
         "op_counts": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
-        "initializer_bytes": dict(sorted(init_bytes.items())),
+        "initializer_bytes": _initializer_bytes(model),
         "shared_initializers": sorted(mm.shared_initializers),
         "compiled": compiled,
         "layers": layers,
         "quantization": quantization_summary(model, mm.layers) if compiled else None,
     }
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    init_bytes: Counter[str] = Counter()
+    for init in model.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        count = int(np.prod(init.dims)) if init.dims else 1
+        bits = 4 if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else dtype.itemsize * 8
+        init_bytes[onnx.helper.tensor_dtype_to_string(init.data_type).removeprefix("TensorProto.").lower()] += (count * bits + 7) // 8
+    return dict(sorted(init_bytes.items()))
+
+
+def _describe_fused(model_path, model: onnx.ModelProto) -> dict:
+    """A graph whose attention rptq-onnx fused into GroupQueryAttention: the layer map's eager anchors
+    (QKᵀ, Softmax) are gone, so layers are read off the GQA nodes and the compile's clusters.json."""
+    plans = load_cluster_plans(model_path)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    layers = []
+    for i, node in enumerate(gqa):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        d = {"index": i, "attention": node.name, "num_heads": attrs["num_heads"], "num_kv_heads": attrs["kv_num_heads"],
+             "kv_cache_bits": attrs.get("kv_cache_bit_width", 0) or None, "past_key": node.input[3],
+             "present_key": node.output[1]}
+        if plans is not None and i < len(plans):
+            d["clusters"] = {p: {"k": plan.num_clusters, "sizes": plan.cluster_sizes(), "heads": plan.heads}
+                             for p, plan in plans[i].items()}
+        layers.append(d)
+    past = next((v for v in model.graph.input if v.name.startswith("past_key_values.")), None)
+    cache = None
+    if past is not None:
+        t = past.type.tensor_type
+        cache = {"dtype": onnx.helper.tensor_dtype_to_string(t.elem_type).removeprefix("TensorProto.").lower(),
+                 "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
+                 "bits": layers[0]["kv_cache_bits"] if layers else None}
+    return {
+        "model": str(model_path), "fused_attention": True, "family": None,
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+        "num_layers": len(layers), "with_past": past is not None, "cache": cache,
+        "inputs": [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}],
+        "outputs": [v.name for v in model.graph.output], "node_count": len(model.graph.node),
+        "op_counts": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
+        "initializer_bytes": _initializer_bytes(model), "shared_initializers": [],
+        "compiled": _compile_config(model), "layers": layers, "quantization": None,
+    }
+
+
+def _format_fused(desc: dict) -> list[str]:
+    lines = [f"{desc['model']}: {desc['num_layers']} decoder layers, attention fused into "
+             "com.microsoft:GroupQueryAttention (rptq-onnx --attention fused)"]
+    cache = desc["cache"]
+    if cache:
+        bits = f"int{cache['bits']}" if cache["bits"] else "float"
+        lines.append(f"KV cache  {bits} per-channel, held by the kernel: {cache['dtype']} {cache['shape']}")
+    for layer in desc["layers"]:
+        cells = [f"{p} k={c['k']}" for p, c in layer.get("clusters", {}).items()]
+        lines.append(f"  layer {layer['index']}: {layer['num_heads']} heads / {layer['num_kv_heads']} kv heads"
+                     + (f"   clusters {' '.join(cells)}" if cells else ""))
+    return lines
 
 
 QDQ_TAGS = QDQ_LABELS
@@ -132,6 +184,8 @@ def _cache_line(cache: dict) -> str:
 
 def format_table(desc: dict) -> str:
     """A human-readable rendering of :func:`describe`."""
+    if desc.get("fused_attention"):
+        return "\n".join(_format_fused(desc) + _format_footer(desc))
     lines = [f"model     {desc['model']}",
              f"family    {desc['family']}   opset {desc['opset']}   layers {desc['num_layers']}   "
              f"cache {_cache_line(desc['cache']) if desc['with_past'] else 'none'}",
@@ -173,7 +227,11 @@ def format_table(desc: dict) -> str:
             verdicts = sorted({f"{v['op']} w{v['weight_bits']}" for v in layer["linears"].values()})
             lines.append(f"  layer {layer['layer']}: " + ("   ".join(cells) or "no activation Q/DQ"))
             lines.append(f"           linears: {', '.join(verdicts)}")
-    lines.append("")
+    return "\n".join(lines + _format_footer(desc))
+
+
+def _format_footer(desc: dict) -> list[str]:
+    lines = [""]
     lines.append(f"nodes     {desc['node_count']}: " + ", ".join(f"{k} {v}" for k, v in
                                                               sorted(desc["op_counts"].items(), key=lambda kv: -kv[1])))
     lines.append("weights   " + ", ".join(f"{k} {_human(v)}" for k, v in desc["initializer_bytes"].items()))
@@ -182,7 +240,7 @@ def format_table(desc: dict) -> str:
                  (f" ({', '.join(shared[:4])}{', …' if len(shared) > 4 else ''})" if shared else ""))
     lines.append(f"inputs    {', '.join(desc['inputs'][:4])}{', …' if len(desc['inputs']) > 4 else ''}")
     lines.append(f"outputs   {', '.join(desc['outputs'][:4])}{', …' if len(desc['outputs']) > 4 else ''}")
-    return "\n".join(lines)
+    return lines
 
 
 def _human(n: int) -> str:

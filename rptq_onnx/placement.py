@@ -33,7 +33,18 @@ def classify(model: onnx.ModelProto) -> list[dict]:
             rows.append({"node": node.name, "op": node.op_type, **_gemm_verdict(index, node)})
         elif node.op_type in QDQ:
             rows.append({"node": node.name, "op": node.op_type, **_qdq_verdict(index, node)})
+        elif node.op_type == "GroupQueryAttention":
+            rows.append({"node": node.name, "op": node.op_type, **_attention_verdict(node)})
     return rows
+
+
+def _attention_verdict(node: onnx.NodeProto) -> dict:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    bits = attrs.get("kv_cache_bit_width", 0)
+    if bits:
+        return {"kind": "real", "verdict": f"real low-bit kernel: fused attention over an int{bits} KV cache "
+                                           "(GroupQueryAttention, per-channel scales)"}
+    return {"kind": "float", "verdict": "fused attention, float KV cache (GroupQueryAttention)"}
 
 
 def _gemm_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:

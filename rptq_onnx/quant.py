@@ -51,6 +51,13 @@ def activation_qparams(ch_max: np.ndarray, ch_min: np.ndarray, labels: np.ndarra
     return QParams(scale=scale[labels].astype(np.float32), zero_point=zp[labels].astype(np.int64), bits=bits)
 
 
+def symmetric_activation_qparams(ch_max: np.ndarray, ch_min: np.ndarray, labels: np.ndarray, bits: int) -> QParams:
+    """As ``activation_qparams`` with each cluster's range made symmetric, [−a, a] with a = max(|hi|, |lo|):
+    the zero point is the middle of the grid, 2ⁿ⁻¹ (GroupQueryAttention's signed cache grid)."""
+    a = np.maximum(np.abs(np.asarray(ch_max, np.float64)), np.abs(np.asarray(ch_min, np.float64)))
+    return activation_qparams(a, -a, labels, bits)
+
+
 def fake_quant(x: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray]:
     """(integer codes, dequantized) of ``x`` [..., C], exactly as ONNX Q/DQ on axis −1 compute them."""
     x = np.asarray(x, np.float32)
@@ -192,3 +199,38 @@ def dequantize_matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.nd
         zp = unpack_uint4(zp, blocks) if bits == 4 else zp[:, :blocks]
     w = (codes.astype(np.float32) - zp[..., None].astype(np.float32)) * scales.reshape(n, blocks, 1)
     return w.reshape(n, -1)[:, :k].astype(np.float32)
+
+
+def dequantized_weight(index, lin) -> np.ndarray:
+    """A linear's weight as [in, out] float32, as the graph computes with it (``index``: a GraphIndex;
+    ``lin``: an anatomy Linear): float, DequantizeLinear codes (per channel or blocked) or MatMulNBits."""
+    import onnx
+
+    node = index.node_by_name[lin.node]
+
+    def const(name):
+        return np.asarray(index.constant_value(name))
+
+    if node.op_type == "MatMulNBits":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        zp = const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        return dequantize_matmulnbits(const(node.input[1]), const(node.input[2]), zp, attrs["K"], attrs["N"],
+                                      attrs["bits"], attrs["block_size"]).T
+    producer = index.producer.get(node.input[1])
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        codes = const(producer.input[0]).astype(np.float32)
+        scale = const(producer.input[1]).astype(np.float32)
+        zp = const(producer.input[2]).astype(np.float32)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in producer.attribute}
+        axis = attrs.get("axis", 1)
+        if "block_size" in attrs and scale.ndim == 2:
+            scale = np.repeat(scale, attrs["block_size"], axis=axis)
+            zp = np.repeat(zp, attrs["block_size"], axis=axis)
+        else:
+            shape = [1, 1]
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        w = (codes - zp) * scale
+    else:
+        w = const(node.input[1]).astype(np.float32)
+    return w.T if lin.weight_layout == "out_in" else w

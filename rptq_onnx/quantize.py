@@ -30,7 +30,8 @@ from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
 from rptq_onnx.passes.fold_reorder import folded_points
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
 from rptq_onnx.passes.quantize_weights import quantize_weights
-from rptq_onnx.quant import QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn
+from rptq_onnx.quant import (QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn,
+                             symmetric_activation_qparams)
 
 # tap → the cluster plan point whose clusters (and, if folded, order) it has
 TAP_POINT = {tap: point for tap, (point, _) in TAP_POINTS.items()}
@@ -59,6 +60,12 @@ def channel_range(calib: Calibration, layer: int, tap: str, observer: str) -> tu
     return (st.ema if observer == "ema" else st.minmax).range()
 
 
+def symmetric_key(layer: DecoderLayer, config: CompileConfig) -> bool:
+    """K's grid must be symmetric: fused attention (GQA's cache has no zero point) and K after RoPE,
+    where no offset can be folded away (passes/fuse_attention.py)."""
+    return config.attention == "fused" and layer.q_rope is not None
+
+
 def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],
                       calib: Calibration, config: CompileConfig) -> list[QuantPoint]:
     q = config.quant
@@ -82,7 +89,8 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
             mx, mn = channel_range(calib, i, tap, q.observer)
             if index is not None:
                 mx, mn = mx[index], mn[index]
-            points.append(QuantPoint(tag=f"L{i}.{tap}", tensor=tensor, qparams=activation_qparams(mx, mn, labels, bits),
+            grid = symmetric_activation_qparams if (tap == "k" and symmetric_key(fl, config)) else activation_qparams
+            points.append(QuantPoint(tag=f"L{i}.{tap}", tensor=tensor, qparams=grid(mx, mn, labels, bits),
                                      heads=heads.get(tap, 0)))
         if not q.kv_only:
             p = QParams(scale=np.array([1 / 255], np.float32), zero_point=np.array([0]), bits=8)
@@ -152,7 +160,7 @@ def quantize_graph(folded: onnx.ModelProto, layers: list[DecoderLayer], folded_l
         report["activations"]["scale_range"] = [float(min(p.qparams.scale.min() for p in points)),
                                                 float(max(p.qparams.scale.max() for p in points))]
         caches = cache_tensors(folded_layers, points)
-        if caches and not q.float_cache:
+        if caches and not q.float_cache and config.attention == "eager":  # fused: the kernel keeps the cache
             model, report["kv_cache"] = quantize_kv_cache(model, caches)
     return model, report
 

@@ -19,7 +19,7 @@ import onnx
 
 from rptq_onnx.anatomy import Linear, Norm, DecoderLayer
 from rptq_onnx.graph import GraphIndex
-from rptq_onnx.quant import dequantize_matmulnbits
+from rptq_onnx.quant import dequantized_weight
 
 
 @dataclass(frozen=True)
@@ -63,32 +63,8 @@ class LayerReference:
         return np.asarray(self.g.constant_value(name))
 
     def weight(self, lin: Linear) -> np.ndarray:
-        """The weight as [in, out] float32, dequantized here from its codes when stored low-bit."""
-        node = self.g.node_by_name[lin.node]
-        if node.op_type == "MatMulNBits":
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            zp = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            w = dequantize_matmulnbits(self.const(node.input[1]), self.const(node.input[2]), zp, attrs["K"], attrs["N"],
-                                       attrs["bits"], attrs["block_size"])
-            return w.T
-        producer = self.g.producer.get(node.input[1])
-        if producer is not None and producer.op_type == "DequantizeLinear":
-            codes = self.const(producer.input[0]).astype(np.float32)
-            scale = self.const(producer.input[1]).astype(np.float32)
-            zp = self.const(producer.input[2]).astype(np.float32)
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in producer.attribute}
-            axis = attrs.get("axis", 1)
-            if "block_size" in attrs and scale.ndim == 2:
-                scale = np.repeat(scale, attrs["block_size"], axis=axis)
-                zp = np.repeat(zp, attrs["block_size"], axis=axis)
-            else:
-                shape = [1, 1]
-                shape[axis] = -1
-                scale, zp = scale.reshape(shape), zp.reshape(shape)
-            w = (codes - zp) * scale
-        else:
-            w = self.const(node.input[1]).astype(np.float32)
-        return w.T if lin.weight_layout == "out_in" else w
+        """The weight as [in, out] float32, dequantized from its codes when stored low-bit."""
+        return dequantized_weight(self.g, lin)
 
     def linear(self, x: np.ndarray, lin: Linear) -> np.ndarray:
         y = x @ self.weight(lin)

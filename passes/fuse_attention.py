@@ -1,0 +1,299 @@
+"""Pass: fuse each layer's eager attention into one ``com.microsoft:GroupQueryAttention`` (GQA).
+
+The exported graphs keep attention eager so that the RPTQ passes can see q, k, v and QKᵀ:
+
+    q ─ (Reshape, Transpose) ─┐
+    past_k ─ Concat(new k) ─ present_k ─ … ─ QKᵀ ─ [× scale] ─ + mask ─ Softmax ─ PV ─ Transpose ─ Reshape ─ out_proj
+    past_v ─ Concat(new v) ─ present_v ───────────────────────────────────────────┘
+
+This pass replaces all of it, per layer, by one GQA node over the same q, k and v ([B, S, C],
+k/v as fake-quantized by the KV presets), the graph's own additive mask as ``attention_bias``
+(causal and padding, exactly as eager), ``seqlens_k = total − 1`` for every row and
+``total_sequence_length`` read off ``attention_mask``. With ``cache_bits`` the cache is kept by
+the kernel in low bits: int8 [B, kv_heads, T, D] for 5–8 bits, or 4-bit codes two per byte,
+uint8 [B, kv_heads, T, D/2] (3-bit codes are −4..3 inside the 4-bit grid). The kernel quantizes
+the new K/V itself, symmetric per channel, and attends over the quantized values; the K/V Q/DQ
+points before it put them on exactly that grid, so cached decoding equals recomputation.
+
+GQA's grid is symmetric (no zero point), RPTQ's clusters are asymmetric. Where the maths allows,
+the zero point leaves the grid exactly:
+
+- **V**: each row of P sums to 1, so P·(V − m) + m = P·V. The per-channel offset m (the
+  cluster's zero point in float) is subtracted in v_proj's bias and W_oᵀ·m added to out_proj's.
+- **K without RoPE (OPT)**: q·(k − m) differs from q·k by q·m, the same for every key of one
+  query, which softmax ignores: m is subtracted in k_proj's bias and nothing is added back.
+- **K after RoPE (Llama)**: no offset is constant through the rotation; its Q/DQ point must
+  already be symmetric per cluster (``quantize.py`` makes it so when attention is fused).
+
+The fused graph computes the same function as the eager one over the same grid (tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from rptq_onnx.anatomy import DecoderLayer, Linear, find_layers
+from rptq_onnx.errors import RptqError
+from rptq_onnx.graph import GraphIndex, prune_dead_nodes, rename_inputs, topological_order
+from rptq_onnx.quant import dequantized_weight
+
+PREFIX = "rptq.attn"
+HEADS_TO_TOKENS = [0, 2, 1, 3]  # [B, H, S, D] ↔ [B, S, H, D]
+
+
+@dataclass
+class FuseReport:
+    layers: int = 0
+    cache: str = "float"  # float, int8 or int4 (the kernel's cache storage)
+    offsets_folded: int = 0  # K/V points whose zero point moved into biases
+    bias_adds: int = 0  # Add nodes inserted where a linear had no bias to take an offset
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def kernel_bits(bits: int) -> int:
+    """``kv_cache_bit_width`` for an n-bit K/V grid: 4 up to 4 bits, else 8."""
+    return 4 if bits <= 4 else 8
+
+
+def fusable(model: onnx.ModelProto) -> str | None:
+    """Why this graph's attention cannot be fused, or None."""
+    index = GraphIndex(model)
+    if any(n.name.startswith("rptq.qdq.") and n.name.endswith(".P.quantize") for n in index.nodes):
+        return "the softmax output P is quantized (the W*A* presets), which GroupQueryAttention cannot do"
+    inputs = {i.name for i in model.graph.input}
+    if "attention_mask" not in inputs:
+        return "the graph has no attention_mask input"
+    if not any(i.name.startswith("past_key_values.") for i in model.graph.input):
+        return "the graph has no KV cache (export it with --with-past)"
+    return None
+
+
+def fuse_attention(model: onnx.ModelProto, layers: list[DecoderLayer] | None = None,
+                   cache_bits: int | None = None) -> tuple[onnx.ModelProto, dict]:
+    """``model`` with every layer's attention as one GQA node (edited in place); returns (model, report).
+
+    ``cache_bits``: the K/V points' bit width (a low-bit cache), or None for a float cache.
+    """
+    why = fusable(model)
+    if why:
+        raise RptqError(f"--attention fused cannot apply: {why}; use --attention eager")
+    layers = layers if layers is not None else find_layers(model)
+    report = FuseReport(cache="float" if cache_bits is None else f"int{kernel_bits(cache_bits)}")
+    g = model.graph
+    seqlens, total = _sequence_lengths(g)
+    for layer in layers:
+        index = GraphIndex(model)
+        _fuse_layer(model, index, layer, cache_bits, seqlens, total, report)
+        report.layers += 1
+    prune_dead_nodes(model)
+    order = topological_order(g.node, [i.name for i in g.input])
+    del g.node[:]
+    g.node.extend(order)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model, report.as_dict()
+
+
+def _sequence_lengths(g: onnx.GraphProto) -> tuple[str, str]:
+    """Nodes computing (seqlens_k int32 [B] = total − 1 for every row, total_sequence_length int32 scalar)."""
+    p = f"{PREFIX}.lengths"
+    g.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), f"{p}.zero"),
+                          numpy_helper.from_array(np.array(1, np.int64), f"{p}.one"),
+                          numpy_helper.from_array(np.array([0], np.int64), f"{p}.axis0")])
+    g.node.extend([
+        helper.make_node("Shape", ["attention_mask"], [f"{p}.shape"], name=f"{p}.shape"),
+        helper.make_node("Gather", [f"{p}.shape", f"{p}.one"], [f"{p}.total64"], name=f"{p}.total", axis=0),
+        helper.make_node("Cast", [f"{p}.total64"], [f"{p}.total32"], name=f"{p}.total_int32", to=onnx.TensorProto.INT32),
+        helper.make_node("Gather", [f"{p}.shape", f"{p}.axis0"], [f"{p}.batch"], name=f"{p}.batch", axis=0),
+        helper.make_node("Sub", [f"{p}.total64", f"{p}.one"], [f"{p}.last64"], name=f"{p}.last"),
+        helper.make_node("Expand", [f"{p}.last64", f"{p}.batch"], [f"{p}.seqlens64"], name=f"{p}.expand"),
+        helper.make_node("Cast", [f"{p}.seqlens64"], [f"{p}.seqlens32"], name=f"{p}.seqlens_int32",
+                         to=onnx.TensorProto.INT32),
+    ])
+    return f"{p}.seqlens32", f"{p}.total32"
+
+
+def _fuse_layer(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, cache_bits: int | None,
+                seqlens: str, total: str, report: FuseReport) -> None:
+    g = model.graph
+    i = layer.index
+    p = f"{PREFIX}.L{i}"
+    where = f"layer {i}"
+
+    def fail(what: str) -> RptqError:
+        return RptqError(f"--attention fused cannot apply: {where}: {what}; use --attention eager")
+
+    if not (layer.past_key and layer.present_key and layer.past_value and layer.present_value):
+        raise fail("no KV cache input/output")
+    qk = index.node_by_name[layer.qk_matmul]
+    pv = index.node_by_name[layer.pv_matmul]
+    cat_k, cat_v = index.producer.get(layer.present_key), index.producer.get(layer.present_value)
+    if cat_k is None or cat_v is None or cat_k.op_type != "Concat" or cat_v.op_type != "Concat":
+        raise fail("the cache is not a Concat of past and new K/V (was the KV-cache pass run already?)")
+
+    scale, bias = _scale_and_mask(index, qk, fail)
+    new_nodes: list[onnx.NodeProto] = []
+    query = _tokens_major(g, index, qk.input[0], layer.num_heads, f"{p}.q", new_nodes)
+    key = _tokens_major(g, index, cat_k.input[1], layer.num_kv_heads, f"{p}.k", new_nodes)
+    value = _tokens_major(g, index, cat_v.input[1], layer.num_kv_heads, f"{p}.v", new_nodes)
+    attn = _merged_output(index, pv, fail)
+
+    attrs = {"num_heads": layer.num_heads, "kv_num_heads": layer.num_kv_heads, "scale": float(scale)}
+    scales = ["", ""]
+    if cache_bits is not None:
+        k_scale = _symmetric_point(model, index, layer, "k", fold=layer.q_rope is None, report=report)
+        v_scale = _symmetric_point(model, index, layer, "v", fold=True, report=report)
+        scales = [k_scale, v_scale]
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=kernel_bits(cache_bits))
+        _retype_cache(g, layer, kernel_bits(cache_bits))
+    gqa = helper.make_node(
+        "GroupQueryAttention",
+        [query, key, value, layer.past_key, layer.past_value, seqlens, total, "", "", "", bias or "", "", *scales],
+        [attn, layer.present_key, layer.present_value], name=f"{p}.gqa", domain="com.microsoft", **attrs)
+    # the eager nodes that produced the tensors GQA now produces go; what fed only them is pruned
+    for node in (cat_k, cat_v, index.producer[attn]):
+        g.node.remove(node)
+    g.node.extend([*new_nodes, gqa])
+
+
+def _scale_and_mask(index: GraphIndex, qk: onnx.NodeProto, fail) -> tuple[float, str | None]:
+    """QKᵀ → [Mul(scale)] → [Add(mask)] → Softmax: (the scale, the additive mask tensor or None)."""
+    scale, mask = 1.0, None
+    tensor = qk.output[0]
+    for _ in range(3):
+        readers = index.consumers.get(tensor, [])
+        if len(readers) != 1:
+            raise fail("QKᵀ feeds more than the softmax")
+        node = readers[0]
+        if node.op_type == "Softmax":
+            return scale, mask
+        other = [t for t in node.input if t != tensor]
+        if node.op_type in ("Mul", "Div") and len(other) == 1 and index.is_constant(other[0]):
+            c = np.asarray(index.constant_value(other[0]), np.float64)
+            if c.size != 1:
+                raise fail("QKᵀ is scaled by a non-scalar")
+            scale *= float(c.ravel()[0]) if node.op_type == "Mul" else 1.0 / float(c.ravel()[0])
+        elif node.op_type == "Add" and len(other) == 1 and mask is None:
+            mask = other[0]
+        else:
+            raise fail(f"unexpected {node.op_type} between QKᵀ and the softmax")
+        tensor = node.output[0]
+    raise fail("no softmax after QKᵀ")
+
+
+def _tokens_major(g: onnx.GraphProto, index: GraphIndex, tensor: str, heads: int, tag: str,
+                  new_nodes: list[onnx.NodeProto]) -> str:
+    """The [B, S, heads·D] tensor behind a [B, heads, S, D] one: the export's own Reshape input when
+    ``tensor`` = Transpose(Reshape(x)), else a Transpose + Reshape added here (after RoPE)."""
+    node = index.producer.get(tensor)
+    if node is not None and node.op_type == "Transpose" and _perm(node) == HEADS_TO_TOKENS:
+        reshape = index.producer.get(node.input[0])
+        if reshape is not None and reshape.op_type == "Reshape":
+            return reshape.input[0]
+    shape = f"{tag}.tokens_shape"
+    if shape not in index.initializers:
+        g.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), shape))
+    new_nodes += [
+        helper.make_node("Transpose", [tensor], [f"{tag}.bshd"], name=f"{tag}.transpose", perm=HEADS_TO_TOKENS),
+        helper.make_node("Reshape", [f"{tag}.bshd", shape], [f"{tag}.tokens"], name=f"{tag}.reshape"),
+    ]
+    return f"{tag}.tokens"
+
+
+def _merged_output(index: GraphIndex, pv: onnx.NodeProto, fail) -> str:
+    """PV → Transpose(0, 2, 1, 3) → Reshape [B, S, H·D]: the Reshape's output (out_proj's input)."""
+    readers = index.consumers.get(pv.output[0], [])
+    if len(readers) == 1 and readers[0].op_type == "Transpose" and _perm(readers[0]) == HEADS_TO_TOKENS:
+        after = index.consumers.get(readers[0].output[0], [])
+        if len(after) == 1 and after[0].op_type == "Reshape":
+            return after[0].output[0]
+    raise fail("the attention output is not PV → Transpose → Reshape")
+
+
+def _perm(node: onnx.NodeProto) -> list[int]:
+    return next((list(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), [])
+
+
+def _symmetric_point(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, tap: str, fold: bool,
+                     report: FuseReport) -> str:
+    """Put the K or V Q/DQ point on GQA's symmetric grid; returns its per-channel scale initializer.
+
+    The point's zero point z becomes 2ⁿ⁻¹ (the middle of the uint grid, = code 0 of the kernel's
+    signed grid) and its offset m = (2ⁿ⁻¹ − z)·s moves into the biases (``fold``), which keeps
+    every quantized value where it was: (q − z)·s = (q − 2ⁿ⁻¹)·s + m.
+    """
+    prefix = f"rptq.qdq.L{layer.index}.{tap}"
+    quant = index.node_by_name.get(f"{prefix}.quantize")
+    if quant is None:
+        raise RptqError(f"--attention fused with a low-bit cache: layer {layer.index} has no {tap} Q/DQ point")
+    scale = numpy_helper.to_array(index.initializers[f"{prefix}.scale"]).astype(np.float32)
+    zp_init = index.initializers[f"{prefix}.zero_point"]
+    zp = numpy_helper.to_array(zp_init).astype(np.int64)
+    clip = index.node_by_name.get(f"{prefix}.clip")
+    bits = int(np.asarray(index.constant_value(clip.input[2])).item()).bit_length() if clip else \
+        (4 if zp_init.data_type == onnx.TensorProto.UINT4 else 8)
+    mid = 1 << (bits - 1)
+    offset = ((mid - zp) * scale.astype(np.float64)).astype(np.float32)  # per channel, in float
+    if np.any(offset != 0):
+        if not fold:
+            raise RptqError(f"--attention fused: layer {layer.index} {tap} is not symmetric (K after RoPE takes no "
+                            "offset); compile with --attention fused from the start so its grid is made symmetric")
+        if tap == "k":
+            _add_to_output(model, index, layer.k_proj, -offset, f"{PREFIX}.L{layer.index}.k_offset", report)
+        else:
+            _add_to_output(model, index, layer.v_proj, -offset, f"{PREFIX}.L{layer.index}.v_offset", report)
+            heads = np.repeat(np.arange(layer.num_kv_heads), layer.group)  # query head → its K/V head
+            per_query = offset.reshape(layer.num_kv_heads, layer.head_dim)[heads].reshape(-1)
+            w = dequantized_weight(index, layer.out_proj)  # [in, out], as the graph computes with it
+            back = (per_query.astype(np.float64) @ w.astype(np.float64)).astype(np.float32)
+            _add_to_output(model, index, layer.out_proj, back, f"{PREFIX}.L{layer.index}.out_offset", report)
+        report.offsets_folded += 1
+    new_zp = helper.make_tensor(zp_init.name, zp_init.data_type, list(zp_init.dims), [mid] * int(zp.size))
+    zp_init.CopyFrom(new_zp)
+    return f"{prefix}.scale"
+
+
+def _add_to_output(model: onnx.ModelProto, index: GraphIndex, lin: Linear, delta: np.ndarray, name: str,
+                   report: FuseReport) -> None:
+    """Add ``delta`` to a linear's output: into its bias initializer (a private copy) or by a new Add."""
+    g = model.graph
+    if lin.bias and lin.bias in index.initializers:
+        bias = numpy_helper.to_array(index.initializers[lin.bias]).astype(np.float32)
+        g.initializer.append(numpy_helper.from_array((bias + delta).astype(np.float32), f"{name}.bias"))
+        reader = index.node_by_name[lin.bias_node] if lin.bias_node else index.node_by_name[lin.node]
+        rename_inputs([reader], {lin.bias: f"{name}.bias"})
+        return
+    g.initializer.append(numpy_helper.from_array(delta.astype(np.float32), f"{name}.delta"))
+    shifted = f"{name}.output"
+    rename_inputs(index.consumers.get(lin.output, []), {lin.output: shifted})
+    g.node.append(helper.make_node("Add", [lin.output, f"{name}.delta"], [shifted], name=f"{name}.add"))
+    report.bias_adds += 1
+
+
+def _retype_cache(g: onnx.GraphProto, layer: DecoderLayer, bits: int) -> None:
+    """past/present K/V as the kernel stores them: int8 [B, kv, T, D] or packed 4-bit uint8 [B, kv, T, D/2]."""
+    elem = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.UINT8
+    width = layer.head_dim if bits == 8 else (layer.head_dim + 1) // 2
+    for values, names, tokens in ((g.input, (layer.past_key, layer.past_value), "past"),
+                                  (g.output, (layer.present_key, layer.present_value), "total")):
+        for v in values:
+            if v.name in names:
+                t = v.type.tensor_type
+                t.elem_type = elem
+                t.shape.Clear()
+                for d in ("batch", layer.num_kv_heads, tokens, width):
+                    dim = t.shape.dim.add()
+                    if isinstance(d, int):
+                        dim.dim_value = d
+                    else:
+                        dim.dim_param = d
+    stale = {layer.past_key, layer.past_value, layer.present_key, layer.present_value}
+    kept = [vi for vi in g.value_info if vi.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(kept)

@@ -1,0 +1,107 @@
+"""passes/fuse_attention.py: eager attention → one GroupQueryAttention per layer over a low-bit cache.
+
+The fused graph must compute what the eager graph computes over the same K/V grid (zero points
+folded into biases for V and OPT's K; Llama's K symmetric in both), and cached decoding must equal
+recomputation of the whole sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import rptq_onnx.quantize as quantize
+from rptq_onnx.compile import compile_model
+from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
+from rptq_onnx.generate import Generator
+from test_cli import assert_one_line_error, run_cli
+
+
+def _compile(source, out, preset, attention, **quant):
+    config = CompileConfig(preset=preset, quant=QuantSpec.for_preset(preset, weight_quant="rtn", **quant),
+                           calib=CalibConfig(source="sotu-train", nsamples=4, seqlen=64),
+                           clusters=ClusterCounts(R1=8, R4=8, R5=8), attention=attention)
+    return compile_model(str(source), out, config, progress=False)
+
+
+def _run(model_dir, ids, mask, steps=3):
+    """Logits of a (left-padded) prefill and ``steps`` greedy decode steps: list of [B, S, V]."""
+    gen = Generator(model_dir)
+    logits, past = gen.step(ids, mask, gen.empty_past(ids.shape[0]), all_logits=True)
+    out = [logits]
+    for _ in range(steps):
+        nxt = np.argmax(out[-1][:, -1], -1)[:, None]
+        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+        logits, past = gen.step(nxt, mask, past, all_logits=True)
+        out.append(logits)
+    return out, gen.cache_type
+
+
+def _batch(vocab=500):
+    ids = np.random.default_rng(0).integers(4, vocab, (2, 20))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0  # the second prompt is left-padded by 5
+    return ids, mask
+
+
+def _assert_same(eager, fused):
+    for step, (a, b) in enumerate(zip(eager, fused)):
+        valid = np.ones(a.shape[:2], bool)
+        if step == 0:
+            valid[1, :5] = False  # padded positions: garbage in both
+        assert np.abs(a - b)[valid].max() <= 1e-4 * np.abs(a).max(), step
+        assert (a[:, -1].argmax(-1) == b[:, -1].argmax(-1)).all()
+
+
+@pytest.mark.parametrize("preset,abits,cache", [("W4A4KV", None, "tensor(uint8)"), ("W4A4KV", 8, "tensor(int8)"),
+                                                ("W4A16", None, "tensor(float)")])
+def test_fused_equals_eager_opt(text_opt, tmp_path, preset, abits, cache):
+    quant = {"abits": abits} if abits else {}
+    ids, mask = _batch()
+    eager, _ = _run(_compile(text_opt, tmp_path / "eager", preset, "eager", **quant).model_path.parent, ids, mask)
+    result = _compile(text_opt, tmp_path / "fused", preset, "fused", **quant)
+    fused, cache_type = _run(result.model_path.parent, ids, mask)
+    assert cache_type == cache
+    ops = [n.op_type for n in onnx.load(result.model_path).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
+    if preset.endswith("KV"):  # V and K offsets folded into the biases (OPT has them all)
+        assert result.report["quantization"]["attention"]["offsets_folded"] == 4
+    _assert_same(eager, fused)
+
+
+def test_fused_equals_eager_llama_over_a_symmetric_key(text_llama, tmp_path, monkeypatch):
+    """Llama's K after RoPE is symmetric when fused; the eager graph over that same grid gives the same logits."""
+    ids, mask = _batch()
+    result = _compile(text_llama, tmp_path / "fused", "W4A4KV", "fused")
+    fused, cache_type = _run(result.model_path.parent, ids, mask)
+    assert cache_type == "tensor(uint8)"
+    assert result.report["quantization"]["attention"]["bias_adds"] == 2 * 2  # no v_proj / o_proj biases in Llama
+    monkeypatch.setattr(quantize, "symmetric_key", lambda layer, config: layer.q_rope is not None)
+    eager, _ = _run(_compile(text_llama, tmp_path / "eager", "W4A4KV", "eager").model_path.parent, ids, mask)
+    _assert_same(eager, fused)
+
+
+@pytest.mark.parametrize("family,preset", [("opt", "W4A3KV"), ("opt", "W3A3KV"), ("llama", "W4A4KV")])
+def test_fused_cached_decoding_equals_recomputation(text_opt, text_llama, tmp_path, family, preset):
+    source = text_opt if family == "opt" else text_llama
+    model_dir = _compile(source, tmp_path / "fused", preset, "fused").model_path.parent
+    ids = np.random.default_rng(1).integers(4, 500, (1, 12))
+    steps, _ = _run(model_dir, ids, np.ones_like(ids), steps=4)
+    tokens = np.concatenate([ids] + [s[:, -1].argmax(-1)[:, None] for s in steps[:-1]], axis=1)
+    gen = Generator(model_dir)
+    full, _ = gen.step(tokens, np.ones_like(tokens), gen.empty_past(1), all_logits=True)
+    for k, step in enumerate(steps[1:]):
+        ref = full[:, ids.shape[1] + k]
+        assert np.abs(step[:, -1] - ref).max() <= 1e-4 * np.abs(ref).max(), k
+
+
+def test_fused_where_it_cannot_apply_is_one_line(text_opt, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("compile", text_opt, "-o", out, "--preset", "W4A4", "--calib", "random", "--attention", "fused")
+    assert_one_line_error(proc, "--attention fused cannot apply", "softmax output P")
+    assert not out.exists()
+    proc = run_cli("compile", text_opt, "-o", out, "--preset", "W4A4KV", "--calib", "random", "--attention", "fused",
+                   "--no-past")
+    assert_one_line_error(proc, "--attention fused needs a graph with a KV cache")
+    assert not out.exists()
