@@ -1,7 +1,7 @@
 """KV-cache memory and decode speed per preset, measured from the OrtValues ONNX Runtime holds.
 
     python -m rptq_onnx.tools.bench_kv_cache [--model MODEL.onnx] [--presets W4A4KV,W4A3KV,W3A3KV,W8A8]
-        [--sizes 8x1024,1x256] [--steps 5] [--threads N] [--json OUT.json]
+        [--attention eager,fused] [--sizes 8x1024,1x256] [--steps 5] [--threads N] [--json OUT.json]
 
 Without --model it uses a random OPT with the opt-125m shapes (tools/bench_common.py). For the
 FP32 export and each preset compiled with its low-bit cache, and again with ``--float-cache``:
@@ -17,7 +17,9 @@ FP32 export and each preset compiled with its low-bit cache, and again with ``--
 
 The FP16 row is an *equivalent* (FP32 bytes / 2): ORT CPU runs these graphs in float32.
 Speed ratios compare each low-bit cache with the same preset's float cache (same Q/DQ, only
-the cache storage differs) and with the FP32 export.
+the cache storage differs) and with the FP32 export. ``--attention fused`` adds, for each preset
+that allows it, the graph whose attention is one GroupQueryAttention over the kernel's int4/int8
+cache (``compile --attention fused``), with the same two ratios (÷ the eager float cache).
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def _past(gen, batch: int, tokens: int, rng: np.random.Generator) -> dict:
         if inp.type == "tensor(float)":
             shape = (batch, inp.shape[1], tokens, inp.shape[3])
             past[inp.name] = ort.OrtValue.ortvalue_from_numpy(rng.normal(0, 1, shape).astype(np.float32))
+        elif len(inp.shape) == 4:  # fused attention: int8 [B, kv, T, D] or packed 4-bit uint8 [B, kv, T, D/2]
+            dtype = np.int8 if inp.type == "tensor(int8)" else np.uint8
+            lo, hi = (-128, 128) if dtype == np.int8 else (0, 256)
+            codes = rng.integers(lo, hi, (batch, inp.shape[1], tokens, inp.shape[3])).astype(dtype)
+            past[inp.name] = ort.OrtValue.ortvalue_from_numpy(codes)
         else:
             top = 15 if inp.type == "tensor(uint4)" else 255
             past[inp.name] = codes_to_ortvalue(rng.integers(0, top + 1, (batch, inp.shape[1], tokens)), inp.type)
@@ -57,8 +64,10 @@ def measure(model_path: Path, sizes: list[tuple[int, int]], steps: int, threads:
     # 1. real generation: 32-token prompt, 32 greedy steps
     out = gen.generate_ids([list(range(10, 42))], max_new_tokens=32, stop_at_eos=False)
     c = out.cache
-    # K + V channels of one layer: float past [B, H, T, D], low-bit past [B, H·D, T]
-    layer_channels = sum(i.shape[1] * i.shape[3] if len(i.shape) == 4 else i.shape[1] for i in gen.past_inputs[:2])
+    # K + V channels of one layer: float past [B, H, T, D], low-bit past [B, H·D, T], fused 4-bit [B, H, T, D/2]
+    packed = 2 if gen.cache_type == "tensor(uint8)" and len(gen.past_inputs[0].shape) == 4 else 1
+    layer_channels = sum(i.shape[1] * i.shape[3] * packed if len(i.shape) == 4 else i.shape[1]
+                         for i in gen.past_inputs[:2])
     elements = c.batch * c.tokens * c.layers * layer_channels
     row = {"cache_type": c.element_type.removeprefix("tensor(").rstrip(")"),
            "bytes_per_token_per_layer": c.bytes_per_token_per_layer,
@@ -87,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default="W4A4KV,W4A3KV,W3A3KV,W8A8")
     parser.add_argument("--sizes", default="8x1024,1x256",
                         help="batch×context settings timed; the first also sizes the memory column")
+    parser.add_argument("--attention", default="eager,fused",
+                        help="eager (the exported attention, Q/DQ around a float concat) and/or fused (one "
+                             "GroupQueryAttention over the kernel's low-bit cache)")
     parser.add_argument("--steps", type=int, default=7, help="decode steps timed (median), after one warm-up")
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -94,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rptq_onnx.compile import compile_model
     from rptq_onnx.config import CalibConfig, CompileConfig, QuantSpec
+    from rptq_onnx.errors import RptqError
     from rptq_onnx.models import train_bpe_tokenizer
 
     sizes = [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
@@ -112,6 +125,18 @@ def main(argv: list[str] | None = None) -> int:
                 # the cache does not depend on how weights are rounded: RTN keeps the benchmark quick
                 config = CompileConfig(preset=preset, calib=CalibConfig(nsamples=4, seqlen=64),
                                        quant=QuantSpec.for_preset(preset, weight_quant="rtn", float_cache=float_cache))
+                out = Path(tmp) / name.replace(" ", "-")
+                compile_model(str(bench.path), out, config, progress=False)
+                rows[name] = measure(out / "model.onnx", sizes, args.steps, args.threads, tok_dir)
+                print(f"{name}: {rows[name]}", flush=True)
+            if "fused" in args.attention.split(","):
+                name = preset + " fused"
+                try:
+                    config = CompileConfig(preset=preset, calib=CalibConfig(nsamples=4, seqlen=64), attention="fused",
+                                           quant=QuantSpec.for_preset(preset, weight_quant="rtn"))
+                except RptqError as exc:  # e.g. W8A8 quantizes P
+                    print(f"{name}: skipped ({exc})", flush=True)
+                    continue
                 out = Path(tmp) / name.replace(" ", "-")
                 compile_model(str(bench.path), out, config, progress=False)
                 rows[name] = measure(out / "model.onnx", sizes, args.steps, args.threads, tok_dir)
@@ -145,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{_mb(r['batch_context_bytes'])} | {steps(r, f)} |")
         print(f"| {preset}, --float-cache | {f['cache_type']} | {f['bits_per_element']:g} | "
               f"{f['bytes_per_token_per_layer']:,.0f} | – | – | {_mb(f['batch_context_bytes'])} | {steps(f, f)} |")
+        u = rows.get(preset + " fused")
+        if u is not None:
+            stored = "int8" if u["cache_type"] == "int8" else "4-bit in uint8" if u["cache_type"] == "uint8" else u["cache_type"]
+            print(f"| {preset}, --attention fused | {stored} | {u['bits_per_element']:g} | "
+                  f"{u['bytes_per_token_per_layer']:,.0f} | {fp16_bytes / u['bytes_per_token_per_layer']:.2f}× | "
+                  f"{fp32['bytes_per_token_per_layer'] / u['bytes_per_token_per_layer']:.2f}× | "
+                  f"{_mb(u['batch_context_bytes'])} | {steps(u, f)} |")
     print("\nvs FP16 / vs FP32: how many times smaller the cache is. Q/DQ of activations is simulated on ORT CPU "
           "(float math); the cache storage is real: the OrtValues hold the codes.")
     if args.json:
