@@ -28,8 +28,9 @@ from rptq_onnx.errors import RptqError
 from rptq_onnx.export import CLUSTERS_NAME, OWNED_FILES, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, export
 from rptq_onnx.graph import GraphIndex, check_output_dir, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
-from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder
+from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder, folded_points
 from rptq_onnx.passes.fuse_attention import fuse_attention
+from rptq_onnx import quantize
 from rptq_onnx.quantize import quantize_graph
 from rptq_onnx.ranges import RANGES_NAME, save_ranges
 
@@ -119,10 +120,16 @@ def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], 
     r2 = np.concatenate([q_hi, k_hi[:, None], q_lo, k_lo[:, None]], axis=1)  # [q max…, k max, q min…, k min]
     r3 = np.concatenate(grouped("out_in"), axis=1)
     where = f"layer {i}"
-    r2_plan = plan_pair_clusters if rope else plan_clusters
+    if quantize.symmetric_key(layer, config) and "R2" not in folded_points(layer, config.layout):
+        # GQA's cache grid is symmetric and, after RoPE, K keeps no zero point: cluster K's channels by
+        # their amplitude max(|max|, |min|), freely (nothing of R2 is folded in this layout, so RoPE
+        # pairs need not stay together)
+        r2_plan = plan_clusters(np.maximum(np.abs(k_hi), np.abs(k_lo))[:, None], k["R2"], heads=kv, where=f"{where} R2")
+    else:
+        r2_plan = (plan_pair_clusters if rope else plan_clusters)(r2, k["R2"], heads=kv, where=f"{where} R2")
     return {
         "R1": plan_clusters(range_features(rng("attn_ln")), k["R1"], where=f"{where} R1"),
-        "R2": r2_plan(r2, k["R2"], heads=kv, where=f"{where} R2"),
+        "R2": r2_plan,
         "R3": plan_clusters(r3, k["R3"], heads=kv, where=f"{where} R3"),
         "R4": plan_clusters(range_features(rng("ffn_ln")), k["R4"], where=f"{where} R4"),
         "R5": plan_clusters(range_features(rng("fc2_in")), k["R5"], where=f"{where} R5"),

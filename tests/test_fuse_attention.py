@@ -82,7 +82,8 @@ def test_fused_equals_eager_llama_over_a_symmetric_key(text_llama, tmp_path, mon
     _assert_same(eager, fused)
 
 
-@pytest.mark.parametrize("family,preset", [("opt", "W4A3KV"), ("opt", "W3A3KV"), ("llama", "W4A4KV")])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("preset", ["W4A4KV", "W4A3KV", "W3A3KV"])
 def test_fused_cached_decoding_equals_recomputation(text_opt, text_llama, tmp_path, family, preset):
     source = text_opt if family == "opt" else text_llama
     model_dir = _compile(source, tmp_path / "fused", preset, "fused").model_path.parent
