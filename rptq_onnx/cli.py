@@ -185,12 +185,26 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from rptq_onnx import __version__
-    from rptq_onnx.export import DEFAULT_OPSET, EXPORTERS
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``rptq-onnx: error: …``, exit 2) instead of argparse's usage block.
 
-    parser = argparse.ArgumentParser(prog="rptq-onnx", description="RPTQ low-bit quantization of OPT and Llama graphs "
-                                                                   "in ONNX.")
+    Subparsers are built with the parent's class, so every subcommand gets this too."""
+
+    def error(self, message: str):
+        self.exit(2, f"rptq-onnx: error: {' '.join(message.split())}; see rptq-onnx {self._command()}--help\n")
+
+    def _command(self) -> str:
+        words = self.prog.split()[1:]  # "rptq-onnx compile" → "compile "
+        return "".join(w + " " for w in words)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; imports only light modules (constants, config), so --help and usage
+    errors answer at once: every heavy import (onnx, torch, transformers, ORT) is inside a command."""
+    from rptq_onnx import __version__
+    from rptq_onnx.constants import DEFAULT_OPSET, EXPORTERS
+
+    parser = _Parser(prog="rptq-onnx", description="RPTQ low-bit quantization of OPT and Llama graphs in ONNX.")
     parser.add_argument("--version", action="version", version=f"rptq-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

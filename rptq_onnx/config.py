@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from rptq_onnx.anatomy import POINTS
+from rptq_onnx.constants import POINTS
 from rptq_onnx.errors import RptqError
 
 # preset → (weight bits, activation bits, only K/V activations quantized)

@@ -27,17 +27,15 @@ from pathlib import Path
 import onnx
 
 from rptq_onnx.bundled import named_model
+from rptq_onnx.constants import DEFAULT_OPSET, EXPORTERS, SUPPORTED_OPSETS
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import MODEL_FILES, check_output_dir, save_model, staged_output
 from rptq_onnx.ranges import RANGES_NAME
 from rptq_onnx.report import MARKDOWN_NAME
 
-DEFAULT_OPSET = 21
-SUPPORTED_OPSETS = range(18, 24)
 # at opset 23 the dynamo exporter emits RMSNormalization / RotaryEmbedding nodes, which hide the
 # Llama reorder points (and ORT's RotaryEmbedding failed for batch > 1 here)
 LLAMA_MAX_OPSET = 22
-EXPORTERS = ("dynamo", "torchscript")
 # HF model_type → the layer-map family it exports to (Mistral and Qwen2 have Llama's graph; Qwen2 adds
 # q/k/v biases, which the layer map folds like OPT's)
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
