@@ -7,7 +7,6 @@ reductions (see passes/insert_taps.py) and has no LM head.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from rptq_onnx.config import CalibConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import save_model, weights_loaded
 from rptq_onnx.observers import ChannelStats
+from rptq_onnx.outdir import work_dir
 from rptq_onnx.passes.insert_taps import HESSIAN_TAPS, Tap, insert_taps
 from rptq_onnx.runtime import make_session
 
@@ -178,9 +178,9 @@ def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.nd
     stats = {(t.layer, t.name): ChannelStats() for t in taps}
     result = Calibration(stats={**stats, **{(t.layer, a): stats[(t.layer, t.name)] for t in taps for a in t.aliases}})
     xtx_taps = [t for t in taps if hessians and t.name in HESSIAN_TAPS]
-    with tempfile.TemporaryDirectory(prefix="rptq-calib-") as tmp:
+    with work_dir("calib") as tmp:
         if weights_loaded(tapped):
-            session = make_session(save_model(tapped, Path(tmp) / "tapped.onnx"))
+            session = make_session(save_model(tapped, tmp / "tapped.onnx"))
         else:
             if model_dir is None:
                 raise ValueError("a model without loaded weights needs model_dir")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -103,17 +104,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
-
     from rptq_onnx.compile import resolve_onnx_source
+    from rptq_onnx.outdir import work_dir
     from rptq_onnx.evaluate import load_text, perplexity
 
     if args.seqlen is not None and args.seqlen < 2:
         raise RptqError(f"--seqlen {args.seqlen}: a window needs ≥ 2 tokens to predict one")
     text = load_text(args.text)
-    with tempfile.TemporaryDirectory(prefix="rptq-eval-") as tmp:
-        model = resolve_onnx_source(args.model, Path(tmp), with_past=False)
+    with work_dir("eval") as tmp:
+        model = resolve_onnx_source(args.model, tmp, with_past=False)
         res = perplexity(model, text, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
                          progress=not args.quiet)
         print(f"perplexity {res.perplexity:.3f}  (mean NLL {res.nll:.4f} over {res.tokens:,} predicted tokens, "
@@ -128,17 +127,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
-
     from rptq_onnx.compile import resolve_onnx_source
+    from rptq_onnx.outdir import work_dir
     from rptq_onnx.generate import Generator, Sampling
 
     sampling = Sampling(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed)
     providers = args.providers.split(",") if args.providers else None
-    with tempfile.TemporaryDirectory(prefix="rptq-generate-") as tmp:
-        model = resolve_onnx_source(args.model, Path(tmp), with_past=True)
+    with work_dir("generate") as tmp:
+        model = resolve_onnx_source(args.model, tmp, with_past=True)
         gen = Generator(model, providers=providers, threads=args.threads)
         out = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat)
     chat = args.chat and gen.has_chat_template  # an answer, not a continuation: print it on its own line
@@ -365,10 +362,26 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise RptqError(f"--{flag} {path}: the plot is written as PNG; give a path ending in .png")
 
 
+# a full or read-only disk, or a file-size limit: one line, not a traceback
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP, raised where Python next runs, so every ``finally`` cleans up as for Ctrl-C."""
+
+
+def _on_signal(signum, frame):
+    raise _Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     try:
         _check_numbers(args)
         return args.func(args)
@@ -381,6 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rptq-onnx: interrupted", file=sys.stderr)
         return 130
+    except _Terminated as exc:
+        print("rptq-onnx: terminated", file=sys.stderr)
+        return 128 + exc.args[0]
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        where = f" to {exc.filename}" if exc.filename else ""
+        print(f"rptq-onnx: error: a write{where} failed ({exc.strerror}); free some space (or point TMPDIR at a "
+              "larger disk for temporary files) and run again", file=sys.stderr)
+        return 2
     except MemoryError:
         print("rptq-onnx: error: out of memory; use a smaller batch or model", file=sys.stderr)
         return 1

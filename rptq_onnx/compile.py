@@ -10,7 +10,6 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,8 +25,9 @@ from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, pla
 from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.export import CLUSTERS_NAME, OWNED_FILES, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, export
-from rptq_onnx.graph import GraphIndex, check_output_dir, load_model, save_model, staged_output, weights_loaded
+from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
+from rptq_onnx.outdir import check_writable, claim_output, input_bytes, work_dir
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder
 from rptq_onnx.quantize import quantize_graph
 from rptq_onnx.ranges import RANGES_NAME, save_ranges
@@ -189,9 +189,10 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
     timer = _Timer()
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, model)
-    with tempfile.TemporaryDirectory(prefix="rptq-compile-") as tmp:
-        onnx_path = resolve_onnx_source(model, Path(tmp), with_past, timer)
+    with claim_output(out_dir, model), work_dir("compile") as tmp:
+        # a lower bound for the output: the input's weights at the new width (weights are fp32 in an export)
+        check_writable(out_dir, input_bytes(model) * config.quant.wbits // 32)
+        onnx_path = resolve_onnx_source(model, tmp, with_past, timer)
         with timer.stage("load"):
             graph = load_model(onnx_path, load_weights=False)  # external weights stay on disk
             layers = find_layers(graph)

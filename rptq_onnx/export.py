@@ -29,7 +29,8 @@ import onnx
 from rptq_onnx.bundled import named_model
 from rptq_onnx.constants import DEFAULT_OPSET, EXPORTERS, SUPPORTED_OPSETS
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import MODEL_FILES, check_output_dir, save_model, staged_output
+from rptq_onnx.graph import MODEL_FILES, save_model, staged_output
+from rptq_onnx.outdir import check_writable, claim_output, input_bytes
 from rptq_onnx.ranges import RANGES_NAME
 from rptq_onnx.report import MARKDOWN_NAME
 
@@ -165,8 +166,14 @@ def export(model: str, out_dir: str | os.PathLike, with_past: bool = True, opset
                         f"(default {DEFAULT_OPSET}; 4-bit Q/DQ needs ≥ 21)")
     if exporter not in EXPORTERS:
         raise RptqError(f"--exporter {exporter} is unknown; use one of {', '.join(EXPORTERS)}")
-    source = resolve_model_source(model)
-    check_output_dir(out_dir, model)
+    with claim_output(out_dir, model):
+        source = resolve_model_source(model)
+        check_writable(out_dir, input_bytes(str(source.directory / (source.gguf_file or ""))))
+        return _export(model, source, out_dir, with_past, opset, exporter)
+
+
+def _export(model: str, source: ModelSource, out_dir: str | os.PathLike, with_past: bool, opset: int,
+            exporter: str) -> ExportResult:
     config = load_config(source)
     if family_of(config) == "llama" and opset > LLAMA_MAX_OPSET:
         raise RptqError(f"--opset {opset}: Llama graphs are exported at opset ≤ {LLAMA_MAX_OPSET} (opset 23 fuses "

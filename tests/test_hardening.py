@@ -104,3 +104,280 @@ def test_usage_errors_are_one_line(tmp_path, args, fragment):
     proc = run_cli(*args)
     assert_refused(proc, fragment, out=out)
     assert "usage:" not in proc.stderr
+
+
+# --- the output is checked before any work ------------------------------------------------------------------
+
+@pytest.fixture
+def junk_model(tmp_path):
+    """An .onnx "model" that loading would refuse: a refusal naming -o proves the output was checked first."""
+    src = tmp_path / "in" / "model.onnx"
+    src.parent.mkdir()
+    src.write_bytes(b"not an onnx model")
+    return src
+
+
+@pytest.mark.parametrize("command", ["compile", "export"])
+def test_output_is_an_existing_file(tmp_path, junk_model, command):
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    source = junk_model if command == "compile" else junk_model.parent
+    proc = run_cli(command, source, "-o", out, *(["--calib", "random"] if command == "compile" else []))
+    assert_refused(proc, f"-o {out}: exists and is not a directory", inputs={junk_model.parent: snapshot(junk_model.parent)})
+    assert out.read_text() == "mine" and leftovers(out) == ["taken"]
+
+
+def test_output_below_a_file(tmp_path, junk_model):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+    assert_refused(run_cli("compile", junk_model, "-o", out, "--calib", "random"), "is a file, not a directory")
+
+
+def _without_root_powers() -> list[str]:
+    """A command prefix under which permissions apply (root's DAC override dropped), or skip."""
+    if os.geteuid() != 0:
+        return []
+    import shutil
+
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permissions do not apply")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def run_cli_under(prefix: list[str], *args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([*prefix, sys.executable, "-m", "rptq_onnx", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=REPO)
+
+
+def test_output_in_a_directory_without_write_permission(tmp_path, junk_model):
+    prefix = _without_root_powers()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        before = {junk_model.parent: snapshot(junk_model.parent)}
+        out = ro / "out"
+        proc = run_cli_under(prefix, "compile", junk_model, "-o", out, "--calib", "random")
+        assert_refused(proc, f"-o {out}: cannot write in {ro} (permission denied)", out=out, inputs=before)
+        deep = ro / "a" / "b"  # a new OUT_DIR several levels down: the nearest existing folder counts
+        assert_refused(run_cli_under(prefix, "export", junk_model.parent, "-o", deep), f"cannot write in {ro}")
+        assert not (ro / "a").exists()
+    finally:
+        ro.chmod(0o755)
+
+
+def test_output_on_a_read_only_filesystem(tmp_path, junk_model):
+    """A read-only bind mount in a private mount namespace (needs root; skipped elsewhere)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {ro} {ro} && mount -o remount,ro,bind {ro}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot make a read-only mount here (needs root and unshare)")
+    out = ro / "out"
+    script = f'mount --bind "{ro}" "{ro}" && mount -o remount,ro,bind "{ro}" && exec "$@"'
+    proc = run_cli_under(["unshare", "-m", "sh", "-c", script, "sh"], "compile", junk_model, "-o", out,
+                         "--calib", "random")
+    assert_refused(proc, f"-o {out}: cannot write in {ro} (read-only filesystem)", out=out)
+
+
+def test_not_enough_space_is_refused_before_work(tmp_path):
+    from rptq_onnx.errors import RptqError
+    from rptq_onnx.outdir import check_writable
+
+    with pytest.raises(RptqError, match="MiB free on its filesystem, the output needs about"):
+        check_writable(tmp_path / "out", need_bytes=1 << 62)
+    check_writable(tmp_path / "out", need_bytes=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_new_parent_folders_are_removed_after_a_failure(tmp_path, junk_model):
+    out = tmp_path / "new" / "deeper" / "out"
+    proc = run_cli("compile", junk_model, "-o", out, "--calib", "random")
+    assert_refused(proc, "not a readable ONNX model")
+    assert not (tmp_path / "new").exists()
+
+
+# --- what killed runs leave behind, and a lock on OUT_DIR ---------------------------------------------------
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def ours_in(tmpdir: Path) -> list[str]:
+    return sorted(p.name for p in tmpdir.iterdir() if p.name.startswith("rptq-"))
+
+
+def test_stale_staging_and_temp_dirs_of_a_dead_run_are_removed(tmp_path, junk_model):
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    tmpdir.mkdir()
+    pid = dead_pid()
+    stale = tmp_path / f".out.staging-{pid}-k2j4"
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"partial")
+    (tmpdir / f"rptq-compile-{pid}-x1y2").mkdir()
+    alive = tmp_path / f".out.staging-{os.getpid()}-live"  # a live process's staging is left alone
+    alive.mkdir()
+    unrelated = tmp_path / ".other.staging-1-abc"
+    unrelated.mkdir()
+    proc = run_cli("compile", junk_model, "-o", out, "--calib", "random", env_extra={"TMPDIR": str(tmpdir)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"removed .out.staging-{pid}-k2j4" in proc.stderr
+    assert not stale.exists() and alive.exists() and unrelated.exists()
+    assert ours_in(tmpdir) == []
+    assert leftovers(out) == [alive.name]
+
+
+def test_a_held_lock_refuses_a_second_run_at_once(tmp_path, junk_model):
+    from rptq_onnx.outdir import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):
+        proc = run_cli("compile", junk_model, "-o", out, "--calib", "random")
+        assert_refused(proc, f"-o {out}: another rptq-onnx run (pid {os.getpid()}) is writing this directory")
+        proc = run_cli("export", junk_model.parent, "-o", out)
+        assert_refused(proc, f"(pid {os.getpid()})")
+    assert leftovers(out) == []  # the lock file goes with its holder
+
+
+# --- faults during a real compile (slow: they export and compile a tiny model) -------------------------------
+
+# Runs the CLI with compile's save_model wrapped: after model.onnx is written into the staging directory it
+# touches $RPTQ_TEST_SAVED, then waits for $RPTQ_TEST_GO (or raises $RPTQ_TEST_ERRNO as an OSError).
+PAUSED_SAVE = """
+import errno, os, sys, time
+import rptq_onnx.compile as c
+orig = c.save_model
+def paused(model, path):
+    if os.environ.get("RPTQ_TEST_ERRNO"):
+        code = int(os.environ["RPTQ_TEST_ERRNO"])
+        raise OSError(code, os.strerror(code), str(path))
+    out = orig(model, path)
+    open(os.environ["RPTQ_TEST_SAVED"], "w").close()
+    while not os.path.exists(os.environ["RPTQ_TEST_GO"]):
+        time.sleep(0.05)
+    return out
+c.save_model = paused
+from rptq_onnx.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+QUICK = ("--calib", "random", "--nsamples", "2", "--seqlen", "16", "-q")
+
+
+def start_paused_compile(model, out, tmp_path, tmpdir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir), "RPTQ_TEST_SAVED": str(tmp_path / "saved"),
+           "RPTQ_TEST_GO": str(tmp_path / "go")}
+    return subprocess.Popen([sys.executable, "-c", PAUSED_SAVE, "compile", str(model), "-o", str(out), *QUICK],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc, seconds=300):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def tiny_model(exported):
+    model = exported("tiny")
+    return model, snapshot(model.parent)
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_then_rerun(tmp_path, tiny_model):
+    import signal
+
+    model, before = tiny_model
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = start_paused_compile(model, out, tmp_path, tmpdir)
+    wait_for(tmp_path / "saved", proc)
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(f".out.staging-{proc.pid}-")]
+    assert len(staging) == 1 and (staging[0] / "model.onnx").is_file()
+    assert ours_in(tmpdir)  # the killed run's work directory, which it cannot remove
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = run_cli("compile", model, "-o", out, *QUICK, env_extra={"TMPDIR": str(tmpdir)})
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"removed {staging[0].name}" in rerun.stderr
+    assert leftovers(out) == ["out"] and (out / "model.onnx").is_file()
+    assert ours_in(tmpdir) == [] and snapshot(model.parent) == before
+
+
+@pytest.mark.slow
+def test_sigterm_during_save_leaves_nothing(tmp_path, tiny_model):
+    import signal
+
+    model, before = tiny_model
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = start_paused_compile(model, out, tmp_path, tmpdir)
+    wait_for(tmp_path / "saved", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and stderr.strip() == "rptq-onnx: terminated", stderr
+    assert leftovers(out) == [] and ours_in(tmpdir) == [] and snapshot(model.parent) == before
+
+
+@pytest.mark.slow
+def test_two_compiles_into_one_directory(tmp_path, tiny_model):
+    model, before = tiny_model
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    tmpdir.mkdir()
+    first = start_paused_compile(model, out, tmp_path, tmpdir)
+    wait_for(tmp_path / "saved", first)
+    second = run_cli("compile", model, "-o", out, *QUICK, "--preset", "W8A8", env_extra={"TMPDIR": str(tmpdir)})
+    assert_refused(second, f"another rptq-onnx run (pid {first.pid}) is writing this directory")
+    (tmp_path / "go").touch()
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert leftovers(out) == ["out"] and ours_in(tmpdir) == [] and snapshot(model.parent) == before
+    assert '"preset": "reorder"' in (out / "report.json").read_text()
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_is_one_line(tmp_path, tiny_model):
+    import errno
+
+    model, before = tiny_model
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RPTQ_TEST_ERRNO": str(errno.ENOSPC)}
+    proc = subprocess.run([sys.executable, "-c", PAUSED_SAVE, "compile", str(model), "-o", str(out), *QUICK],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert_refused(proc, f"-o {out}: writing the output failed (No space left on device)", out=out,
+                   inputs={model.parent: before})
+    assert ".staging-" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_file_size_limit_during_calibration_is_one_line(tmp_path, tiny_model):
+    import resource
+
+    model, before = tiny_model
+    out = tmp_path / "out"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = run_cli("compile", model, "-o", out, *QUICK, preexec_fn=limit)
+    assert_refused(proc, "failed (File too large)", out=out, inputs={model.parent: before})
+
+
+@pytest.mark.slow
+def test_every_output_file_is_world_readable(tmp_path, tiny_model):
+    model, _ = tiny_model
+    out = tmp_path / "out"
+    proc = run_cli("compile", model, "-o", out, *QUICK)
+    assert proc.returncode == 0, proc.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
