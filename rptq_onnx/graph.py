@@ -63,6 +63,10 @@ def _load_small_external_tensors(model: onnx.ModelProto, base_dir: Path, max_ele
             except OSError as exc:
                 raise RptqError(f"{base_dir}: external data of '{init.name}' cannot be read ({exc.strerror}); "
                                 "keep model.onnx and its .data file together") from None
+            except onnx.checker.ValidationError as exc:  # e.g. a location outside the model's folder
+                reason = str(exc).strip().splitlines()[0][:200]
+                raise RptqError(f"{base_dir}: external data of '{init.name}' refused ({reason}); external data must "
+                                "sit in the model's folder") from None
             init.data_location = onnx.TensorProto.DEFAULT
             del init.external_data[:]
 

@@ -195,7 +195,7 @@ def test_not_enough_space_is_refused_before_work(tmp_path):
 
 def test_new_parent_folders_are_removed_after_a_failure(tmp_path, junk_model):
     out = tmp_path / "new" / "deeper" / "out"
-    proc = run_cli("compile", junk_model, "-o", out, "--calib", "random")
+    proc = run_cli("compile", junk_model, "-o", out, "--calib", "random", "-q")  # -q: no stage lines
     assert_refused(proc, "not a readable ONNX model")
     assert not (tmp_path / "new").exists()
 
@@ -381,3 +381,95 @@ def test_every_output_file_is_world_readable(tmp_path, tiny_model):
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+# --- flags that do not apply, and messages that name the flag typed ------------------------------------------
+
+@pytest.fixture
+def hf_without_tokenizer(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "opt"}')
+    return folder
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["compile", "JUNK", "-o", "OUT", "--calib", "random", "--no-past"],
+     ["--no-past applies only when compile exports first", "already ONNX"]),
+    (["compile", "JUNK", "-o", "OUT", "--calib", "random", "--with-past"], ["--with-past applies only when"]),
+    (["compile", "JUNK", "-o", "OUT", "--calib", "random", "--preset", "W4A16", "--kv-only"],
+     ["--kv-only: W4A16 quantizes no activations"]),
+    (["compile", "JUNK", "-o", "OUT", "--calib", "random", "--clusters", "R1=4,R1=8"],
+     ["--clusters R1=4,R1=8: R1= sets a point already set"]),
+    (["compile", "JUNK", "-o", "OUT", "--calib", "random", "--clusters", "R2=2,all=4"], ["all= sets a point already set"]),
+    (["compile", "HF", "-o", "OUT", "--calib", "sotu-train"], ["no tokenizer files beside the model", "--calib random"]),
+    (["compile", "HF", "-o", "OUT", "--calib", "missing.txt"], ["--calib missing.txt: no such file"]),
+    (["generate", "JUNK", "--prompt", "x", "--temperature", "0.5"], ["--temperature only with --do-sample"]),
+    (["generate", "JUNK", "--prompt", "x", "--top-k", "5", "--top-p", "0.9"], ["--top-k, --top-p only with --do-sample"]),
+    (["generate", "JUNK", "--prompt", "x", "--providers", "FooExecutionProvider"],
+     ["--providers: FooExecutionProvider is not an execution provider", "available: ", "CPUExecutionProvider"]),
+    (["inspect", "JUNK", "--ranges", "r.png", "--error"], ["argument --error: not allowed with argument --ranges"]),
+    (["inspect", "JUNK", "--ranges", "r.png", "--placement"], ["not allowed with argument --ranges"]),
+    (["inspect", "JUNK", "--point", "R2"], ["--point applies only with --ranges"]),
+    (["inspect", "JUNK", "--error", "--layer", "1"], ["--layer applies only with --ranges"]),
+    (["inspect", "JUNK", "--plot", "p.png"], ["--plot applies only with --error"]),
+    (["inspect", "JUNK", "--providers", "CPUExecutionProvider"], ["--providers applies only with --placement"]),
+    (["inspect", "JUNK", "--ranges", "r.png", "--json"], ["--json does not apply to --ranges"]),
+    (["eval", "JUNK", "--text", "missing.txt"], ["--text missing.txt: no such file", "sotu-test"]),
+])
+def test_flags_that_do_not_apply(tmp_path, junk_model, hf_without_tokenizer, args, fragments):
+    out = tmp_path / "out"
+    subst = {"JUNK": junk_model, "HF": hf_without_tokenizer, "OUT": out}
+    before = {junk_model.parent: snapshot(junk_model.parent), hf_without_tokenizer: snapshot(hf_without_tokenizer)}
+    proc = run_cli(*[subst.get(a, a) for a in args])
+    assert_refused(proc, *fragments, out=out, inputs=before)
+    assert "'random'" not in proc.stderr or args[0] != "eval"
+
+
+def test_external_data_outside_the_model_folder(tmp_path):
+    """A small initializer whose external data points outside the model's folder: one line, not a traceback."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight])
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 16)
+    onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
+    before = snapshot(folder)
+    assert_refused(run_cli("inspect", folder / "model.onnx"), "points outside", "must sit in the model's folder",
+                   inputs={folder: before})
+    out = tmp_path / "out"
+    assert_refused(run_cli("compile", folder / "model.onnx", "-o", out, "--calib", "random", "-q"), "points outside",
+                   out=out)
+
+
+@pytest.mark.slow
+def test_eval_max_tokens_below_one_window_says_so(compiled_text_opt):
+    model = compiled_text_opt("W4A4KV")
+    proc = run_cli("eval", model / "model.onnx", "--max-tokens", "20", "--seqlen", "32")
+    assert_refused(proc, "--max-tokens 20 keeps 20 tokens, fewer than one window of --seqlen 32")
+
+
+@pytest.mark.slow
+def test_generate_without_a_decode_step(compiled_text_opt):
+    proc = run_cli("generate", compiled_text_opt("W4A4KV"), "--prompt", "The state", "--max-new-tokens", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "nan" not in proc.stderr and "no decode step ran" in proc.stderr
+
+
+@pytest.mark.slow
+def test_compile_prints_stage_lines_when_not_a_terminal(tmp_path, exported):
+    proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", *QUICK[:-1])
+    assert proc.returncode == 0, proc.stderr
+    stages = [ln.split()[1] for ln in proc.stderr.splitlines() if ln.startswith("rptq-onnx: ") and "…" in ln]
+    assert stages == ["load", "calibrate", "cluster", "fold", "save"], proc.stderr
+    assert "\r" not in proc.stderr  # no progress bar in a log
