@@ -10,7 +10,16 @@ import sys
 from rptq_onnx.errors import RptqError
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """-o checked before the heavy imports (export/compile check again, under their lock)."""
+    from rptq_onnx.outdir import check_output_dir, check_writable
+
+    check_output_dir(args.output, args.model)
+    check_writable(args.output)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    _check_output(args)
     from rptq_onnx.export import export
 
     result = export(args.model, args.output, with_past=args.with_past, opset=args.opset, exporter=args.exporter)
@@ -40,9 +49,9 @@ def _check_inspect_flags(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    _check_inspect_flags(args)
     from rptq_onnx.inspection import describe, format_table
 
-    _check_inspect_flags(args)
     if args.ranges:
         from rptq_onnx.ranges import plot_ranges
 
@@ -90,10 +99,8 @@ def _inspect_error(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from rptq_onnx.compile import compile_model
-    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
-
     from rptq_onnx.bundled import DEMO_MODEL_DIR
+    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 
     if args.model is None:
         if not (DEMO_MODEL_DIR / "config.json").is_file():
@@ -117,6 +124,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.kv_only and not quant.quantizes_activations:
         raise RptqError(f"--kv-only: {config.name} quantizes no activations, so there is no K/V to single out; use a "
                         "KV preset (e.g. --preset W4A4KV) or give --abits")
+    _check_output(args)
+    from rptq_onnx.compile import compile_model  # heavy: after every check of the flags
+
     # progress bars on a terminal; elsewhere (a log, a pipe) one line as each stage starts
     tty = sys.stderr.isatty()
     result = compile_model(args.model, args.output, config, with_past=args.with_past is not False,
@@ -139,6 +149,8 @@ def _stage_logger():
     start = time.perf_counter()
 
     def log(stage: str) -> None:
+        if stage == "load":  # reads the graph skeleton and checks the input: a refusal there stays one line
+            return
         print(f"rptq-onnx: {stage} … ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
     return log
@@ -177,17 +189,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from rptq_onnx.compile import resolve_onnx_source
-    from rptq_onnx.outdir import work_dir
-    from rptq_onnx.generate import Generator, Sampling
-
     given = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
                                ("seed", args.seed)) if v is not None}
     if given and not args.do_sample:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise RptqError(f"{flags} only with --do-sample (decoding is greedy without it); add --do-sample or drop {flags}")
-    sampling = Sampling(do_sample=args.do_sample, **given)
     providers = _providers(args.providers)
+    from rptq_onnx.compile import resolve_onnx_source
+    from rptq_onnx.generate import Generator, Sampling
+    from rptq_onnx.outdir import work_dir
+
+    sampling = Sampling(do_sample=args.do_sample, **given)
     with work_dir("generate") as tmp:
         model = resolve_onnx_source(args.model, tmp, with_past=True)
         gen = Generator(model, providers=providers, threads=args.threads)

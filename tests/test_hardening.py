@@ -195,7 +195,7 @@ def test_not_enough_space_is_refused_before_work(tmp_path):
 
 def test_new_parent_folders_are_removed_after_a_failure(tmp_path, junk_model):
     out = tmp_path / "new" / "deeper" / "out"
-    proc = run_cli("compile", junk_model, "-o", out, "--calib", "random", "-q")  # -q: no stage lines
+    proc = run_cli("compile", junk_model, "-o", out, "--calib", "random")
     assert_refused(proc, "not a readable ONNX model")
     assert not (tmp_path / "new").exists()
 
@@ -471,5 +471,5 @@ def test_compile_prints_stage_lines_when_not_a_terminal(tmp_path, exported):
     proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", *QUICK[:-1])
     assert proc.returncode == 0, proc.stderr
     stages = [ln.split()[1] for ln in proc.stderr.splitlines() if ln.startswith("rptq-onnx: ") and "…" in ln]
-    assert stages == ["load", "calibrate", "cluster", "fold", "save"], proc.stderr
+    assert stages == ["calibrate", "cluster", "fold", "save"], proc.stderr
     assert "\r" not in proc.stderr  # no progress bar in a log
