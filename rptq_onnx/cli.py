@@ -466,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         _check_numbers(args)
         return args.func(args)
@@ -487,12 +486,16 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno not in _ENVIRONMENT_ERRORS:
             raise
         where = f" to {exc.filename}" if exc.filename else ""
-        print(f"rptq-onnx: error: a write{where} failed ({exc.strerror}); free some space (or point TMPDIR at a "
-              "larger disk for temporary files) and run again", file=sys.stderr)
+        fix = "free some space" if exc.errno != errno.EROFS else "use a writable disk"
+        print(f"rptq-onnx: error: a write{where} failed ({exc.strerror}); {fix} (or point TMPDIR at another disk "
+              "for temporary files) and run again", file=sys.stderr)
         return 2
     except MemoryError:
         print("rptq-onnx: error: out of memory; use a smaller batch or model", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

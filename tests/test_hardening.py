@@ -453,9 +453,11 @@ def test_external_data_outside_the_model_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_max_tokens_below_one_window_says_so(compiled_text_opt):
+def test_eval_max_tokens_below_one_window_says_so(compiled_text_opt, tmp_path):
     model = compiled_text_opt("W4A4KV")
-    proc = run_cli("eval", model / "model.onnx", "--max-tokens", "20", "--seqlen", "32")
+    text = tmp_path / "short.txt"
+    text.write_text("The state of the Union is strong, and the people of this nation are free. " * 8)
+    proc = run_cli("eval", model / "model.onnx", "--text", text, "--max-tokens", "20", "--seqlen", "32")
     assert_refused(proc, "--max-tokens 20 keeps 20 tokens, fewer than one window of --seqlen 32")
 
 
