@@ -164,10 +164,10 @@ def _is_onnx(model: str) -> bool:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rptq_onnx.compile import resolve_onnx_source
-    from rptq_onnx.outdir import work_dir
     from rptq_onnx.calibrate import read_text
+    from rptq_onnx.compile import resolve_onnx_source
     from rptq_onnx.evaluate import HF_DATASETS, load_text, perplexity
+    from rptq_onnx.outdir import work_dir
 
     if args.seqlen is not None and args.seqlen < 2:
         raise RptqError(f"--seqlen {args.seqlen}: a window needs ≥ 2 tokens to predict one")
@@ -466,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # not where the signal is ignored (nohup) or already handled by an embedding program
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) == signal.SIG_DFL}
     try:
         _check_numbers(args)
         return args.func(args)

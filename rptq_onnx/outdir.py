@@ -8,7 +8,8 @@ second run into the same OUT_DIR fails at once, naming the holder.
 Everything we leave while working carries the pid of the process that made it:
 ``.OUT_DIR.staging-PID-XXXX/`` beside OUT_DIR (graph.staged_output) and ``rptq-KIND-PID-XXXX/`` in
 $TMPDIR (``work_dir``). A run killed outright (SIGKILL, power loss) cannot remove them; the next run
-removes those whose process is gone.
+removes those whose process is gone. Staging directories are only created and removed under the
+lock, so a live run's staging is never taken for stale (not even from another pid namespace).
 """
 
 from __future__ import annotations
