@@ -43,10 +43,9 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
+from rptq_onnx.constants import POINTS  # re-exported: anatomy.POINTS
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex
-
-POINTS = ("R1", "R2", "R3", "R4", "R5")
 
 # Every calibration tap and activation Q/DQ point → (the R-point whose cluster plan it uses, a label).
 # q_attn / k_attn are the QKᵀ inputs R2 is clustered on (for Llama the same tensors as q / k);

@@ -7,7 +7,6 @@ reductions (see passes/insert_taps.py) and has no LM head.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +20,21 @@ from rptq_onnx.config import CalibConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import save_model, weights_loaded
 from rptq_onnx.observers import ChannelStats
+from rptq_onnx.outdir import work_dir
 from rptq_onnx.passes.insert_taps import HESSIAN_TAPS, Tap, insert_taps
 from rptq_onnx.runtime import make_session
 
 
+TOKENIZER_MARKERS = ("tokenizer.json", "vocab.json", "tokenizer_config.json")  # one of them: a tokenizer
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / f).is_file() for f in TOKENIZER_MARKERS)
+
+
 def load_tokenizer(model_dir: Path):
     """The fast tokenizer saved beside the model (``export`` copies it), or None."""
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+    if not has_tokenizer(model_dir):
         return None
     from transformers import AutoTokenizer
 
@@ -67,18 +74,19 @@ def token_ids(text: str, model_dir: Path) -> np.ndarray | None:
     return _TOKEN_CACHE[key]
 
 
-def read_text(path: str) -> str:
-    """A UTF-8 text file, or a bundled text by name (``sotu-train``, ``sotu-test``)."""
+def read_text(path: str, flag: str = "--calib", other: str = "'random' for random token ids") -> str:
+    """A UTF-8 text file, or a bundled text by name (``sotu-train``, ``sotu-test``); errors name ``flag``
+    (the option the user typed) and ``other`` (what else it accepts)."""
     p = text_path(path) or Path(path)
     if not p.is_file():
-        raise RptqError(f"--calib {path}: no such file; pass a UTF-8 text file, or 'random' for random token ids")
+        raise RptqError(f"{flag} {path}: no such file; pass a UTF-8 text file, or {other}")
     raw = p.read_bytes()
     if b"\x00" in raw[:65536]:
-        raise RptqError(f"--calib {path}: looks binary (NUL bytes); pass a UTF-8 text file")
+        raise RptqError(f"{flag} {path}: looks binary (NUL bytes); pass a UTF-8 text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise RptqError(f"--calib {path}: not valid UTF-8 text; convert it to UTF-8") from None
+        raise RptqError(f"{flag} {path}: not valid UTF-8 text; convert it to UTF-8") from None
 
 
 def calibration_windows(calib: CalibConfig, model_dir: Path, vocab_size: int, max_positions: int | None) -> np.ndarray:
@@ -181,9 +189,9 @@ def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.nd
     stats = {(t.layer, t.name): ChannelStats() for t in taps}
     result = Calibration(stats={**stats, **{(t.layer, a): stats[(t.layer, t.name)] for t in taps for a in t.aliases}})
     xtx_taps = [t for t in taps if hessians and t.name in HESSIAN_TAPS]
-    with tempfile.TemporaryDirectory(prefix="rptq-calib-") as tmp:
+    with work_dir("calib") as tmp:
         if weights_loaded(tapped):
-            session = make_session(save_model(tapped, Path(tmp) / "tapped.onnx"))
+            session = make_session(save_model(tapped, tmp / "tapped.onnx"))
         else:
             if model_dir is None:
                 raise ValueError("a model without loaded weights needs model_dir")

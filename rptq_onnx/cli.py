@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
 from rptq_onnx.errors import RptqError
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """-o checked before the heavy imports (export/compile check again, under their lock)."""
+    from rptq_onnx.outdir import check_output_dir, check_writable
+
+    check_output_dir(args.output, args.model)
+    check_writable(args.output)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    _check_output(args)
     from rptq_onnx.export import export
 
     result = export(args.model, args.output, with_past=args.with_past, opset=args.opset, exporter=args.exporter)
@@ -19,7 +29,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# inspect's modes and the flags that apply only to one of them (parsed with default None)
+_INSPECT_FLAGS = {"ranges": ("layer", "point"), "error": ("calib", "nsamples", "seqlen", "seed", "plot"),
+                  "placement": ("providers",)}
+_INSPECT_DEFAULTS = {"point": "R1", "nsamples": 4, "seqlen": 128, "seed": 0}
+
+
+def _check_inspect_flags(args: argparse.Namespace) -> None:
+    mode = next((m for m in _INSPECT_FLAGS if getattr(args, m)), None)
+    for owner, flags in _INSPECT_FLAGS.items():
+        for flag in flags:
+            if getattr(args, flag) is not None and owner != mode:
+                raise RptqError(f"--{flag} applies only with --{owner}; add --{owner} or drop --{flag}")
+    if args.json and mode == "ranges":
+        raise RptqError("--json does not apply to --ranges (its data is written beside the PNG as OUT.json)")
+    for flag, value in _INSPECT_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    _check_inspect_flags(args)
     from rptq_onnx.inspection import describe, format_table
 
     if args.ranges:
@@ -33,7 +63,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.placement:
         from rptq_onnx.placement import format_placement, placement
 
-        report = placement(args.model, providers=args.providers.split(",") if args.providers else None)
+        report = placement(args.model, providers=_providers(args.providers))
         print(json.dumps(report, indent=2) if args.json else format_placement(report))
         return 0
     desc = describe(args.model)
@@ -69,10 +99,8 @@ def _inspect_error(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from rptq_onnx.compile import compile_model
-    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
-
     from rptq_onnx.bundled import DEMO_MODEL_DIR
+    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 
     if args.model is None:
         if not (DEMO_MODEL_DIR / "config.json").is_file():
@@ -82,6 +110,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.calib is None:
         raise RptqError("--calib FILE is required: calibration text (UTF-8) tokenized with the model's tokenizer; "
                         "--calib random gives random token ids for a smoke run")
+    if args.with_past is not None and _is_onnx(args.model):
+        flag = "--with-past" if args.with_past else "--no-past"
+        raise RptqError(f"{flag} applies only when compile exports first; {args.model} is already ONNX, its cache "
+                        "inputs were fixed by `rptq-onnx export` (export again with the flag)")
     calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         batch_size=args.batch_size)
     quant = QuantSpec.for_preset(args.preset, wbits=args.wbits, abits=args.abits, kv_only=args.kv_only,
@@ -89,8 +121,17 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                                  matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
                            layout=args.layout, quant=quant, attention=args.attention)
-    result = compile_model(args.model, args.output, config, with_past=args.with_past, progress=not args.quiet,
-                           write_report=args.report)
+    if args.kv_only and not quant.quantizes_activations:
+        raise RptqError(f"--kv-only: {config.name} quantizes no activations, so there is no K/V to single out; use a "
+                        "KV preset (e.g. --preset W4A4KV) or give --abits")
+    _check_output(args)
+    from rptq_onnx.compile import compile_model  # heavy: after every check of the flags
+
+    # progress bars on a terminal; elsewhere (a log, a pipe) one line as each stage starts
+    tty = sys.stderr.isatty()
+    result = compile_model(args.model, args.output, config, with_past=args.with_past is not False,
+                           progress=not args.quiet and tty, write_report=args.report,
+                           log=None if args.quiet or tty else _stage_logger())
     if args.calib == "random":
         print("note: calibrated on random token ids (--calib random): a smoke run; pass --calib FILE for real "
               "statistics", file=sys.stderr)
@@ -102,43 +143,65 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    import tempfile
+def _stage_logger():
+    import time
+
+    start = time.perf_counter()
+
+    def log(stage: str) -> None:
+        if stage == "load":  # reads the graph skeleton and checks the input: a refusal there stays one line
+            return
+        print(f"rptq-onnx: {stage} … ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+    return log
+
+
+def _is_onnx(model: str) -> bool:
     from pathlib import Path
 
+    path = Path(model)
+    return path.suffix == ".onnx" or (path / "model.onnx").is_file()
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rptq_onnx.calibrate import read_text
     from rptq_onnx.compile import resolve_onnx_source
-    from rptq_onnx.evaluate import load_text, perplexity
+    from rptq_onnx.evaluate import HF_DATASETS, load_text, perplexity
+    from rptq_onnx.outdir import work_dir
 
     if args.seqlen is not None and args.seqlen < 2:
         raise RptqError(f"--seqlen {args.seqlen}: a window needs ≥ 2 tokens to predict one")
-    text = load_text(args.text)
-    with tempfile.TemporaryDirectory(prefix="rptq-eval-") as tmp:
-        model = resolve_onnx_source(args.model, Path(tmp), with_past=False)
+    text = load_text(args.text) if args.text in HF_DATASETS else \
+        read_text(args.text, flag="--text", other=f"sotu-test (bundled), or {'/'.join(HF_DATASETS)} (network)")
+    with work_dir("eval") as tmp:
+        model = resolve_onnx_source(args.model, tmp, with_past=False)
         res = perplexity(model, text, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                         progress=not args.quiet)
+                         progress=not args.quiet and sys.stderr.isatty())
         print(f"perplexity {res.perplexity:.3f}  (mean NLL {res.nll:.4f} over {res.tokens:,} predicted tokens, "
               f"{res.windows} windows, {args.text}, {res.seconds:.1f} s)")
         if args.cloze:
             from rptq_onnx.evaluate import cloze_accuracy
 
-            cz = cloze_accuracy(model, text, examples=args.cloze, progress=not args.quiet)
+            cz = cloze_accuracy(model, text, examples=args.cloze, progress=not args.quiet and sys.stderr.isatty())
             print(f"last-word accuracy {100 * cz.accuracy:.1f} %  ({cz.examples} sentences of {args.text}, "
                   f"context {cz.context} tokens, greedy, whole word)")
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
-
+    given = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
+                               ("seed", args.seed)) if v is not None}
+    if given and not args.do_sample:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise RptqError(f"{flags} only with --do-sample (decoding is greedy without it); add --do-sample or drop {flags}")
+    providers = _providers(args.providers)
     from rptq_onnx.compile import resolve_onnx_source
     from rptq_onnx.generate import Generator, Sampling
+    from rptq_onnx.outdir import work_dir
 
-    sampling = Sampling(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed)
-    providers = args.providers.split(",") if args.providers else None
-    with tempfile.TemporaryDirectory(prefix="rptq-generate-") as tmp:
-        model = resolve_onnx_source(args.model, Path(tmp), with_past=True)
+    sampling = Sampling(do_sample=args.do_sample, **given)
+    with work_dir("generate") as tmp:
+        model = resolve_onnx_source(args.model, tmp, with_past=True)
         gen = Generator(model, providers=providers, threads=args.threads)
         out = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat)
     chat = args.chat and gen.has_chat_template  # an answer, not a continuation: print it on its own line
@@ -148,14 +211,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(f"{prompt}\n{text.strip()}" if chat else f"{prompt}{text}")
     c = out.cache
-    step_ms = 1000 * sorted(out.step_seconds)[len(out.step_seconds) // 2] if out.step_seconds else float("nan")
+    steps = sorted(out.step_seconds)
+    decode = f"decode {1000 * steps[len(steps) // 2]:.1f} ms/step (median of {len(steps)})" if steps else \
+        "no decode step ran (the prefill gave the only new token)"
     print(f"cache {c.element_type.removeprefix('tensor(').rstrip(')')} held between steps as OrtValues on "
           f"{gen.device}: {c.bytes_total:,} bytes for {c.batch}×{c.tokens} tokens × {c.layers} layers "
           f"({c.bytes_per_token_per_layer:g} bytes per token per layer, K+V); prefill {out.prefill_seconds * 1000:.0f} ms, "
-          f"decode {step_ms:.1f} ms/step (median)", file=sys.stderr)
+          f"{decode}", file=sys.stderr)
     if out.truncated:
         print(f"note: stopped at the model's {gen.max_positions} positions", file=sys.stderr)
     return 0
+
+
+def _providers(text: str | None) -> list[str] | None:
+    """--providers as a list, every name one this ONNX Runtime build has (else one line listing them)."""
+    if not text:
+        return None
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in available] or ([] if names else [repr(text)])
+    if unknown:
+        raise RptqError(f"--providers: {', '.join(unknown)} is not an execution provider of this ONNX Runtime; "
+                        f"available: {', '.join(available)}")
+    return names
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
@@ -185,12 +265,26 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from rptq_onnx import __version__
-    from rptq_onnx.export import DEFAULT_OPSET, EXPORTERS
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``rptq-onnx: error: …``, exit 2) instead of argparse's usage block.
 
-    parser = argparse.ArgumentParser(prog="rptq-onnx", description="RPTQ low-bit quantization of OPT and Llama graphs "
-                                                                   "in ONNX.")
+    Subparsers are built with the parent's class, so every subcommand gets this too."""
+
+    def error(self, message: str):
+        self.exit(2, f"rptq-onnx: error: {' '.join(message.split())}; see rptq-onnx {self._command()}--help\n")
+
+    def _command(self) -> str:
+        words = self.prog.split()[1:]  # "rptq-onnx compile" → "compile "
+        return "".join(w + " " for w in words)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; imports only light modules (constants, config), so --help and usage
+    errors answer at once: every heavy import (onnx, torch, transformers, ORT) is inside a command."""
+    from rptq_onnx import __version__
+    from rptq_onnx.constants import DEFAULT_OPSET, EXPORTERS
+
+    parser = _Parser(prog="rptq-onnx", description="RPTQ low-bit quantization of OPT and Llama graphs in ONNX.")
     parser.add_argument("--version", action="version", version=f"rptq-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -260,9 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-copy (default): R1/R4 (and Llama's R2) stay in original order, no runtime copies; "
                         "contiguous: those reordered too, with one Gather per norm (and per-head RoPE tables for Llama)")
     past = p.add_mutually_exclusive_group()
-    past.add_argument("--with-past", dest="with_past", action="store_true", default=True,
+    past.add_argument("--with-past", dest="with_past", action="store_true", default=None,
                       help="when exporting first: graph with a KV cache (default)")
-    past.add_argument("--no-past", dest="with_past", action="store_false", help="when exporting first: no KV cache")
+    past.add_argument("--no-past", dest="with_past", action="store_false", default=None,
+                      help="when exporting first: no KV cache")
     p.add_argument("--report", action="store_true",
                    help="also write OUT_DIR/report.md with range plots, per-point SQNR, placement notes and memory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -293,10 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed the prompt as plain text even when the tokenizer has a chat template (by default an "
                         "instruct model's template wraps each prompt as one user message)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: all)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=float, default=None, help="with --do-sample: temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="with --do-sample: sample from the k most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="with --do-sample: nucleus mass (default 1.0: all)")
+    p.add_argument("--seed", type=int, default=None, help="with --do-sample: sampling seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--providers", default=None, metavar="EP,...",
                    help="execution providers, e.g. CUDAExecutionProvider,CPUExecutionProvider (default: CUDA if present)")
@@ -317,20 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Locate every RPTQ reorder point (R1–R5), K/V and heads in an OPT or Llama ONNX graph.")
     p.add_argument("model", metavar="MODEL.onnx", help="an .onnx file (or a directory holding model.onnx)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--ranges", default=None, metavar="OUT.png",
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--ranges", default=None, metavar="OUT.png",
                    help="draw each channel's calibration (max, min), coloured by cluster (compiled models); "
                         "data also in OUT.json")
     p.add_argument("--layer", type=int, default=None, help="with --ranges: one layer (default: a grid of all layers)")
-    p.add_argument("--point", default="R1", help="with --ranges: R1..R5 (default R1)")
-    p.add_argument("--error", action="store_true",
+    p.add_argument("--point", default=None, help="with --ranges: R1..R5 (default R1)")
+    mode.add_argument("--error", action="store_true",
                    help="per layer and point: SQNR of the quantized tensor vs float, and logits KL / top-1 agreement")
     p.add_argument("--calib", default=None, metavar="FILE|random",
                    help="with --error: text to run (default: the bundled sotu-test text)")
-    p.add_argument("--nsamples", type=int, default=4, help="with --error: windows (default 4)")
-    p.add_argument("--seqlen", type=int, default=128, help="with --error: tokens per window (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="with --error: seed for drawing windows")
+    p.add_argument("--nsamples", type=int, default=None, help="with --error: windows (default 4)")
+    p.add_argument("--seqlen", type=int, default=None, help="with --error: tokens per window (default 128)")
+    p.add_argument("--seed", type=int, default=None, help="with --error: seed for drawing windows (default 0)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="with --error: also draw SQNR by layer")
-    p.add_argument("--placement", action="store_true",
+    mode.add_argument("--placement", action="store_true",
                    help="for every MatMul/Gemm and Q/DQ: real low-bit kernel or simulated, and the execution provider "
                         "ORT assigns it (from a profiled run)")
     p.add_argument("--providers", default=None, metavar="EP,...",
@@ -356,10 +453,27 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise RptqError(f"--{flag} {path}: the plot is written as PNG; give a path ending in .png")
 
 
+# a full or read-only disk, or a file-size limit: one line, not a traceback
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP, raised where Python next runs, so every ``finally`` cleans up as for Ctrl-C."""
+
+
+def _on_signal(signum, frame):
+    raise _Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    # not where the signal is ignored (nohup) or already handled by an embedding program
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) == signal.SIG_DFL}
     try:
         _check_numbers(args)
         return args.func(args)
@@ -372,9 +486,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rptq-onnx: interrupted", file=sys.stderr)
         return 130
+    except _Terminated as exc:
+        print("rptq-onnx: terminated", file=sys.stderr)
+        return 128 + exc.args[0]
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        where = f" to {exc.filename}" if exc.filename else ""
+        fix = "free some space" if exc.errno != errno.EROFS else "use a writable disk"
+        print(f"rptq-onnx: error: a write{where} failed ({exc.strerror}); {fix} (or point TMPDIR at another disk "
+              "for temporary files) and run again", file=sys.stderr)
+        return 2
     except MemoryError:
         print("rptq-onnx: error: out of memory; use a smaller batch or model", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

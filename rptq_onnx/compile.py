@@ -10,8 +10,8 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +21,17 @@ import onnx
 
 from rptq_onnx import __version__
 from rptq_onnx.anatomy import DecoderLayer, find_layers
-from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
+from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows, has_tokenizer, read_text
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
 from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.export import CLUSTERS_NAME, OWNED_FILES, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, export
-from rptq_onnx.graph import GraphIndex, check_output_dir, load_model, save_model, staged_output, weights_loaded
+from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
+from rptq_onnx import quantize
+from rptq_onnx.outdir import check_writable, claim_output, input_bytes, work_dir
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder, folded_points
 from rptq_onnx.passes.fuse_attention import fuse_attention
-from rptq_onnx import quantize
 from rptq_onnx.quantize import quantize_graph
 from rptq_onnx.ranges import RANGES_NAME, save_ranges
 
@@ -43,11 +44,16 @@ class CompileResult:
 
 
 class _Timer:
-    def __init__(self):
+    """Stage timings; ``log(name)``, when given, is called as each stage starts (progress lines)."""
+
+    def __init__(self, log: Callable[[str], None] | None = None):
         self.timings: dict[str, float] = {}
+        self.log = log
 
     @contextmanager
     def stage(self, name: str):
+        if self.log:
+            self.log(name)
         t0 = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
@@ -62,6 +68,18 @@ def resolve_onnx_source(model: str, workdir: Path, with_past: bool, timer: _Time
         return path / "model.onnx" if path.is_dir() else path
     with (timer or _Timer()).stage("export"):
         return export(model, workdir / "export", with_past=with_past).model_path
+
+
+def check_calibration_text(model: str, source: str) -> None:
+    """Before any export: the --calib text is readable and the model folder has a tokenizer for it."""
+    if source == "random":
+        return
+    read_text(source)
+    path = Path(model)
+    folder = path.parent if path.suffix == ".onnx" else path if path.is_dir() else None
+    if folder is not None and folder.is_dir() and not has_tokenizer(folder):
+        raise RptqError(f"{folder}: no tokenizer files beside the model (tokenizer.json, vocab.json or "
+                        "tokenizer_config.json), so --calib text cannot be tokenized; add them, or use --calib random")
 
 
 def model_limits(onnx_path: Path, model: onnx.ModelProto) -> tuple[int, int | None]:
@@ -196,16 +214,19 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
 
 def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig, with_past: bool = True,
                   progress: bool = True, write_report: bool = False,
-                  calibration: Calibration | None = None) -> CompileResult:
+                  calibration: Calibration | None = None, log: Callable[[str], None] | None = None) -> CompileResult:
     """Compile ``model`` into ``out_dir`` (written atomically); ``write_report``: also report.md + PNGs.
 
-    ``calibration``: see ``compile_graph`` (it must come from the same model and ``config.calib``)."""
-    timer = _Timer()
+    ``calibration``: see ``compile_graph`` (it must come from the same model and ``config.calib``).
+    ``log(stage)``: called as each stage (export, load, calibrate, cluster, fold, quantize, save) starts."""
+    timer = _Timer(log)
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, model)
-    with tempfile.TemporaryDirectory(prefix="rptq-compile-") as tmp:
-        onnx_path = resolve_onnx_source(model, Path(tmp), with_past, timer)
+    with claim_output(out_dir, model), work_dir("compile") as tmp:
+        # a lower bound for the output: the input's weights at the new width (weights are fp32 in an export)
+        check_writable(out_dir, input_bytes(model) * config.quant.wbits // 32)
+        check_calibration_text(model, config.calib.source)
+        onnx_path = resolve_onnx_source(model, tmp, with_past, timer)
         with timer.stage("load"):
             graph = load_model(onnx_path, load_weights=False)  # external weights stay on disk
             layers = find_layers(graph)

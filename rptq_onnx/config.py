@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from rptq_onnx.anatomy import POINTS
+from rptq_onnx.constants import POINTS
 from rptq_onnx.errors import RptqError
 
 # preset → (weight bits, activation bits, only K/V activations quantized)
@@ -51,6 +51,7 @@ class ClusterCounts:
         if not text:
             return cls()
         values: dict[str, int] = {}
+        named: set[str] = set()
         for item in text.split(","):
             key, sep, raw = item.strip().partition("=")
             key = key.strip()
@@ -68,6 +69,9 @@ class ClusterCounts:
                                     "per-channel, 'tensor' for per-tensor)") from None
                 if k < 1:
                     raise RptqError(f"--clusters: {key}={k}; a cluster count must be at least 1 (or 'ch', 'tensor')")
+            if key in named or (key == "all" and named):  # a point given twice, or all= after a point
+                raise RptqError(f"--clusters {text}: {key}= sets a point already set; name each point once, all= first")
+            named.add(key)
             if key == "all":
                 values.update({p: k for p in POINTS})
             else:

@@ -68,8 +68,9 @@ def perplexity(model_path: str | os.PathLike, text: str, seqlen: int | None = No
         ids = ids[:max_tokens]
     n = len(ids) // seqlen
     if n == 0:
-        raise RptqError(f"the text has {len(ids)} tokens, fewer than one window of --seqlen {seqlen}; "
-                        "use a longer text or a smaller --seqlen")
+        have = f"--max-tokens {max_tokens} keeps" if max_tokens == len(ids) else "the text has"
+        raise RptqError(f"{have} {len(ids)} tokens, fewer than one window of --seqlen {seqlen}; "
+                        "use more tokens or a smaller --seqlen")
     windows = ids[:n * seqlen].reshape(n, seqlen)
     session = make_session(model_path, providers=providers)
     total, count, t0 = 0.0, 0, time.perf_counter()

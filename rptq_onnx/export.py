@@ -27,17 +27,16 @@ from pathlib import Path
 import onnx
 
 from rptq_onnx.bundled import named_model
+from rptq_onnx.constants import DEFAULT_OPSET, EXPORTERS, SUPPORTED_OPSETS
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import MODEL_FILES, check_output_dir, save_model, staged_output
+from rptq_onnx.graph import MODEL_FILES, save_model, staged_output
+from rptq_onnx.outdir import check_writable, claim_output, input_bytes
 from rptq_onnx.ranges import RANGES_NAME
 from rptq_onnx.report import MARKDOWN_NAME
 
-DEFAULT_OPSET = 21
-SUPPORTED_OPSETS = range(18, 24)
 # at opset 23 the dynamo exporter emits RMSNormalization / RotaryEmbedding nodes, which hide the
 # Llama reorder points (and ORT's RotaryEmbedding failed for batch > 1 here)
 LLAMA_MAX_OPSET = 22
-EXPORTERS = ("dynamo", "torchscript")
 # HF model_type → the layer-map family it exports to (Mistral and Qwen2 have Llama's graph; Qwen2 adds
 # q/k/v biases, which the layer map folds like OPT's)
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
@@ -167,8 +166,14 @@ def export(model: str, out_dir: str | os.PathLike, with_past: bool = True, opset
                         f"(default {DEFAULT_OPSET}; 4-bit Q/DQ needs ≥ 21)")
     if exporter not in EXPORTERS:
         raise RptqError(f"--exporter {exporter} is unknown; use one of {', '.join(EXPORTERS)}")
-    source = resolve_model_source(model)
-    check_output_dir(out_dir, model)
+    with claim_output(out_dir, model):
+        source = resolve_model_source(model)
+        check_writable(out_dir, input_bytes(str(source.directory / (source.gguf_file or ""))))
+        return _export(model, source, out_dir, with_past, opset, exporter)
+
+
+def _export(model: str, source: ModelSource, out_dir: str | os.PathLike, with_past: bool, opset: int,
+            exporter: str) -> ExportResult:
     config = load_config(source)
     if family_of(config) == "llama" and opset > LLAMA_MAX_OPSET:
         raise RptqError(f"--opset {opset}: Llama graphs are exported at opset ≤ {LLAMA_MAX_OPSET} (opset 23 fuses "

@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from rptq_onnx.errors import RptqError
+from rptq_onnx.outdir import staging_prefix, write_error
 
 # Above this serialized size a model is saved with its weights in an external data file
 # (protobuf cannot hold more than 2 GiB in one message; below that, external weights still let
@@ -62,22 +63,15 @@ def _load_small_external_tensors(model: onnx.ModelProto, base_dir: Path, max_ele
             except OSError as exc:
                 raise RptqError(f"{base_dir}: external data of '{init.name}' cannot be read ({exc.strerror}); "
                                 "keep model.onnx and its .data file together") from None
+            except onnx.checker.ValidationError as exc:  # e.g. a location outside the model's folder
+                reason = str(exc).strip().splitlines()[0][:200]
+                raise RptqError(f"{base_dir}: external data of '{init.name}' refused ({reason}); external data must "
+                                "sit in the model's folder") from None
             init.data_location = onnx.TensorProto.DEFAULT
             del init.external_data[:]
 
 
 MODEL_FILES = ("model.onnx", "model.onnx" + EXTERNAL_DATA_SUFFIX)
-
-
-def check_output_dir(out_dir: str | os.PathLike, source: str) -> None:
-    """Refuse an output directory that holds the input model (it would be overwritten)."""
-    src = Path(source)
-    if not src.exists():
-        return  # a hub id or a bundled name
-    src_dir = src if src.is_dir() else src.parent
-    if Path(out_dir).resolve() == src_dir.resolve():
-        raise RptqError(f"-o {out_dir} is the directory of the input model {source}; choose another output "
-                        "directory (the input is never modified)")
 
 
 @contextlib.contextmanager
@@ -87,34 +81,38 @@ def staged_output(out_dir: str | os.PathLike, owns: Iterable[str] = ()) -> Itera
     ``owns``: names this writer may produce; those already in ``out_dir`` that the stage lacks are
     removed (a recompile without ``--report`` leaves no stale report, a small model no stale .data).
     Other files in ``out_dir`` are left alone. On any exception the staging directory is deleted
-    and ``out_dir`` is left as it was.
+    and ``out_dir`` is left as it was; a failed write (disk full, read-only) is a one-line error
+    naming ``out_dir``. The staging directory's name holds our pid (``outdir.staging_prefix``), so a
+    run killed before the move leaves something the next run recognises and removes.
     """
-    out_dir = Path(out_dir)
+    shown = out_dir
+    out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
-        raise RptqError(f"{out_dir}: exists and is not a directory; choose another -o/--output")
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=parent))
+        raise RptqError(f"-o {shown}: exists and is not a directory; choose another -o/--output")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
+    except OSError as exc:
+        raise write_error(shown, exc) from None
     try:
         yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    created = not out_dir.exists()
-    out_dir.mkdir(exist_ok=True)
-    try:
-        written = sorted(stage.iterdir())
-        for name in sorted(set(owns) - {item.name for item in written}):
-            _remove(out_dir / name)  # stale from an earlier run
-        for item in written:
-            target = out_dir / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)  # a file is replaced atomically
-    except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+        created = not out_dir.exists()
+        try:
+            out_dir.mkdir(exist_ok=True)
+            written = sorted(stage.iterdir())
+            for name in sorted(set(owns) - {item.name for item in written}):
+                _remove(out_dir / name)  # stale from an earlier run
+            for item in written:
+                target = out_dir / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)  # a file is replaced atomically
+        except BaseException:
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+    except OSError as exc:
+        raise write_error(shown, exc) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import onnx
 
 from rptq_onnx.graph import GraphIndex, load_model
+from rptq_onnx.outdir import work_dir
 
 GEMMS = ("MatMul", "Gemm", "MatMulNBits")
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -100,7 +100,7 @@ def assigned_providers(model_path: Path, providers: list[str] | None = None, seq
     from rptq_onnx.calibrate import feeds_for
     from rptq_onnx.runtime import as_ort_values, make_session
 
-    with tempfile.TemporaryDirectory(prefix="rptq-profile-") as tmp:
+    with work_dir("profile") as tmp:
         session = make_session(model_path, providers=providers, profile_prefix=os.path.join(tmp, "profile"))
         ids = np.full((1, seqlen), 5, np.int64)
         session.run_with_ort_values(None, as_ort_values(feeds_for(session, ids)))  # 4-bit outputs too

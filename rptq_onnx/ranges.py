@@ -27,8 +27,11 @@ POINT_TAPS = {"R1": ("attn_ln", "attention-norm output"), "R2": ("k_attn", "K (a
 
 
 def save_ranges(path: Path, stats: dict, layers: int) -> None:
-    """Min/max per channel for every plotted tap, as float32 safetensors (deterministic bytes)."""
-    from safetensors.numpy import save_file
+    """Min/max per channel for every plotted tap, as float32 safetensors (deterministic bytes).
+
+    Written with Python's own file mode (0644 under the usual umask, like every other output):
+    ``safetensors.save_file`` creates its file 0600."""
+    from safetensors.numpy import save
 
     tensors = {}
     for i in range(layers):
@@ -36,7 +39,7 @@ def save_ranges(path: Path, stats: dict, layers: int) -> None:
             hi, lo = stats[(i, tap)].minmax.range()
             tensors[f"L{i}.{tap}.max"] = np.ascontiguousarray(hi, dtype=np.float32)
             tensors[f"L{i}.{tap}.min"] = np.ascontiguousarray(lo, dtype=np.float32)
-    save_file(tensors, str(path))
+    Path(path).write_bytes(save(tensors))
 
 
 def load_ranges(model_dir: Path) -> dict[str, np.ndarray] | None:
