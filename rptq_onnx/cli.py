@@ -121,6 +121,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                                  matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
                            layout=args.layout, quant=quant, attention=args.attention)
+    if args.attention == "fused" and args.with_past is False:
+        raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); drop "
+                        "--no-past, or use --attention eager")
     if args.kv_only and not quant.quantizes_activations:
         raise RptqError(f"--kv-only: {config.name} quantizes no activations, so there is no K/V to single out; use a "
                         "KV preset (e.g. --preset W4A4KV) or give --abits")
