@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from sklearn.cluster import KMeans
+from threadpoolctl import ThreadpoolController
 
 from rptq_onnx.errors import RptqError
 
@@ -89,13 +92,33 @@ class ClusterPlan:
                    run_clusters=tuple(runs) if runs is not None else None)
 
 
+@lru_cache(maxsize=1)
+def _thread_pools() -> ThreadpoolController:
+    # found once (13 ms); sklearn's OpenMP runtime and the BLAS libraries are loaded by the imports above
+    return ThreadpoolController()
+
+
+@contextmanager
+def one_thread():
+    """OpenMP and BLAS limited to one thread in this block (restored after).
+
+    Every fit here is tiny (at most a few thousand 2–16-dimensional points), so thread teams only
+    add wake-ups and spin-waiting: with 2 OpenMP threads on 2 busy cores a 64-point fit took
+    160 ms instead of 10 ms (``tools/bench_clustering.py``). One thread also makes the result
+    independent of the core count: sklearn's threaded Lloyd step adds per-thread partial sums.
+    """
+    with _thread_pools().limit(limits=1):
+        yield
+
+
 def _kmeans_labels(data: np.ndarray, k: int) -> np.ndarray:
     n = data.shape[0]
     if k == 1:
         return np.zeros(n, dtype=np.int64)
     if k == n:
         return np.arange(n)
-    return KMeans(n_clusters=k, n_init=10, random_state=0).fit(data).labels_
+    with one_thread():
+        return KMeans(n_clusters=k, n_init=10, random_state=0).fit(data).labels_
 
 
 def _split_heads(features: np.ndarray, k: int, heads: int, where: str, unit: str = "channels") -> int:

@@ -92,18 +92,22 @@ def check_cluster_counts(config: CompileConfig, layers: list[DecoderLayer]) -> N
             raise RptqError(f"--clusters {point}={k} exceeds the model's {limit} {what}; use {point}≤{limit}")
 
 
-def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
-    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference).
-
-    R2 and R3 are planned per K/V head (per head without GQA): features of the query heads that
-    share a K/V head sit side by side. With RoPE (Llama), R2 clusters channel pairs (i, i + D/2).
-    """
+def cluster_counts(layer: DecoderLayer, config: CompileConfig) -> dict[str, int]:
+    """KMeans k per point (per K/V head at R2/R3); ``ch`` resolved to one cluster per channel."""
     # per-tensor points keep their channel order (one cluster per head); quantize.py gives them one scale
     k = {p: {PER_CHANNEL: None, PER_TENSOR: 1}.get(v, v) for p, v in config.clusters.as_dict().items()}
     c, d, f = layer.hidden_size, layer.head_dim, layer.ffn_dim
     rope = layer.qk_layout == "bhsd"
-    k = {"R1": k["R1"] or c, "R2": k["R2"] or (d // 2 if rope else d), "R3": k["R3"] or d, "R4": k["R4"] or c,
-         "R5": k["R5"] or f}
+    return {"R1": k["R1"] or c, "R2": k["R2"] or (d // 2 if rope else d), "R3": k["R3"] or d, "R4": k["R4"] or c,
+            "R5": k["R5"] or f}
+
+
+def layer_features(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats]) -> dict[str, tuple[np.ndarray, int]]:
+    """Per point: (KMeans features [channels, F], heads it is clustered per), as the reference.
+
+    R2 and R3 are per K/V head (per head without GQA): features of the query heads that share a
+    K/V head sit side by side.
+    """
     i, kv, group = layer.index, layer.num_kv_heads, layer.group
 
     def rng(tap):
@@ -116,16 +120,21 @@ def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], 
     q_hi, q_lo = grouped("q_attn")
     k_hi, k_lo = rng("k_attn")
     r2 = np.concatenate([q_hi, k_hi[:, None], q_lo, k_lo[:, None]], axis=1)  # [q max…, k max, q min…, k min]
-    r3 = np.concatenate(grouped("out_in"), axis=1)
-    where = f"layer {i}"
-    r2_plan = plan_pair_clusters if rope else plan_clusters
-    return {
-        "R1": plan_clusters(range_features(rng("attn_ln")), k["R1"], where=f"{where} R1"),
-        "R2": r2_plan(r2, k["R2"], heads=kv, where=f"{where} R2"),
-        "R3": plan_clusters(r3, k["R3"], heads=kv, where=f"{where} R3"),
-        "R4": plan_clusters(range_features(rng("ffn_ln")), k["R4"], where=f"{where} R4"),
-        "R5": plan_clusters(range_features(rng("fc2_in")), k["R5"], where=f"{where} R5"),
-    }
+    return {"R1": (range_features(rng("attn_ln")), 1), "R2": (r2, kv),
+            "R3": (np.concatenate(grouped("out_in"), axis=1), kv),
+            "R4": (range_features(rng("ffn_ln")), 1), "R5": (range_features(rng("fc2_in")), 1)}
+
+
+def plan_point(layer: DecoderLayer, point: str, features: np.ndarray, heads: int, k: int) -> ClusterPlan:
+    """One point's plan; with RoPE (Llama), R2 clusters channel pairs (i, i + D/2)."""
+    rope = point == "R2" and layer.qk_layout == "bhsd"
+    return (plan_pair_clusters if rope else plan_clusters)(features, k, heads=heads, where=f"layer {layer.index} {point}")
+
+
+def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
+    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference)."""
+    k = cluster_counts(layer, config)
+    return {p: plan_point(layer, p, feats, heads, k[p]) for p, (feats, heads) in layer_features(layer, stats).items()}
 
 
 @dataclass
