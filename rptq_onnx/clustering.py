@@ -20,12 +20,21 @@ class ClusterPlan:
 
     Normally each run is one cluster. With RoPE pairs (``plan_pair_clusters``) a cluster is two
     runs, one in each half of a head: ``run_clusters`` then gives the cluster id of every run.
+    ``clustered`` is False for a point compile did not cluster (``identity``): original order, one
+    cluster per head.
     """
 
     index: np.ndarray
     counts: tuple[int, ...]
     heads: int = 1
     run_clusters: tuple[int, ...] | None = None
+    clustered: bool = True
+
+    @classmethod
+    def identity(cls, channels: int, heads: int = 1) -> ClusterPlan:
+        """The plan of a point that is not clustered: channels in their order, one run per head."""
+        return cls(index=np.arange(channels, dtype=np.int64), counts=(channels // heads,) * heads, heads=heads,
+                   clustered=False)
 
     def __post_init__(self):
         if sum(self.counts) != len(self.index):
@@ -77,19 +86,22 @@ class ClusterPlan:
             run_clusters.extend((ids - ids.min() + next_id).tolist())
             next_id += int(ids.max() - ids.min()) + 1
         return ClusterPlan(index=np.concatenate(index), counts=tuple(counts), heads=self.heads * group,
-                           run_clusters=None if self.run_clusters is None else tuple(run_clusters))
+                           run_clusters=None if self.run_clusters is None else tuple(run_clusters),
+                           clustered=self.clustered)
 
     def to_dict(self) -> dict:
         d = {"index": self.index.tolist(), "counts": list(self.counts), "heads": self.heads}
         if self.run_clusters is not None:
             d["run_clusters"] = list(self.run_clusters)
+        if not self.clustered:
+            d["clustered"] = False
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ClusterPlan:
         runs = d.get("run_clusters")
         return cls(index=np.asarray(d["index"], dtype=np.int64), counts=tuple(d["counts"]), heads=d.get("heads", 1),
-                   run_clusters=tuple(runs) if runs is not None else None)
+                   run_clusters=tuple(runs) if runs is not None else None, clustered=d.get("clustered", True))
 
 
 @lru_cache(maxsize=1)

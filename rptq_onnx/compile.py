@@ -131,10 +131,26 @@ def plan_point(layer: DecoderLayer, point: str, features: np.ndarray, heads: int
     return (plan_pair_clusters if rope else plan_clusters)(features, k, heads=heads, where=f"layer {layer.index} {point}")
 
 
+def unclustered_points(config: CompileConfig) -> frozenset[str]:
+    """Points whose plan could not change the compiled model, so they are not clustered.
+
+    KV-only presets quantize only K (R2) and V (R3). With the zero-copy layout R1 and R4 stay in
+    their order (their plans would only label Q/DQ points that do not exist here), and R5's
+    reorder would only permute fc1/fc2 rows and columns (the same function; with GPTQ, a different
+    but no better column order). The contiguous layout reorders R1/R4 by definition: all clustered.
+    """
+    q = config.quant
+    if q.kv_only and q.quantizes_activations and config.layout == "zero-copy":
+        return frozenset({"R1", "R4", "R5"})
+    return frozenset()
+
+
 def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
-    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference)."""
-    k = cluster_counts(layer, config)
-    return {p: plan_point(layer, p, feats, heads, k[p]) for p, (feats, heads) in layer_features(layer, stats).items()}
+    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference); the
+    points of ``unclustered_points`` get ``ClusterPlan.identity``."""
+    k, skip = cluster_counts(layer, config), unclustered_points(config)
+    return {p: ClusterPlan.identity(len(feats)) if p in skip else plan_point(layer, p, feats, heads, k[p])
+            for p, (feats, heads) in layer_features(layer, stats).items()}
 
 
 @dataclass
@@ -179,7 +195,8 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     with timer.stage("fold"):
         if not weights_loaded(graph):
             graph = load_model(model_path)
-        folded, fold_report = fold_reorder(graph, layers, plans, layout=config.layout)
+        clustered = [{p: plan for p, plan in lp.items() if plan.clustered} for lp in plans]  # identities: nothing to fold
+        folded, fold_report = fold_reorder(graph, layers, clustered, layout=config.layout)
         del graph
     quant_report: dict = {}
     if q.quantizes_weights or q.quantizes_activations:
@@ -219,9 +236,10 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
             "layers": len(layers),
             "calibration": {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
                             "tokens": int(windows.size), "source": config.calib.source},
-            "clusters": [{p: plan.num_clusters for p, plan in lp.items()} for lp in plans],
-            "cluster_sizes": [{p: [min(plan.cluster_sizes()), max(plan.cluster_sizes())] for p, plan in lp.items()}
-                              for lp in plans],
+            # null: a point not clustered (unclustered_points)
+            "clusters": [{p: plan.num_clusters if plan.clustered else None for p, plan in lp.items()} for lp in plans],
+            "cluster_sizes": [{p: [min(plan.cluster_sizes()), max(plan.cluster_sizes())] if plan.clustered else None
+                               for p, plan in lp.items()} for lp in plans],
             "layout": fold_report.layout,
             "gathers_added": fold_report.gathers,
             "permuted_initializers": fold_report.permuted_initializers,
