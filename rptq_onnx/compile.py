@@ -21,11 +21,13 @@ import onnx
 
 from rptq_onnx import __version__
 from rptq_onnx.anatomy import DecoderLayer, find_layers
+from rptq_onnx.bundled import DEMO_MODEL_DIR
 from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
 from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.export import CLUSTERS_NAME, OWNED_FILES, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, export
+from rptq_onnx.export_cache import cached_export
 from rptq_onnx.graph import GraphIndex, check_output_dir, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder
@@ -59,6 +61,10 @@ def resolve_onnx_source(model: str, workdir: Path, with_past: bool, timer: _Time
             raise RptqError(f"{model}: no such file; pass an .onnx model or a Hugging Face model directory")
         return path / "model.onnx" if path.is_dir() else path
     with (timer or _Timer()).stage("export"):
+        if path.is_dir() and path.resolve() == DEMO_MODEL_DIR.resolve():  # the bundled demo: exported once per cache
+            cached = cached_export(DEMO_MODEL_DIR, with_past)
+            if cached is not None:
+                return cached
         return export(model, workdir / "export", with_past=with_past).model_path
 
 
