@@ -138,12 +138,13 @@ def plan_point(layer: DecoderLayer, point: str, features: np.ndarray, heads: int
 
 
 def unclustered_points(config: CompileConfig) -> frozenset[str]:
-    """Points whose plan could not change the compiled model, so they are not clustered.
+    """Points left unclustered: no activation there is quantized and the layout does not reorder them.
 
     KV-only presets quantize only K (R2) and V (R3). With the zero-copy layout R1 and R4 stay in
     their order (their plans would only label Q/DQ points that do not exist here), and R5's
-    reorder would only permute fc1/fc2 rows and columns (the same function; with GPTQ, a different
-    but no better column order). The contiguous layout reorders R1/R4 by definition: all clustered.
+    reorder would only permute fc1/fc2 rows and columns: the same function (with GPTQ, fc2 in
+    another column order, no better in principle). The contiguous layout reorders R1/R4 by
+    definition, so there every point is clustered.
     """
     q = config.quant
     if q.kv_only and q.quantizes_activations and config.layout == "zero-copy":
