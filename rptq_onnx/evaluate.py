@@ -91,12 +91,14 @@ def leading_token_ids(text: str, model_dir: Path, count: int, margin: int = 256)
     when the prefix would be over half of it.
     """
     cut, previous = 5 * (count + margin), None
+    tokenizer = load_tokenizer(model_dir)
     while True:
         end = text.find("\n", cut)
         end = len(text) if end < 0 or 2 * end > len(text) else end + 1  # over half of it: tokenize it all
-        ids = token_ids(text[:end], model_dir)
-        if ids is None or end == len(text):
+        if tokenizer is None or end == len(text):
+            ids = token_ids(text, model_dir)  # as without --max-tokens (and cached the same way)
             return ids if ids is None else ids[:count]
+        ids = np.asarray(tokenizer(text[:end], add_special_tokens=False)["input_ids"], dtype=np.int64)
         if len(ids) < count + margin:
             cut = int(1.2 * end * (count + margin) / len(ids)) if len(ids) else 2 * end
             continue
