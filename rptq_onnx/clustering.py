@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from sklearn.cluster import KMeans
+from threadpoolctl import ThreadpoolController
 
 from rptq_onnx.errors import RptqError
 
@@ -17,12 +20,21 @@ class ClusterPlan:
 
     Normally each run is one cluster. With RoPE pairs (``plan_pair_clusters``) a cluster is two
     runs, one in each half of a head: ``run_clusters`` then gives the cluster id of every run.
+    ``clustered`` is False for a point compile did not cluster (``identity``): original order, one
+    cluster per head.
     """
 
     index: np.ndarray
     counts: tuple[int, ...]
     heads: int = 1
     run_clusters: tuple[int, ...] | None = None
+    clustered: bool = True
+
+    @classmethod
+    def identity(cls, channels: int, heads: int = 1) -> ClusterPlan:
+        """The plan of a point that is not clustered: channels in their order, one run per head."""
+        return cls(index=np.arange(channels, dtype=np.int64), counts=(channels // heads,) * heads, heads=heads,
+                   clustered=False)
 
     def __post_init__(self):
         if sum(self.counts) != len(self.index):
@@ -74,19 +86,41 @@ class ClusterPlan:
             run_clusters.extend((ids - ids.min() + next_id).tolist())
             next_id += int(ids.max() - ids.min()) + 1
         return ClusterPlan(index=np.concatenate(index), counts=tuple(counts), heads=self.heads * group,
-                           run_clusters=None if self.run_clusters is None else tuple(run_clusters))
+                           run_clusters=None if self.run_clusters is None else tuple(run_clusters),
+                           clustered=self.clustered)
 
     def to_dict(self) -> dict:
         d = {"index": self.index.tolist(), "counts": list(self.counts), "heads": self.heads}
         if self.run_clusters is not None:
             d["run_clusters"] = list(self.run_clusters)
+        if not self.clustered:
+            d["clustered"] = False
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ClusterPlan:
         runs = d.get("run_clusters")
         return cls(index=np.asarray(d["index"], dtype=np.int64), counts=tuple(d["counts"]), heads=d.get("heads", 1),
-                   run_clusters=tuple(runs) if runs is not None else None)
+                   run_clusters=tuple(runs) if runs is not None else None, clustered=d.get("clustered", True))
+
+
+@lru_cache(maxsize=1)
+def _thread_pools() -> ThreadpoolController:
+    # found once (13 ms); sklearn's OpenMP runtime and the BLAS libraries are loaded by the imports above
+    return ThreadpoolController()
+
+
+@contextmanager
+def one_thread():
+    """OpenMP and BLAS limited to one thread in this block (restored after).
+
+    Every fit here is tiny (at most a few thousand 2–16-dimensional points), so thread teams only
+    add wake-ups and spin-waiting: with 2 OpenMP threads on 2 busy cores a 64-point fit took
+    160 ms instead of 10 ms (``tools/bench_clustering.py``). One thread also makes the result
+    independent of the core count: sklearn's threaded Lloyd step adds per-thread partial sums.
+    """
+    with _thread_pools().limit(limits=1):
+        yield
 
 
 def _kmeans_labels(data: np.ndarray, k: int) -> np.ndarray:
@@ -95,7 +129,8 @@ def _kmeans_labels(data: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(n, dtype=np.int64)
     if k == n:
         return np.arange(n)
-    return KMeans(n_clusters=k, n_init=10, random_state=0).fit(data).labels_
+    with one_thread():
+        return KMeans(n_clusters=k, n_init=10, random_state=0).fit(data).labels_
 
 
 def _split_heads(features: np.ndarray, k: int, heads: int, where: str, unit: str = "channels") -> int:

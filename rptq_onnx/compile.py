@@ -21,11 +21,13 @@ import onnx
 
 from rptq_onnx import __version__
 from rptq_onnx.anatomy import DecoderLayer, find_layers
+from rptq_onnx.bundled import DEMO_MODEL_DIR
 from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows, has_tokenizer, read_text
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
 from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.export import CLUSTERS_NAME, OWNED_FILES, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, export
+from rptq_onnx.export_cache import cached_export
 from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx import quantize
@@ -67,6 +69,10 @@ def resolve_onnx_source(model: str, workdir: Path, with_past: bool, timer: _Time
             raise RptqError(f"{model}: no such file; pass an .onnx model or a Hugging Face model directory")
         return path / "model.onnx" if path.is_dir() else path
     with (timer or _Timer()).stage("export"):
+        if path.is_dir() and path.resolve() == DEMO_MODEL_DIR.resolve():  # the bundled demo: exported once per cache
+            cached = cached_export(DEMO_MODEL_DIR, with_past)
+            if cached is not None:
+                return cached
         return export(model, workdir / "export", with_past=with_past).model_path
 
 
@@ -112,18 +118,22 @@ def check_cluster_counts(config: CompileConfig, layers: list[DecoderLayer]) -> N
             raise RptqError(f"--clusters {point}={k} exceeds the model's {limit} {what}; use {point}≤{limit}")
 
 
-def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
-    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference).
-
-    R2 and R3 are planned per K/V head (per head without GQA): features of the query heads that
-    share a K/V head sit side by side. With RoPE (Llama), R2 clusters channel pairs (i, i + D/2).
-    """
+def cluster_counts(layer: DecoderLayer, config: CompileConfig) -> dict[str, int]:
+    """KMeans k per point (per K/V head at R2/R3); ``ch`` resolved to one cluster per channel."""
     # per-tensor points keep their channel order (one cluster per head); quantize.py gives them one scale
     k = {p: {PER_CHANNEL: None, PER_TENSOR: 1}.get(v, v) for p, v in config.clusters.as_dict().items()}
     c, d, f = layer.hidden_size, layer.head_dim, layer.ffn_dim
     rope = layer.qk_layout == "bhsd"
-    k = {"R1": k["R1"] or c, "R2": k["R2"] or (d // 2 if rope else d), "R3": k["R3"] or d, "R4": k["R4"] or c,
-         "R5": k["R5"] or f}
+    return {"R1": k["R1"] or c, "R2": k["R2"] or (d // 2 if rope else d), "R3": k["R3"] or d, "R4": k["R4"] or c,
+            "R5": k["R5"] or f}
+
+
+def layer_features(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats]) -> dict[str, tuple[np.ndarray, int]]:
+    """Per point: (KMeans features [channels, F], heads it is clustered per), as the reference.
+
+    R2 and R3 are per K/V head (per head without GQA): features of the query heads that share a
+    K/V head sit side by side.
+    """
     i, kv, group = layer.index, layer.num_kv_heads, layer.group
 
     def rng(tap):
@@ -136,22 +146,55 @@ def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], 
     q_hi, q_lo = grouped("q_attn")
     k_hi, k_lo = rng("k_attn")
     r2 = np.concatenate([q_hi, k_hi[:, None], q_lo, k_lo[:, None]], axis=1)  # [q max…, k max, q min…, k min]
-    r3 = np.concatenate(grouped("out_in"), axis=1)
-    where = f"layer {i}"
-    if quantize.symmetric_key(layer, config) and "R2" not in folded_points(layer, config.layout):
-        # GQA's cache grid is symmetric and, after RoPE, K keeps no zero point: cluster K's channels by
-        # their amplitude max(|max|, |min|), freely (nothing of R2 is folded in this layout, so RoPE
-        # pairs need not stay together)
-        r2_plan = plan_clusters(np.maximum(np.abs(k_hi), np.abs(k_lo))[:, None], k["R2"], heads=kv, where=f"{where} R2")
-    else:
-        r2_plan = (plan_pair_clusters if rope else plan_clusters)(r2, k["R2"], heads=kv, where=f"{where} R2")
-    return {
-        "R1": plan_clusters(range_features(rng("attn_ln")), k["R1"], where=f"{where} R1"),
-        "R2": r2_plan,
-        "R3": plan_clusters(r3, k["R3"], heads=kv, where=f"{where} R3"),
-        "R4": plan_clusters(range_features(rng("ffn_ln")), k["R4"], where=f"{where} R4"),
-        "R5": plan_clusters(range_features(rng("fc2_in")), k["R5"], where=f"{where} R5"),
-    }
+    return {"R1": (range_features(rng("attn_ln")), 1), "R2": (r2, kv),
+            "R3": (np.concatenate(grouped("out_in"), axis=1), kv),
+            "R4": (range_features(rng("ffn_ln")), 1), "R5": (range_features(rng("fc2_in")), 1)}
+
+
+def plan_point(layer: DecoderLayer, point: str, features: np.ndarray, heads: int, k: int) -> ClusterPlan:
+    """One point's plan; with RoPE (Llama), R2 clusters channel pairs (i, i + D/2)."""
+    rope = point == "R2" and layer.qk_layout == "bhsd"
+    return (plan_pair_clusters if rope else plan_clusters)(features, k, heads=heads, where=f"layer {layer.index} {point}")
+
+
+def unclustered_points(config: CompileConfig) -> frozenset[str]:
+    """Points left unclustered: no activation there is quantized and the layout does not reorder them.
+
+    KV-only presets quantize only K (R2) and V (R3). With the zero-copy layout R1 and R4 stay in
+    their order (their plans would only label Q/DQ points that do not exist here), and R5's
+    reorder would only permute fc1/fc2 rows and columns: the same function (with GPTQ, fc2 in
+    another column order, no better in principle). The contiguous layout reorders R1/R4 by
+    definition, so there every point is clustered.
+    """
+    q = config.quant
+    if q.kv_only and q.quantizes_activations and config.layout == "zero-copy":
+        return frozenset({"R1", "R4", "R5"})
+    return frozenset()
+
+
+def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
+    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference); the
+    points of ``unclustered_points`` get ``ClusterPlan.identity``."""
+    k, skip = cluster_counts(layer, config), unclustered_points(config)
+    features = layer_features(layer, stats)
+    plans = {}
+    for p, (feats, heads) in features.items():
+        if p in skip:
+            plans[p] = ClusterPlan.identity(len(feats))
+        elif p == "R2" and amplitude_key(layer, config):
+            k_hi, k_lo = stats[(layer.index, "k_attn")].minmax.range()
+            plans[p] = plan_clusters(np.maximum(np.abs(k_hi), np.abs(k_lo))[:, None], k[p], heads=heads,
+                                     where=f"layer {layer.index} R2")
+        else:
+            plans[p] = plan_point(layer, p, feats, heads, k[p])
+    return plans
+
+
+def amplitude_key(layer: DecoderLayer, config: CompileConfig) -> bool:
+    """R2 clustered on K's amplitude max(|max|, |min|), freely: K's grid is symmetric (fused attention,
+    K after RoPE: GQA's cache has no zero point) and the layout folds nothing of R2, so RoPE pairs
+    need not stay together."""
+    return quantize.symmetric_key(layer, config) and "R2" not in folded_points(layer, config.layout)
 
 
 @dataclass
@@ -199,7 +242,8 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     with timer.stage("fold"):
         if not weights_loaded(graph):
             graph = load_model(model_path)
-        folded, fold_report = fold_reorder(graph, layers, plans, layout=config.layout)
+        clustered = [{p: plan for p, plan in lp.items() if plan.clustered} for lp in plans]  # identities: nothing to fold
+        folded, fold_report = fold_reorder(graph, layers, clustered, layout=config.layout)
         del graph
     quant_report: dict = {}
     if q.quantizes_weights or q.quantizes_activations:
@@ -245,9 +289,10 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
             "layers": len(layers),
             "calibration": {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
                             "tokens": int(windows.size), "source": config.calib.source},
-            "clusters": [{p: plan.num_clusters for p, plan in lp.items()} for lp in plans],
-            "cluster_sizes": [{p: [min(plan.cluster_sizes()), max(plan.cluster_sizes())] for p, plan in lp.items()}
-                              for lp in plans],
+            # null: a point not clustered (unclustered_points)
+            "clusters": [{p: plan.num_clusters if plan.clustered else None for p, plan in lp.items()} for lp in plans],
+            "cluster_sizes": [{p: [min(plan.cluster_sizes()), max(plan.cluster_sizes())] if plan.clustered else None
+                               for p, plan in lp.items()} for lp in plans],
             "layout": fold_report.layout,
             "gathers_added": fold_report.gathers,
             "permuted_initializers": fold_report.permuted_initializers,

@@ -61,11 +61,9 @@ def perplexity(model_path: str | os.PathLike, text: str, seqlen: int | None = No
     seqlen = seqlen or min(512, max_pos or 512)
     if max_pos is not None and seqlen > max_pos:
         raise RptqError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; use --seqlen ≤ {max_pos}")
-    ids = token_ids(text, model_path.parent)
+    ids = leading_token_ids(text, model_path.parent, max_tokens) if max_tokens else token_ids(text, model_path.parent)
     if ids is None:
         raise RptqError(f"{model_path.parent}: no tokenizer beside the model; export from a directory with tokenizer files")
-    if max_tokens:
-        ids = ids[:max_tokens]
     n = len(ids) // seqlen
     if n == 0:
         have = f"--max-tokens {max_tokens} keeps" if max_tokens == len(ids) else "the text has"
@@ -82,6 +80,32 @@ def perplexity(model_path: str | os.PathLike, text: str, seqlen: int | None = No
     nll = total / count
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, windows=n, tokens=count,
                             seconds=time.perf_counter() - t0)
+
+
+def leading_token_ids(text: str, model_dir: Path, count: int, margin: int = 256) -> np.ndarray | None:
+    """The first ``count`` tokens of ``text`` as tokenizing all of it gives them, from a prefix only.
+
+    A prefix ending at a line end, of about 5 characters per token for ``count + margin`` tokens
+    (lengthened by the characters per token seen while it has fewer), is confirmed by a prefix
+    ``4 · margin`` characters longer that agrees on the first ``count`` tokens: a tokenizer merges
+    across the cut only near it, and a 4 MB text is not tokenized for 64 k tokens. The whole text
+    when the prefix would be over half of it.
+    """
+    cut, previous = 5 * (count + margin), None
+    tokenizer = load_tokenizer(model_dir)
+    while True:
+        end = text.find("\n", cut)
+        end = len(text) if end < 0 or 2 * end > len(text) else end + 1  # over half of it: tokenize it all
+        if tokenizer is None or end == len(text):
+            ids = token_ids(text, model_dir)  # as without --max-tokens (and cached the same way)
+            return ids if ids is None else ids[:count]
+        ids = np.asarray(tokenizer(text[:end], add_special_tokens=False)["input_ids"], dtype=np.int64)
+        if len(ids) < count + margin:
+            cut = int(1.2 * end * (count + margin) / len(ids)) if len(ids) else 2 * end
+            continue
+        if previous is not None and np.array_equal(previous[:count], ids[:count]):
+            return ids[:count]
+        previous, cut = ids, end + 4 * margin
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -32,8 +32,8 @@ def describe(model_path: str | os.PathLike) -> dict:
         d = layer.to_dict()
         d["shared_weights"] = sorted({w for w in _weights(layer) if mm.is_shared(w)})
         if plans is not None:
-            d["clusters"] = {p: {"k": plan.num_clusters, "sizes": plan.cluster_sizes(), "heads": plan.heads}
-                             for p, plan in plans[i].items()}
+            d["clusters"] = {p: {"k": plan.num_clusters, "sizes": plan.cluster_sizes(), "heads": plan.heads,
+                                 "clustered": plan.clustered} for p, plan in plans[i].items()}
         layers.append(d)
     return {
         "model": str(model_path),
@@ -214,6 +214,9 @@ def format_table(desc: dict) -> str:
         for layer in desc["layers"]:
             cells = []
             for p, c in layer["clusters"].items():
+                if not c.get("clustered", True):
+                    cells.append(f"{p} not clustered")
+                    continue
                 per_head = f" ({c['k'] // c['heads']}/head)" if c["heads"] > 1 else ""
                 per_head = per_head.replace("/head", "/kv head") if llama and c["heads"] > 1 else per_head
                 cells.append(f"{p} k={c['k']}{per_head} {min(c['sizes'])}–{max(c['sizes'])}")

@@ -70,7 +70,7 @@ def point_data(ranges: dict, plans: list[dict[str, ClusterPlan]], layer: int, po
         sel = labels == c
         clusters.append({"channels": int(sel.sum()), "max": float(hi[sel].max()), "min": float(lo[sel].min())})
     return {"layer": layer, "point": point, "tensor": what, "max": hi.tolist(), "min": lo.tolist(),
-            "cluster": labels.tolist(), "clusters": clusters,
+            "cluster": labels.tolist(), "clusters": clusters, "clustered": plan.clustered,
             "per_tensor": {"max": float(hi.max()), "min": float(lo.min())},
             "spread": float((hi - lo).max() / max(np.median(hi - lo), 1e-12))}
 
@@ -113,7 +113,8 @@ def plot_ranges(model_dir: str | os.PathLike, out_png: str | os.PathLike, point:
         ax.axvline(pt["max"], color="k", ls="--", lw=0.8)
         ax.axhline(pt["min"], color="k", ls="--", lw=0.8)
         ax.plot(pt["max"], pt["min"], marker="X", color="k", ms=7)
-        ax.set_title(f"layer {d['layer']} {point}: {len(d['clusters'])} clusters", fontsize=9)
+        title = f"{len(d['clusters'])} clusters" if d.get("clustered", True) else "not clustered"
+        ax.set_title(f"layer {d['layer']} {point}: {title}", fontsize=9)
         ax.set_xlabel("channel max")
         ax.set_ylabel("channel min")
     for ax in list(axes.flat)[len(data):]:

@@ -38,8 +38,8 @@ def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
              "## Cluster plan (clusters per point; smallest–largest cluster)", "",
              "| layer | R1 | R2 | R3 | R4 | R5 |", "|---:|---|---|---|---|---|"]
     for i, (k, sizes) in enumerate(zip(report["clusters"], report["cluster_sizes"])):
-        lines.append(f"| {i} | " + " | ".join(f"{k[p]} ({sizes[p][0]}–{sizes[p][1]})" for p in ("R1", "R2", "R3", "R4", "R5"))
-                     + " |")
+        lines.append(f"| {i} | " + " | ".join(f"{k[p]} ({sizes[p][0]}–{sizes[p][1]})" if k[p] else "not clustered"
+                                               for p in ("R1", "R2", "R3", "R4", "R5")) + " |")
     lines += ["", "## Channel ranges", ""]
     for point in ("R1", "R4"):
         plot_ranges(model_dir, figs / f"ranges-{point}.png", point=point)

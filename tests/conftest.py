@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from rptq_onnx.export import export
@@ -18,6 +20,14 @@ CONFIGS = {
     "l3h96": dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=6, ffn_dim=384),
     "l2h128": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=8, ffn_dim=256),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_export_cache(tmp_path_factory):
+    """The demo-export cache (rptq_onnx/export_cache.py) in a fresh directory for this session, also for
+    CLI subprocesses: tests never read or fill the user's cache."""
+    os.environ["RPTQ_ONNX_CACHE_DIR"] = str(tmp_path_factory.mktemp("export-cache"))
+    os.environ.pop("RPTQ_ONNX_NO_CACHE", None)
 
 
 @pytest.fixture(scope="session")

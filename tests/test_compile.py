@@ -142,3 +142,45 @@ def test_external_weights_are_calibrated_from_disk(exported, tmp_path):
     assert (tmp_path / "a" / "clusters.json").read_text() == (tmp_path / "b" / "clusters.json").read_text()
     assert a.report["clusters"] == b.report["clusters"]
     assert sorted(p.name for p in ext_dir.iterdir()) == ["export.json", "model.onnx", "model.onnx.data"]
+
+
+def test_kv_only_preset_clusters_only_k_and_v(exported, tmp_path, monkeypatch):
+    """W4A4KV with the zero-copy layout clusters R2/R3 only: R1/R4/R5 get identity plans, marked and
+    reported as not clustered, with nothing folded for them; the model computes what a compile that
+    clusters every point computes (RTN per output channel does not see fc1/fc2's channel order)."""
+    from rptq_onnx import compile as compile_module
+    from rptq_onnx.calibrate import feeds_for
+    from rptq_onnx.compile import compile_model, load_cluster_plans
+    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
+    from rptq_onnx.runtime import make_session
+
+    def config(layout="zero-copy"):
+        return CompileConfig(preset="W4A4KV", layout=layout, quant=QuantSpec.for_preset("W4A4KV", weight_quant="rtn"),
+                             clusters=ClusterCounts(R1=8, R4=8, R5=8), calib=CalibConfig(nsamples=4, seqlen=32))
+
+    src = str(exported("tiny"))
+    kv = compile_model(src, tmp_path / "kv", config(), progress=False)
+    assert all(c["R1"] is None and c["R4"] is None and c["R5"] is None and c["R2"] and c["R3"]
+               for c in kv.report["clusters"])
+    assert kv.report["cluster_sizes"][0]["R5"] is None
+    plans = load_cluster_plans(tmp_path / "kv")
+    assert not plans[0]["R5"].clustered and plans[0]["R2"].clustered
+    np.testing.assert_array_equal(plans[0]["R5"].index, np.arange(plans[0]["R5"].channels))
+    assert "R1 not clustered" in run_cli("inspect", tmp_path / "kv").stdout
+    proc = run_cli("inspect", tmp_path / "kv", "--ranges", tmp_path / "r5.png", "--point", "R5", "--layer", 0)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r5.json").read_text())["layers"][0]["clustered"] is False
+
+    contiguous = compile_model(src, tmp_path / "contiguous", config("contiguous"), progress=False)
+    assert all(contiguous.report["clusters"][0].values())  # the layout reorders R1/R4: every point clustered
+
+    monkeypatch.setattr(compile_module, "unclustered_points", lambda config: frozenset())
+    full = compile_model(src, tmp_path / "full", config(), progress=False)
+    assert full.report["clusters"][0]["R5"] == 8
+    assert kv.report["permuted_initializers"] < full.report["permuted_initializers"]
+    ids = np.random.default_rng(0).integers(0, 512, (2, 16))
+    logits = []
+    for out in (kv, full):
+        sess = make_session(str(out.model_path))
+        logits.append(sess.run(["logits"], feeds_for(sess, ids))[0])
+    np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4 * np.abs(logits[1]).max())

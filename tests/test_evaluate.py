@@ -86,3 +86,28 @@ def test_cloze_items_and_accuracy(tokenized_model):
     assert cloze_examples(tok, TEXT, examples=30, context=64) == items  # deterministic
     res = cloze_accuracy(onnx_path, TEXT, examples=30, context=64, progress=False)
     assert res.examples == 30 and 0 <= res.accuracy <= 1
+
+
+def test_max_tokens_tokenizes_a_prefix_with_the_same_ids(monkeypatch):
+    """`eval --max-tokens N` tokenizes a prefix of the text, not all of it, and gets the same first N
+    ids as the whole text gives (bundled tokenizer, sotu-test; cuts at line ends)."""
+    import numpy as np
+
+    from rptq_onnx import evaluate
+    from rptq_onnx.bundled import DEMO_MODEL_DIR, text_path
+    from rptq_onnx.calibrate import load_tokenizer, token_ids
+
+    text = text_path("sotu-test").read_text()
+    whole = token_ids(text, DEMO_MODEL_DIR)
+    tokenizer, seen = load_tokenizer(DEMO_MODEL_DIR), []
+
+    def recording(t, **kwargs):
+        seen.append(len(t))
+        return tokenizer(t, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_tokenizer", lambda model_dir: recording)
+    for n in (2, 1000, 65536, len(whole) + 10):
+        seen.clear()
+        np.testing.assert_array_equal(evaluate.leading_token_ids(text, DEMO_MODEL_DIR, n), whole[:n])
+        if n <= 65536:
+            assert 0 < max(seen) < len(text) // 2

@@ -100,3 +100,22 @@ def test_cluster_counts_parse():
     assert ClusterCounts.parse("R1=16,R5=8") == ClusterCounts(R1=16, R5=8)
     assert ClusterCounts.parse("all=1") == ClusterCounts(1, 1, 1, 1, 1)
     assert str(ClusterCounts()) == "R1=32,R2=4,R3=4,R4=32,R5=32"
+
+
+def test_fits_run_on_one_thread_with_the_same_plan_and_limits_restored():
+    """The clustering fits run single-threaded (no spin-waiting OpenMP team on busy cores); the plan is
+    the direct sklearn one, here with more points than one Lloyd chunk (256), and pools are restored."""
+    from threadpoolctl import threadpool_info
+
+    from rptq_onnx.clustering import one_thread
+
+    rng = np.random.default_rng(3)
+    mx, mn = rng.lognormal(size=700), -rng.lognormal(size=700)
+    before = [p["num_threads"] for p in threadpool_info()]
+    with one_thread():
+        assert all(p["num_threads"] == 1 for p in threadpool_info())
+        index, counts = _sklearn_plan(np.stack([mx, mn], 1), 16)
+    assert [p["num_threads"] for p in threadpool_info()] == before
+    plan = plan_clusters(range_features((mx, mn)), 16)
+    np.testing.assert_array_equal(plan.index, index)
+    assert plan.counts == tuple(int(c) for c in counts if c)
