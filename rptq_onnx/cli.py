@@ -121,7 +121,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                                  matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
                            layout=args.layout, quant=quant, attention=args.attention)
-    if args.attention == "fused" and args.with_past is False:
+    if args.attention == "fused" and args.with_past is False:  # auto falls back to eager there
         raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); drop "
                         "--no-past, or use --attention eager")
     if args.kv_only and not quant.quantizes_activations:
@@ -139,7 +139,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print("note: calibrated on random token ids (--calib random): a smoke run; pass --calib FILE for real "
               "statistics", file=sys.stderr)
     rep = result.report
-    print(f"compiled {rep['layers']} layers ({config.preset} = {config.name}, clusters {config.clusters}, layout {rep['layout']}, "
+    print(f"compiled {rep['layers']} layers ({config.preset} = {config.name}, clusters {config.clusters}, layout {rep['layout']}, attention {rep['config']['attention']}, "
           f"{rep['gathers_added']} Gather(s) added) → {result.model_path}  [{rep['timings_s']['total']:.1f} s]")
     if args.report:
         print(f"report → {result.model_path.parent / 'report.md'}")
@@ -333,10 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
                         "MatMulNBits (packed in memory)")
-    p.add_argument("--attention", default="eager", choices=("eager", "fused"),
-                   help="fused: each layer's attention and KV cache as one com.microsoft:GroupQueryAttention (a real "
-                        "int4/int8 cache kernel; K/V presets and presets that quantize no activations); eager "
-                        "(default): the exported MatMul/Softmax attention, every activation point visible")
+    p.add_argument("--attention", default="auto", choices=("auto", "eager", "fused"),
+                   help="fused: each layer's attention and KV cache as one com.microsoft:GroupQueryAttention, a real "
+                        "int4/int8 cache kernel (KV presets, and presets that quantize no activations); eager: the "
+                        "exported MatMul/Softmax attention, every activation point visible; auto (default): fused "
+                        "for the KV presets on a graph with a cache, else eager")
     p.add_argument("--float-cache", action="store_true",
                    help="with-past graphs: keep the KV cache in float (K/V still fake-quantized) instead of "
                         "uint4/uint8 codes between decode steps")

@@ -6,6 +6,7 @@ and the configuration into the model's ``metadata_props`` (key ``rptq.config``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -204,6 +205,18 @@ class Compiled:
     fold: FoldReport
     quant: dict
     calibration: Calibration
+    config: CompileConfig  # as compiled: ``attention="auto"`` resolved
+
+
+def resolve_attention(config: CompileConfig, layers: list[DecoderLayer]) -> CompileConfig:
+    """``attention="auto"``: fused for the KV presets (a low-bit cache) on a graph with a cache — the
+    same or better perplexity and faster decoding (README, *Fused attention*) — else eager."""
+    if config.attention != "auto":
+        return config
+    q = config.quant
+    cached = all(layer.past_key and layer.present_key for layer in layers)
+    fused = cached and q.kv_only and q.quantizes_activations and not q.float_cache
+    return dataclasses.replace(config, attention="fused" if fused else "eager")
 
 
 def _check_uncompiled(graph: onnx.ModelProto, model_path: Path | None) -> None:
@@ -226,6 +239,7 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     used instead of calibrating again (with Hessians when GPTQ needs them).
     """
     _check_uncompiled(graph, model_path)
+    config = resolve_attention(config, layers)
     if config.attention == "fused" and not all(layer.past_key and layer.present_key for layer in layers):
         raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); export with "
                         "--with-past, or use --attention eager")
@@ -253,7 +267,8 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     if config.attention == "fused":
         with timer.stage("fuse"):
             folded, quant_report["attention"] = fuse_attention(folded, cache_bits=config.fused_cache_bits)
-    return Compiled(model=folded, plans=plans, fold=fold_report, quant=quant_report, calibration=calib)
+    return Compiled(model=folded, plans=plans, fold=fold_report, quant=quant_report, calibration=calib,
+                    config=config)
 
 
 def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig, with_past: bool = True,
@@ -280,7 +295,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
         compiled = compile_graph(graph, layers, windows, config, timer=timer, progress=progress, model_path=onnx_path,
                                  calibration=calibration)
         del graph
-        folded, plans, fold_report = compiled.model, compiled.plans, compiled.fold
+        folded, plans, fold_report, config = compiled.model, compiled.plans, compiled.fold, compiled.config
         _stamp(folded, config)
         report = {
             "rptq_onnx": __version__,

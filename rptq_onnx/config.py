@@ -26,7 +26,9 @@ ABITS = (3, 4, 5, 6, 7, 8, 16)
 WEIGHT_QUANT = ("gptq", "rtn")
 OBSERVERS = ("ema", "minmax")
 LAYOUTS = ("zero-copy", "contiguous")
-ATTENTION = ("eager", "fused")  # fused: one com.microsoft:GroupQueryAttention per layer over the (low-bit) cache
+# fused: one com.microsoft:GroupQueryAttention per layer over the (low-bit) cache; auto: fused for the KV
+# presets on graphs with a cache, else eager (compile.resolve_attention)
+ATTENTION = ("eager", "fused", "auto")
 PER_CHANNEL = 0  # a cluster count meaning "one cluster per channel" (--clusters R1=ch)
 PER_TENSOR = -1  # "one scale for the whole tensor", across heads too (--clusters all=tensor)
 
