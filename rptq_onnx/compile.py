@@ -208,6 +208,10 @@ class Compiled:
     config: CompileConfig  # as compiled: ``attention="auto"`` resolved
 
 
+def fused_head_dim_ok(layers: list[DecoderLayer]) -> bool:
+    return all(layer.head_dim % 8 == 0 for layer in layers)
+
+
 def resolve_attention(config: CompileConfig, layers: list[DecoderLayer]) -> CompileConfig:
     """``attention="auto"``: fused for the KV presets (a low-bit cache) on a graph with a cache — the
     same or better perplexity and faster decoding (README, *Fused attention*) — else eager."""
@@ -215,7 +219,7 @@ def resolve_attention(config: CompileConfig, layers: list[DecoderLayer]) -> Comp
         return config
     q = config.quant
     cached = all(layer.past_key and layer.present_key for layer in layers)
-    fused = cached and q.kv_only and q.quantizes_activations and not q.float_cache
+    fused = cached and fused_head_dim_ok(layers) and q.kv_only and q.quantizes_activations and not q.float_cache
     return dataclasses.replace(config, attention="fused" if fused else "eager")
 
 
@@ -243,6 +247,9 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     if config.attention == "fused" and not all(layer.past_key and layer.present_key for layer in layers):
         raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); export with "
                         "--with-past, or use --attention eager")
+    if config.attention == "fused" and not fused_head_dim_ok(layers):
+        raise RptqError(f"--attention fused: head_dim {layers[0].head_dim} is not a multiple of 8, which ONNX Runtime's "
+                        "GroupQueryAttention needs; use --attention eager")
     timer = timer or _Timer()
     q = config.quant
     hessians = q.quantizes_weights and q.weight_quant == "gptq"

@@ -11,6 +11,7 @@ import onnx
 
 from rptq_onnx.anatomy import QDQ_LABELS, map_model
 from rptq_onnx.compile import load_cluster_plans
+from rptq_onnx.config import PER_TENSOR
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, load_model
 
@@ -27,13 +28,15 @@ def describe(model_path: str | os.PathLike) -> dict:
     if plans is not None and len(plans) != len(mm.layers):
         raise RptqError(f"{model_path}: clusters.json describes {len(plans)} layers but the graph has {len(mm.layers)}; "
                         "recompile the model")
+    per_tensor = {p for p, k in ((compiled or {}).get("clusters") or {}).items() if k == PER_TENSOR}
     layers = []
     for i, layer in enumerate(mm.layers):
         d = layer.to_dict()
         d["shared_weights"] = sorted({w for w in _weights(layer) if mm.is_shared(w)})
         if plans is not None:
             d["clusters"] = {p: {"k": plan.num_clusters, "sizes": plan.cluster_sizes(), "heads": plan.heads,
-                                 "clustered": plan.clustered} for p, plan in plans[i].items()}
+                                 "clustered": plan.clustered, "per_tensor": p in per_tensor}
+                             for p, plan in plans[i].items()}
         layers.append(d)
     return {
         "model": str(model_path),
@@ -118,6 +121,7 @@ QDQ_TAGS = QDQ_LABELS
 def quantization_summary(model: onnx.ModelProto, layers) -> list[dict]:
     """Per layer: each Q/DQ point (bits, clusters, scale range) and each linear's execution verdict."""
     index = GraphIndex(model)
+    wbits = ((_compile_config(model) or {}).get("quant") or {}).get("wbits")
     out = []
     for layer in layers:
         points = {}
@@ -135,27 +139,42 @@ def quantization_summary(model: onnx.ModelProto, layers) -> list[dict]:
             clusters = len({(float(s), int(z)) for s, z in zip(scale, zp)})
             points[label] = {"bits": bits, "clusters": clusters, "scale_min": float(scale.min()),
                              "scale_max": float(scale.max()), "simulated": True}
-        linears = {role: _verdict(index, lin) for role, lin in layer.linears().items()}
+        linears = {role: _verdict(index, lin, wbits) for role, lin in layer.linears().items()}
         out.append({"layer": layer.index, "points": points, "linears": linears})
     return out
 
 
-def _verdict(index: GraphIndex, lin) -> dict:
+def _verdict(index: GraphIndex, lin, wbits: int | None = None) -> dict:
+    """How a linear runs; ``weight_bits`` are the codes' bits (the compile's --wbits), ``storage_bits`` the
+    container's (3-bit codes live in 4-bit storage)."""
     if lin.op == "MatMulNBits":
         node = index.node_by_name[lin.node]
-        bits = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "bits")
-        return {"op": "MatMulNBits", "weight_bits": int(bits), "execution": "real low-bit kernel (MatMulNBits)"}
+        storage = int(next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "bits"))
+        bits = wbits if wbits and wbits < storage else storage
+        return {"op": "MatMulNBits", "weight_bits": bits, "storage_bits": storage,
+                "execution": "real low-bit kernel (MatMulNBits)"}
     if lin.weight_dq:
         dtype = index.initializers[lin.weight].data_type
-        bits = 4 if dtype in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4) else 8
-        return {"op": f"DequantizeLinear+{lin.op}", "weight_bits": bits,
+        storage = 4 if dtype in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4) else 8
+        bits = wbits if wbits and wbits < storage else storage
+        return {"op": f"DequantizeLinear+{lin.op}", "weight_bits": bits, "storage_bits": storage,
                 "execution": f"simulated: {bits}-bit weights in the file, dequantized to float for the GEMM"}
-    return {"op": lin.op, "weight_bits": 32, "execution": "float"}
+    return {"op": lin.op, "weight_bits": 32, "storage_bits": 32, "execution": "float"}
 
 
 def _compile_config(model: onnx.ModelProto) -> dict | None:
     props = {p.key: p.value for p in model.metadata_props}
     return json.loads(props["rptq.config"]) if "rptq.config" in props else None
+
+
+def _preset_label(compiled: dict | None) -> str:
+    """``W4A4KV`` or, when --wbits/--abits/--kv-only overrode the preset, ``W4A4KV = W16A4KV``."""
+    if not compiled:
+        return "?"
+    q = compiled.get("quant", {})
+    name = f"W{q.get('wbits', 16)}A{q.get('abits', 16)}" + ("KV" if q.get("kv_only") and q.get("abits", 16) < 16 else "")
+    preset = compiled.get("preset", "?")
+    return preset if preset == name or preset in ("reorder", "W16A16") and name == "W16A16" else f"{preset} = {name}"
 
 
 def _weights(layer) -> list[str]:
@@ -210,24 +229,29 @@ def format_table(desc: dict) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     if desc["layers"] and "clusters" in desc["layers"][0]:
         lines += ["", f"clusters  (k per point; R2/R3 per head; smallest–largest cluster)  preset "
-                      f"{(desc['compiled'] or {}).get('preset', '?')}, layout {(desc['compiled'] or {}).get('layout', '?')}"]
+                      f"{_preset_label(desc['compiled'])}, layout {(desc['compiled'] or {}).get('layout', '?')}"]
         for layer in desc["layers"]:
             cells = []
             for p, c in layer["clusters"].items():
                 if not c.get("clustered", True):
                     cells.append(f"{p} not clustered")
                     continue
+                if c.get("per_tensor"):
+                    cells.append(f"{p} k=1 (one scale per tensor)")
+                    continue
                 per_head = f" ({c['k'] // c['heads']}/head)" if c["heads"] > 1 else ""
                 per_head = per_head.replace("/head", "/kv head") if llama and c["heads"] > 1 else per_head
                 cells.append(f"{p} k={c['k']}{per_head} {min(c['sizes'])}–{max(c['sizes'])}")
             lines.append(f"  layer {layer['index']}: " + "   ".join(cells))
     if desc.get("quantization"):
-        lines += ["", f"quantization  {(desc['compiled'] or {}).get('preset', '')}: bits / clusters / scale range per "
+        lines += ["", f"quantization  {_preset_label(desc['compiled'])}: bits / clusters / scale range per "
                       "point; activation Q/DQ is simulated (float math) on ORT's CPU and CUDA providers"]
         for layer in desc["quantization"]:
             cells = [f"{p} {v['bits']}b k={v['clusters']} [{v['scale_min']:.2g}, {v['scale_max']:.2g}]"
                      for p, v in layer["points"].items()]
-            verdicts = sorted({f"{v['op']} w{v['weight_bits']}" for v in layer["linears"].values()})
+            verdicts = sorted({f"{v['op']} w{v['weight_bits']}" + (f" (in {v['storage_bits']}-bit storage)"
+                                                                  if v["storage_bits"] != v["weight_bits"] else "")
+                               for v in layer["linears"].values()})
             lines.append(f"  layer {layer['layer']}: " + ("   ".join(cells) or "no activation Q/DQ"))
             lines.append(f"           linears: {', '.join(verdicts)}")
     return "\n".join(lines + _format_footer(desc))

@@ -3,16 +3,18 @@
 The formula, per preset with weight bits w, activation bits a and cache bits kv (= a for every
 preset that quantizes K/V, else 16; FP16 is the unquantized baseline):
 
-    weights      = linear parameters × w/8
+    weights      = linear parameters × stored(w)/8
                  + 2 × 2 bytes per output channel of each linear (fp16 scale and zero point, if w < 16)
                  + other parameters (embeddings, positions, LayerNorms, biases) × 2 bytes (fp16)
-    KV cache     = 2 (K and V) × layers × batch × seqlen × hidden × kv/8
+    KV cache     = 2 (K and V) × layers × batch × seqlen × hidden × stored(kv)/8
                    (Llama: kv_heads × head_dim instead of hidden — grouped-query attention caches fewer heads)
     activations  = batch × seqlen × ffn_dim × a/8
                    (the largest tensor one layer holds at a time: the fc1 output; attention
                    probabilities are left out, as a fused/flash attention kernel never stores them)
 
-This is the same breakdown as the RPTQ paper's memory table. It is arithmetic on the published
+stored(n) is what rptq-onnx stores n-bit codes in: 3-bit codes take 4-bit containers (uint4, the
+4-bit MatMulNBits and cache kernels), so W3 and 3-bit caches cost what 4 bits cost (the paper counts
+3 bits). This is the same breakdown as the RPTQ paper's memory table. It is arithmetic on the published
 shapes, not a measurement; for a compiled model ``rptq-onnx inspect`` shows the measured
 initializer bytes by dtype.
 """
@@ -138,14 +140,19 @@ def preset_bits(preset: str) -> tuple[int, int, int]:
     return w, (16 if kv_only else a), a
 
 
+def stored_bits(bits: int) -> int:
+    """The container n-bit codes live in: 3-bit codes in 4-bit storage (uint4, MatMulNBits, the int4 cache)."""
+    return 4 if bits == 3 else bits
+
+
 def memory(shape: OptShape | LlamaShape, preset: str, batch: int, seqlen: int) -> Memory:
     if batch < 1 or seqlen < 1:
         raise RptqError(f"--batch {batch} / --seqlen {seqlen}: both must be at least 1")
     w, a, kv = preset_bits(preset)
-    weights = shape.linear_params * w / 8 + shape.other_params * 2
+    weights = shape.linear_params * stored_bits(w) / 8 + shape.other_params * 2
     if w < 16:
         weights += shape.linear_out_channels * 2 * 2
-    kv_cache = 2 * shape.layers * batch * seqlen * shape.kv_channels * kv / 8
+    kv_cache = 2 * shape.layers * batch * seqlen * shape.kv_channels * stored_bits(kv) / 8
     activations = batch * seqlen * shape.ffn * a / 8
     return Memory(preset, w, a, kv, weights, kv_cache, activations)
 
@@ -214,8 +221,8 @@ def format_memory_table(name: str, shape: OptShape | LlamaShape, batch: int, seq
         lines.append(f"| {m.preset} | {m.wbits} | {m.abits} | {m.kvbits} | {gb(m.weights)} | {gb(m.kv_cache)} | "
                      f"{gb(m.activations)} | {gb(m.total)} |")
     lines.append("")
-    lines.append("kv = the cache's quantization bits; rptq-onnx stores 3-bit codes in uint4, so its 3-bit cache "
-                 "takes 4 bits per element (the W4A4 row)")
+    lines.append("w / kv = the codes' bits; rptq-onnx stores 3-bit codes in 4-bit containers, so W3 weights and a "
+                 "3-bit cache are costed at 4 bits per element (as stored)")
     by = {m.preset: m for m in rows}
     if "W4A16" in by and "W4A4" in by:
         saved = by["W4A16"].total - by["W4A4"].total

@@ -71,3 +71,13 @@ def test_llama_shape_counts_gqa_cache_and_three_mlp_linears():
     proc = run_cli("memory", "smollm2-135m", "--batch", "1", "--seqlen", "8192")
     assert proc.returncode == 0, proc.stderr
     assert "kv_heads × head_dim × kv/8 = 2 × 30 × 1 × 8192 × 192" in proc.stdout
+
+
+def test_three_bit_codes_are_costed_as_stored():
+    """3-bit weights and caches live in 4-bit containers: W3A3KV costs what W4A4KV costs."""
+    from rptq_onnx.memory import memory, resolve_shape
+
+    shape = resolve_shape("opt-125m")
+    w3, w4 = memory(shape, "W3A3KV", batch=2, seqlen=64), memory(shape, "W4A4KV", batch=2, seqlen=64)
+    assert (w3.weights, w3.kv_cache) == (w4.weights, w4.kv_cache)
+    assert w3.wbits == 3 and w3.kvbits == 3

@@ -1,6 +1,6 @@
 """Peak memory of one ONNX Runtime session holding a model, after one prefill.
 
-    python -m rptq_onnx.tools.bench_rss EXPORT_DIR [--presets W4A4KV,W4A8,W8A8] [--attention eager|fused]
+    python -m rptq_onnx.tools.bench_rss EXPORT_DIR [--presets W4A4KV,W4A8,W8A8] [--attention auto|eager]
         [--compiled DIR ...] [--tokens 512] [--calib sotu-train]
 
 EXPORT_DIR is an exported model (``rptq-onnx export``); each preset is compiled from it (RTN
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 _CHILD = """
-import json, resource, sys
+import json, sys
 import numpy as np
 from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.runtime import as_ort_values, make_session
@@ -29,7 +29,9 @@ path, tokens = sys.argv[1], int(sys.argv[2])
 session = make_session(path)
 ids = np.random.default_rng(0).integers(10, 1000, (1, tokens))
 session.run_with_ort_values(["logits"], as_ort_values(feeds_for(session, ids)))
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child forked from a large parent inherits it
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 """
 
 
@@ -53,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path, help="an exported model directory (model.onnx, tokenizer)")
     parser.add_argument("--presets", default="W4A4KV,W4A8,W8A8")
-    parser.add_argument("--attention", default="eager", choices=("eager", "fused"),
-                        help="fused applies where the preset allows it (KV presets)")
+    parser.add_argument("--attention", default="auto", choices=("auto", "eager"),
+                        help="auto (as compile): fused attention for the KV presets, eager for the others")
     parser.add_argument("--compiled", type=Path, nargs="*", default=[], help="compiled directories to measure too")
     parser.add_argument("--tokens", type=int, default=512, help="prefill length (default 512)")
     parser.add_argument("--calib", default="sotu-train")
     parser.add_argument("--no-matmulnbits", action="store_true", help="compile with DequantizeLinear weights")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the compiled models in this directory")
     args = parser.parse_args(argv)
 
     from rptq_onnx.compile import compile_model
@@ -66,15 +69,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("FP32 export", args.export / "model.onnx")]
     with tempfile.TemporaryDirectory(prefix="rptq-bench-rss-") as tmp:
+        tmp = args.keep or tmp
         for preset in filter(None, args.presets.split(",")):
             quant = QuantSpec.for_preset(preset, weight_quant="rtn", matmulnbits=not args.no_matmulnbits)
-            attention = args.attention if (args.attention == "eager" or not quant.quantizes_activations
-                                           or quant.kv_only) else "eager"
-            config = CompileConfig(preset=preset, quant=quant, attention=attention,
+            config = CompileConfig(preset=preset, quant=quant, attention=args.attention,
                                    calib=CalibConfig(source=args.calib, nsamples=4, seqlen=128))
             out = Path(tmp) / preset
-            compile_model(str(args.export), out, config, progress=False)
-            rows.append((f"{preset} ({attention})", out / "model.onnx"))
+            result = compile_model(str(args.export), out, config, progress=False)
+            rows.append((f"{preset} ({result.report['config']['attention']} attention)", out / "model.onnx"))
         rows += [(str(d), d / "model.onnx") for d in args.compiled]
         results = [(name, peak_rss_mb(path, args.tokens), *_linears(path)) for name, path in rows]
     base = results[0][1]
