@@ -124,7 +124,7 @@ class QuantSpec:
     weight_quant: str = "gptq"
     group_size: int | None = None  # None: per output channel
     observer: str = "ema"  # activation ranges: the reference's EMA min/max, or plain min/max
-    matmulnbits: bool = True  # 3/4/8-bit weights as com.microsoft MatMulNBits (packed in memory) when possible
+    matmulnbits: bool = True  # 3/4-bit weights as com.microsoft MatMulNBits (packed in memory) when possible
     float_cache: bool = False  # with-past graphs: keep present/past in float (K/V still fake-quantized)
 
     def __post_init__(self):

@@ -106,3 +106,13 @@ def test_fused_where_it_cannot_apply_is_one_line(text_opt, tmp_path):
                    "--no-past")
     assert_one_line_error(proc, "--attention fused needs a graph with a KV cache")
     assert not out.exists()
+
+
+def test_gpu_check_runs_and_says_so_without_cuda(exported, capsys):
+    """tools/gpu_check.py: without a CUDA device it says so and runs placement and decode timing on the CPU."""
+    from rptq_onnx.tools.gpu_check import main
+
+    assert main(["--model", str(exported("tiny")), "--sizes", "1x16", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA device: absent" in out
+    assert "GroupQueryAttention (real)" in out and "W4A4KV fused" in out

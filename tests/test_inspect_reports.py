@@ -91,3 +91,22 @@ def test_compile_report_bundle(outlier_models, tmp_path):
     assert "| 1 | R3 v (V cache) |" in text  # one SQNR row per layer × quantized point
     for png in ("ranges-R1.png", "ranges-R4.png", "sqnr.png"):
         assert (out / "report" / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_inspect_labels_what_was_compiled(compiled_text_opt, text_opt, tmp_path):
+    """The effective configuration, not the preset's: --wbits overrides, 3-bit codes in 4-bit storage,
+    per-tensor points as one scale in every section."""
+    from rptq_onnx.inspection import describe, format_table
+
+    table = format_table(describe(compiled_text_opt("W4A4KV", wbits=16)))
+    assert "W4A4KV = W16A4KV" in table
+    w3 = describe(compiled_text_opt("W3A3KV"))
+    verdicts = [v for layer in w3["quantization"] for v in layer["linears"].values()]
+    assert {(v["weight_bits"], v["storage_bits"]) for v in verdicts} == {(3, 4)}
+    assert "w3 (in 4-bit storage)" in format_table(w3)
+    config = CompileConfig(preset="W4A4", clusters=ClusterCounts.parse("all=tensor"),
+                           quant=QuantSpec.for_preset("W4A4", weight_quant="rtn"),
+                           calib=CalibConfig(source="random", nsamples=2, seqlen=32))
+    out = compile_model(str(text_opt), tmp_path / "tensor", config, progress=False).model_path.parent
+    table = format_table(describe(out))
+    assert "R2 k=1 (one scale per tensor)" in table and "k=2" not in table
