@@ -217,7 +217,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     steps = sorted(out.step_seconds)
     decode = f"decode {1000 * steps[len(steps) // 2]:.1f} ms/step (median of {len(steps)})" if steps else \
         "no decode step ran (the prefill gave the only new token)"
-    print(f"cache {c.element_type.removeprefix('tensor(').rstrip(')')} held between steps as OrtValues on "
+    kind = c.element_type.removeprefix('tensor(').rstrip(')')
+    if kind == "uint8" and len(gen.past_inputs[0].shape) == 4:  # fused attention's 4-bit cache [B, kv, T, D/2]
+        kind = "int4 (two codes per byte, in uint8)"
+    print(f"cache {kind} held between steps as OrtValues on "
           f"{gen.device}: {c.bytes_total:,} bytes for {c.batch}×{c.tokens} tokens × {c.layers} layers "
           f"({c.bytes_per_token_per_layer:g} bytes per token per layer, K+V); prefill {out.prefill_seconds * 1000:.0f} ms, "
           f"{decode}", file=sys.stderr)

@@ -116,3 +116,10 @@ def test_gpu_check_runs_and_says_so_without_cuda(exported, capsys):
     out = capsys.readouterr().out
     assert "CUDA device: absent" in out
     assert "GroupQueryAttention (real)" in out and "W4A4KV fused" in out
+
+
+def test_cli_generate_says_the_fused_cache_is_int4(text_opt, tmp_path):
+    model_dir = _compile(text_opt, tmp_path / "fused", "W4A4KV", "fused").model_path.parent
+    proc = run_cli("generate", model_dir, "--prompt", "The Congress", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "cache int4 (two codes per byte, in uint8) held between steps" in proc.stderr
