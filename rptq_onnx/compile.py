@@ -35,7 +35,6 @@ from rptq_onnx import quantize
 from rptq_onnx.outdir import check_writable, claim_output, input_bytes, work_dir
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder, folded_points
 from rptq_onnx.passes.fuse_attention import fuse_attention
-from rptq_onnx.quantize import quantize_graph
 from rptq_onnx.ranges import RANGES_NAME, save_ranges
 
 
@@ -270,7 +269,7 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     if q.quantizes_weights or q.quantizes_activations:
         with timer.stage("quantize"):
             folded_layers = find_layers(folded)
-            folded, quant_report = quantize_graph(folded, layers, folded_layers, plans, calib, config, progress)
+            folded, quant_report = quantize.quantize_graph(folded, layers, folded_layers, plans, calib, config, progress)
     if config.attention == "fused":
         with timer.stage("fuse"):
             folded, quant_report["attention"] = fuse_attention(folded, cache_bits=config.fused_cache_bits)

@@ -22,39 +22,53 @@ def describe(model_path: str | os.PathLike) -> dict:
     if any(n.op_type == "GroupQueryAttention" and n.name.startswith("rptq.attn.") for n in model.graph.node):
         return _describe_fused(model_path, model)
     mm = map_model(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     compiled = _compile_config(model)
     plans = load_cluster_plans(model_path)
     if plans is not None and len(plans) != len(mm.layers):
         raise RptqError(f"{model_path}: clusters.json describes {len(plans)} layers but the graph has {len(mm.layers)}; "
                         "recompile the model")
-    per_tensor = {p for p, k in ((compiled or {}).get("clusters") or {}).items() if k == PER_TENSOR}
+    per_tensor = _per_tensor_points(compiled)
     layers = []
     for i, layer in enumerate(mm.layers):
         d = layer.to_dict()
         d["shared_weights"] = sorted({w for w in _weights(layer) if mm.is_shared(w)})
         if plans is not None:
-            d["clusters"] = {p: {"k": plan.num_clusters, "sizes": plan.cluster_sizes(), "heads": plan.heads,
-                                 "clustered": plan.clustered, "per_tensor": p in per_tensor}
-                             for p, plan in plans[i].items()}
+            d["clusters"] = _cluster_summary(plans[i], per_tensor)
         layers.append(d)
     return {
         "model": str(model_path),
         "family": mm.layers[0].family if mm.layers else None,
-        "opset": opset,
         "num_layers": len(mm.layers),
         "with_past": mm.with_past,
         "cache": _cache_storage(model, mm.layers) if mm.with_past else None,
+        **_graph_facts(model),
+        "shared_initializers": sorted(mm.shared_initializers),
+        "layers": layers,
+        "quantization": quantization_summary(model, mm.layers) if compiled else None,
+    }
+
+
+def _graph_facts(model: onnx.ModelProto) -> dict:
+    """What `inspect` says of any graph: opset, I/O, op counts, initializer bytes, the compile config."""
+    return {
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
         "inputs": [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}],
         "outputs": [v.name for v in model.graph.output],
         "node_count": len(model.graph.node),
         "op_counts": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
         "initializer_bytes": _initializer_bytes(model),
-        "shared_initializers": sorted(mm.shared_initializers),
-        "compiled": compiled,
-        "layers": layers,
-        "quantization": quantization_summary(model, mm.layers) if compiled else None,
+        "compiled": _compile_config(model),
     }
+
+
+def _cluster_summary(plans: dict, per_tensor: set[str]) -> dict:
+    """One layer's cluster plans as `inspect` shows them (``per_tensor``: points compiled with one scale)."""
+    return {p: {"k": plan.num_clusters, "sizes": plan.cluster_sizes(), "heads": plan.heads,
+                "clustered": plan.clustered, "per_tensor": p in per_tensor} for p, plan in plans.items()}
+
+
+def _per_tensor_points(compiled: dict | None) -> set[str]:
+    return {p for p, k in ((compiled or {}).get("clusters") or {}).items() if k == PER_TENSOR}
 
 
 def _initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
@@ -71,6 +85,8 @@ def _describe_fused(model_path, model: onnx.ModelProto) -> dict:
     """A graph whose attention rptq-onnx fused into GroupQueryAttention: the layer map's eager anchors
     (QKᵀ, Softmax) are gone, so layers are read off the GQA nodes and the compile's clusters.json."""
     plans = load_cluster_plans(model_path)
+    facts = _graph_facts(model)
+    per_tensor = _per_tensor_points(facts["compiled"])
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     layers = []
     for i, node in enumerate(gqa):
@@ -79,8 +95,7 @@ def _describe_fused(model_path, model: onnx.ModelProto) -> dict:
              "kv_cache_bits": attrs.get("kv_cache_bit_width", 0) or None, "past_key": node.input[3],
              "present_key": node.output[1]}
         if plans is not None and i < len(plans):
-            d["clusters"] = {p: {"k": plan.num_clusters, "sizes": plan.cluster_sizes(), "heads": plan.heads}
-                             for p, plan in plans[i].items()}
+            d["clusters"] = _cluster_summary(plans[i], per_tensor)
         layers.append(d)
     past = next((v for v in model.graph.input if v.name.startswith("past_key_values.")), None)
     cache = None
@@ -89,16 +104,9 @@ def _describe_fused(model_path, model: onnx.ModelProto) -> dict:
         cache = {"dtype": onnx.helper.tensor_dtype_to_string(t.elem_type).removeprefix("TensorProto.").lower(),
                  "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
                  "bits": layers[0]["kv_cache_bits"] if layers else None}
-    return {
-        "model": str(model_path), "fused_attention": True, "family": None,
-        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
-        "num_layers": len(layers), "with_past": past is not None, "cache": cache,
-        "inputs": [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}],
-        "outputs": [v.name for v in model.graph.output], "node_count": len(model.graph.node),
-        "op_counts": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
-        "initializer_bytes": _initializer_bytes(model), "shared_initializers": [],
-        "compiled": _compile_config(model), "layers": layers, "quantization": None,
-    }
+    return {"model": str(model_path), "fused_attention": True, "family": None, "num_layers": len(layers),
+            "with_past": past is not None, "cache": cache, **facts, "shared_initializers": [], "layers": layers,
+            "quantization": None}
 
 
 def _format_fused(desc: dict) -> list[str]:
@@ -109,7 +117,8 @@ def _format_fused(desc: dict) -> list[str]:
         bits = f"int{cache['bits']}" if cache["bits"] else "float"
         lines.append(f"KV cache  {bits} per-channel, held by the kernel: {cache['dtype']} {cache['shape']}")
     for layer in desc["layers"]:
-        cells = [f"{p} k={c['k']}" for p, c in layer.get("clusters", {}).items()]
+        cells = [f"{p} k={c['k']}" if c["clustered"] else f"{p} not clustered"
+                 for p, c in layer.get("clusters", {}).items()]
         lines.append(f"  layer {layer['index']}: {layer['num_heads']} heads / {layer['num_kv_heads']} kv heads"
                      + (f"   clusters {' '.join(cells)}" if cells else ""))
     return lines

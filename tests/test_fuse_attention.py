@@ -123,3 +123,7 @@ def test_cli_generate_says_the_fused_cache_is_int4(text_opt, tmp_path):
     proc = run_cli("generate", model_dir, "--prompt", "The Congress", "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stderr
     assert "cache int4 (two codes per byte, in uint8) held between steps" in proc.stderr
+    table = run_cli("inspect", model_dir)
+    assert table.returncode == 0, table.stderr
+    assert "attention fused into com.microsoft:GroupQueryAttention" in table.stdout and "KV cache  int4" in table.stdout
+    assert "R1 not clustered" in table.stdout and "R2 k=" in table.stdout  # KV presets cluster only R2/R3

@@ -285,6 +285,16 @@ def wait_for(path: Path, proc, seconds=300):
         time.sleep(0.1)
 
 
+def compile_paused_at_save(model, tmp_path):
+    """A compile into tmp_path/out (TMPDIR tmp_path/tmp) that has written its staging and now waits:
+    (process, OUT_DIR, TMPDIR)."""
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = start_paused_compile(model, out, tmp_path, tmpdir)
+    wait_for(tmp_path / "saved", proc)
+    return proc, out, tmpdir
+
+
 @pytest.fixture
 def tiny_model(exported):
     model = exported("tiny")
@@ -296,10 +306,7 @@ def test_sigkill_during_save_then_rerun(tmp_path, tiny_model):
     import signal
 
     model, before = tiny_model
-    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
-    tmpdir.mkdir()
-    proc = start_paused_compile(model, out, tmp_path, tmpdir)
-    wait_for(tmp_path / "saved", proc)
+    proc, out, tmpdir = compile_paused_at_save(model, tmp_path)
     staging = [p for p in tmp_path.iterdir() if p.name.startswith(f".out.staging-{proc.pid}-")]
     assert len(staging) == 1 and (staging[0] / "model.onnx").is_file()
     assert ours_in(tmpdir)  # the killed run's work directory, which it cannot remove
@@ -317,10 +324,7 @@ def test_sigterm_during_save_leaves_nothing(tmp_path, tiny_model):
     import signal
 
     model, before = tiny_model
-    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
-    tmpdir.mkdir()
-    proc = start_paused_compile(model, out, tmp_path, tmpdir)
-    wait_for(tmp_path / "saved", proc)
+    proc, out, tmpdir = compile_paused_at_save(model, tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and stderr.strip() == "rptq-onnx: terminated", stderr
@@ -330,10 +334,7 @@ def test_sigterm_during_save_leaves_nothing(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_two_compiles_into_one_directory(tmp_path, tiny_model):
     model, before = tiny_model
-    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
-    tmpdir.mkdir()
-    first = start_paused_compile(model, out, tmp_path, tmpdir)
-    wait_for(tmp_path / "saved", first)
+    first, out, tmpdir = compile_paused_at_save(model, tmp_path)
     second = run_cli("compile", model, "-o", out, *QUICK, "--preset", "W8A8", env_extra={"TMPDIR": str(tmpdir)})
     assert_refused(second, f"another rptq-onnx run (pid {first.pid}) is writing this directory")
     (tmp_path / "go").touch()
