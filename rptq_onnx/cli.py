@@ -118,7 +118,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size)
     quant = QuantSpec.for_preset(args.preset, wbits=args.wbits, abits=args.abits, kv_only=args.kv_only,
                                  weight_quant=args.weight_quant, group_size=args.group_size, observer=args.observer,
-                                 matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache)
+                                 matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache,
+                                 head_bits=args.head_bits)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
                            layout=args.layout, quant=quant, attention=args.attention)
     if args.attention == "fused" and args.with_past is False:  # auto falls back to eager there
@@ -336,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
                         "MatMulNBits (packed in memory)")
+    p.add_argument("--head-bits", type=int, default=None, choices=(4, 8, 16),
+                   help="token embedding and LM head as MatMulNBits + GatherBlockQuantized codes (blocks of 32): 8 "
+                        "(default when the preset quantizes weights; no measurable loss), 4 (smaller, costs "
+                        "perplexity), or 16 (float; the default for W16 presets)")
     p.add_argument("--attention", default="auto", choices=("auto", "eager", "fused"),
                    help="fused: each layer's attention and KV cache as one com.microsoft:GroupQueryAttention, a real "
                         "int4/int8 cache kernel (KV presets, and presets that quantize no activations); eager: the "

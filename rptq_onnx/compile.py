@@ -35,6 +35,7 @@ from rptq_onnx import quantize
 from rptq_onnx.outdir import check_writable, claim_output, input_bytes, work_dir
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder, folded_points
 from rptq_onnx.passes.fuse_attention import fuse_attention
+from rptq_onnx.passes.quantize_head import quantize_head
 from rptq_onnx.ranges import RANGES_NAME, save_ranges
 
 
@@ -273,6 +274,9 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     if config.attention == "fused":
         with timer.stage("fuse"):
             folded, quant_report["attention"] = fuse_attention(folded, cache_bits=config.fused_cache_bits)
+    if q.head_bits < 16:
+        with timer.stage("head"):
+            folded, quant_report["head"] = quantize_head(folded, q.head_bits)
     return Compiled(model=folded, plans=plans, fold=fold_report, quant=quant_report, calibration=calib,
                     config=config)
 

@@ -77,7 +77,9 @@ def test_matmulnbits_equals_dq_matmul(layout, bits, block):
     dq, _ = quantize_weights(model, {"lin": (lin, qw)}, form="dq")
     x = np.random.default_rng(2).normal(size=(3, IN)).astype(np.float32)
     a, ref = _run(nbits, x), _run(dq, x)
-    assert np.abs(a - ref).max() <= 1e-4 * np.abs(ref).max()
+    # 8 bits: accuracy level 4 quantizes the input to int8 per block (the fast integer kernel)
+    assert attrs.get("accuracy_level", 0) == (4 if bits == 8 else 0)
+    assert np.abs(a - ref).max() <= (1e-2 if bits == 8 else 1e-4) * np.abs(ref).max()
 
 
 def test_pack_uint4_low_nibble_first():
