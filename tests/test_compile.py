@@ -149,8 +149,9 @@ def test_kv_only_preset_clusters_only_k_and_v(exported, tmp_path, monkeypatch):
     reported as not clustered, with nothing folded for them; the model computes what a compile that
     clusters every point computes (RTN per output channel does not see fc1/fc2's channel order)."""
     from rptq_onnx import compile as compile_module
-    from rptq_onnx.calibrate import feeds_for
-    from rptq_onnx.compile import compile_model, load_cluster_plans
+    from rptq_onnx.artifacts import load_cluster_plans
+    from rptq_onnx.compile import compile_model
+    from rptq_onnx.runtime import feeds_for
     from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
     from rptq_onnx.runtime import make_session
 

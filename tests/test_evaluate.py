@@ -95,7 +95,7 @@ def test_max_tokens_tokenizes_a_prefix_with_the_same_ids(monkeypatch):
 
     from rptq_onnx import evaluate
     from rptq_onnx.bundled import DEMO_MODEL_DIR, text_path
-    from rptq_onnx.calibrate import load_tokenizer, token_ids
+    from rptq_onnx.text import load_tokenizer, token_ids
 
     text = text_path("sotu-test").read_text()
     whole = token_ids(text, DEMO_MODEL_DIR)

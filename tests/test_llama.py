@@ -9,7 +9,6 @@ import torch
 from onnx import numpy_helper
 
 from rptq_onnx.anatomy import find_layers
-from rptq_onnx.calibrate import feeds_for, position_ids
 from rptq_onnx.clustering import plan_clusters, plan_pair_clusters
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
@@ -19,7 +18,7 @@ from rptq_onnx.graph import GraphIndex
 from rptq_onnx.models import random_llama
 from rptq_onnx.passes.fold_reorder import FoldReport, _Initializers, _permute_output
 from rptq_onnx.point_error import _with_outputs, qdq_points
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import feeds_for, make_session, position_ids
 from test_cli import assert_one_line_error, run_cli
 
 

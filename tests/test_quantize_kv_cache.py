@@ -7,11 +7,10 @@ import onnx
 import pytest
 
 from rptq_onnx.anatomy import find_layers
-from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.generate import Generator, cache_codes
 from rptq_onnx.graph import GraphIndex
 from rptq_onnx.inspection import describe
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import feeds_for, make_session
 
 KV_PRESETS = ("W4A4KV", "W4A3KV", "W3A3KV")
 

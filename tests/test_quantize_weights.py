@@ -8,7 +8,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rptq_onnx.anatomy import Linear, find_layers
-from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 from rptq_onnx.errors import RptqError
@@ -16,7 +15,7 @@ from rptq_onnx.export import to_onnx
 from rptq_onnx.models import random_opt
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.quant import dequantize_matmulnbits, pack_uint4, quantize_gptq, quantize_rtn
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import feeds_for, make_session
 
 IN, OUT = 256, 96
 
