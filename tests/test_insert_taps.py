@@ -15,6 +15,8 @@ from rptq_onnx.graph import load_model
 from rptq_onnx.passes.insert_taps import TAPS, insert_taps
 from rptq_onnx.runtime import feeds_for, make_session
 
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
+
 
 def _torch_ranges(model_dir, ids):
     """Per-sample per-channel (max, min) of the tapped tensors, from forward hooks."""

@@ -17,6 +17,8 @@ from rptq_onnx.models import random_opt_with_outliers
 from rptq_onnx.runtime import feeds_for, make_session
 from test_cli import assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
+
 
 def _logits(model, ids, layers):
     sess = make_session(model if isinstance(model, (str, bytes)) else model.SerializeToString(), optimization="all")

@@ -101,6 +101,7 @@ def _logits(model, ids, layers):
     return sess.run(None, feeds_for(sess, ids, layers))[0]
 
 
+@pytest.mark.slow
 def test_gptq_beats_rtn_on_a_model_at_w4a16_and_w3a16():
     hf = random_opt(seed=5, num_hidden_layers=2, hidden_size=128, num_attention_heads=4, ffn_dim=512, vocab_size=300)
     graph = to_onnx(hf, with_past=False)
@@ -118,6 +119,7 @@ def test_gptq_beats_rtn_on_a_model_at_w4a16_and_w3a16():
         assert mse["gptq"] < mse["rtn"], (wbits, mse)
 
 
+@pytest.mark.slow
 def test_w4_weight_bytes_are_under_a_third_of_fp16():
     hf = random_opt(seed=6, num_hidden_layers=1, hidden_size=128, num_attention_heads=4, ffn_dim=512, vocab_size=300)
     graph = to_onnx(hf, with_past=False)

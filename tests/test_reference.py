@@ -15,6 +15,8 @@ from rptq_onnx.models import random_opt
 from rptq_onnx.reference import LayerReference
 from rptq_onnx.runtime import feeds_for, make_session, numpy_outputs
 
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
+
 CONFIGS = [dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, ffn_dim=64),
            dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=192),
            dict(num_hidden_layers=2, hidden_size=96, num_attention_heads=3, ffn_dim=256)]

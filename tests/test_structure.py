@@ -4,6 +4,7 @@ the compile pipeline imports compile.py / calibrate.py. Imports inside functions
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +45,7 @@ def imported_names(path: Path) -> list[tuple[str, str | None]]:
     return found
 
 
+@functools.cache
 def import_graph() -> tuple[dict[str, set[str]], dict[str, list[tuple[str, str | None]]]]:
     """module → the package modules it imports; and module → its (module, name) imports of package modules."""
     files = module_files()
