@@ -74,8 +74,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _inspect_error(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from rptq_onnx.artifacts import model_limits
     from rptq_onnx.calibrate import calibration_windows
-    from rptq_onnx.compile import model_limits
     from rptq_onnx.config import CalibConfig
     from rptq_onnx.graph import load_model
     from rptq_onnx.point_error import format_errors, plot_errors, point_errors, qdq_points
@@ -168,10 +168,10 @@ def _is_onnx(model: str) -> bool:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rptq_onnx.calibrate import read_text
-    from rptq_onnx.compile import resolve_onnx_source
     from rptq_onnx.evaluate import HF_DATASETS, load_text, perplexity
+    from rptq_onnx.onnx_source import resolve_onnx_source
     from rptq_onnx.outdir import work_dir
+    from rptq_onnx.text import read_text
 
     if args.seqlen is not None and args.seqlen < 2:
         raise RptqError(f"--seqlen {args.seqlen}: a window needs ≥ 2 tokens to predict one")
@@ -199,8 +199,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise RptqError(f"{flags} only with --do-sample (decoding is greedy without it); add --do-sample or drop {flags}")
     providers = _providers(args.providers)
-    from rptq_onnx.compile import resolve_onnx_source
     from rptq_onnx.generate import Generator, Sampling
+    from rptq_onnx.onnx_source import resolve_onnx_source
     from rptq_onnx.outdir import work_dir
 
     sampling = Sampling(do_sample=args.do_sample, **given)

@@ -112,8 +112,7 @@ def _qdq_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
 
 def assigned_providers(model_path: Path, providers: list[str] | None = None, seqlen: int = 8) -> dict[str, str]:
     """node name → execution provider, from a profiled prefill of ``seqlen`` tokens."""
-    from rptq_onnx.calibrate import feeds_for
-    from rptq_onnx.runtime import as_ort_values, make_session
+    from rptq_onnx.runtime import as_ort_values, feeds_for, make_session
 
     with work_dir("profile") as tmp:
         session = make_session(model_path, providers=providers, profile_prefix=os.path.join(tmp, "profile"))

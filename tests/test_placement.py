@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import onnx
+import pytest
 
 from rptq_onnx.placement import placement
 from test_cli import run_cli
+
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
 
 
 def test_every_weight_preset_runs_matmulnbits(compiled_text_opt):

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rptq_onnx.calibrate import feeds_for
+from rptq_onnx.runtime import feeds_for
 from rptq_onnx.errors import RptqError
 from rptq_onnx.passes.quantize_head import find_vocab_tables, quantize_head
 from rptq_onnx.quant import quantize_rtn

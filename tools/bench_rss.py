@@ -24,8 +24,7 @@ from pathlib import Path
 _CHILD = """
 import json, sys
 import numpy as np
-from rptq_onnx.calibrate import feeds_for
-from rptq_onnx.runtime import as_ort_values, make_session
+from rptq_onnx.runtime import as_ort_values, feeds_for, make_session
 path, tokens = sys.argv[1], int(sys.argv[2])
 session = make_session(path)
 ids = np.random.default_rng(0).integers(10, 1000, (1, tokens))
