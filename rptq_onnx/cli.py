@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-bits", type=int, default=None, choices=(4, 8, 16),
                    help="token embedding and LM head as MatMulNBits + GatherBlockQuantized codes (blocks of 32): 8 "
                         "(default when the preset quantizes weights; no measurable loss), 4 (smaller, costs "
-                        "perplexity), or 16 (float; the default for W16 presets)")
+                        "perplexity), or 16 (float; the default for W16 presets and with --no-matmulnbits)")
     p.add_argument("--attention", default="auto", choices=("auto", "eager", "fused"),
                    help="fused: each layer's attention and KV cache as one com.microsoft:GroupQueryAttention, a real "
                         "int4/int8 cache kernel (KV presets, and presets that quantize no activations); eager: the "

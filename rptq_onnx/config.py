@@ -172,7 +172,7 @@ class QuantSpec:
             kwargs["group_size"] = None
         if kwargs.get("head_bits") is None:
             # the vocabulary table at 8 bits costs no measurable perplexity (README, *Low-bit weights in memory*)
-            kwargs["head_bits"] = 8 if w < 16 else 16
+            kwargs["head_bits"] = 8 if w < 16 and kwargs.get("matmulnbits", True) else 16
         return cls(wbits=w, abits=a, kv_only=pkv if kv_only is None else kv_only, **kwargs)
 
 
