@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from rptq_onnx import __version__
 from rptq_onnx.anatomy import DecoderLayer, find_layers
@@ -228,7 +229,8 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
             calib = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
                               model_dir=model_path.parent if model_path else None, hessians=hessians)
     with timer.stage("cluster"):
-        plans = [plan_layer(layer, calib.stats, config) for layer in layers]
+        plans = [plan_layer(layer, calib.stats, config)
+                 for layer in tqdm(layers, desc="clustering", unit="layer", disable=not progress or None, leave=False)]
     with timer.stage("fold"):
         if not weights_loaded(graph):
             graph = load_model(model_path)
