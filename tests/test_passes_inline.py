@@ -15,6 +15,7 @@ from rptq_onnx.passes.fold_reorder import fold_reorder
 from rptq_onnx.passes.fuse_attention import fusable, fuse_attention
 from rptq_onnx.passes.insert_taps import HESSIAN_TAPS, insert_taps
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
+from rptq_onnx.point_error import _with_outputs
 from rptq_onnx.quant import QParams
 from rptq_onnx.runtime import make_session
 
@@ -26,14 +27,6 @@ def run(model: onnx.ModelProto, feed: dict, names: list[str] | None = None) -> d
     wanted = [o.name for o in session.get_outputs()]
     return dict(zip(wanted, session.run(wanted, {k: v for k, v in feed.items()
                                                  if k in {i.name for i in session.get_inputs()}})))
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    out.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
-    return out
 
 
 def random_plans(layers, seed=0):
