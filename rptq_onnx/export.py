@@ -29,6 +29,7 @@ import onnx
 from rptq_onnx.bundled import named_model
 from rptq_onnx.constants import DEFAULT_OPSET, EXPORTERS, SUPPORTED_OPSETS
 from rptq_onnx.errors import RptqError
+from rptq_onnx.genai import GENAI_CONFIG_NAME, write_genai_config
 from rptq_onnx.graph import MODEL_FILES, save_model, staged_output
 from rptq_onnx.outdir import check_writable, claim_output, input_bytes
 from rptq_onnx.ranges import RANGES_NAME
@@ -48,7 +49,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "tokenizer.model")
 # what export and compile write into OUT_DIR; writing there again removes those the new run lacks
 # (not report/: a user's own files may sit there beside the plots)
-OWNED_FILES = (*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME, CLUSTERS_NAME, REPORT_NAME, RANGES_NAME, MARKDOWN_NAME)
+OWNED_FILES = (*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME, CLUSTERS_NAME, REPORT_NAME, RANGES_NAME, MARKDOWN_NAME,
+               GENAI_CONFIG_NAME)
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ def _export(model: str, source: ModelSource, out_dir: str | os.PathLike, with_pa
                 if (source.directory / name).is_file():
                     shutil.copy2(source.directory / name, stage / name)
         (stage / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        write_genai_config(onnx_model, stage)  # with a cache: an onnxruntime-genai model folder (rptq_onnx.genai)
     return ExportResult(model_path=Path(out_dir) / "model.onnx", record=record)
 
 
