@@ -111,3 +111,49 @@ def test_runtime_genai_refuses_models_it_cannot_run(exported, compiled_text_opt,
             (bare / f.name).write_bytes(f.read_bytes())
     missing = run_cli("generate", bare, "--prompt", "hi", "--runtime", "genai")
     assert_one_line_error(missing, f"no {GENAI_CONFIG_NAME}")
+
+
+def _graph(past_type: int, past_dims: list, layers: int = 2, positions: bool = False):
+    """A stand-in graph with our I/O names (the nodes do not matter to genai_config)."""
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
+    if positions:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", 512])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", past_type, past_dims))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", past_type, past_dims))
+    return helper.make_model(helper.make_graph([], "g", inputs, outputs))
+
+
+def test_genai_config_from_the_graph_and_config(tmp_path):
+    from onnx import TensorProto
+
+    from rptq_onnx.errors import RptqError
+    from rptq_onnx.genai import cache_layout, genai_config, write_genai_config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "temperature": 0.6,
+                                                                 "do_sample": True}))
+    packed = _graph(TensorProto.UINT8, ["batch", 2, "past", 8], positions=True)
+    layout = cache_layout(packed)
+    assert (layout.layers, layout.kv_heads, layout.width, layout.kind(16)) == (2, 2, 8, "int4 (two codes per byte, in uint8)")
+    assert layout.bytes_per_token_per_layer == 32
+    config = genai_config(packed, tmp_path)
+    assert config["model"]["type"] == "mistral" and config["model"]["eos_token_id"] == [2, 7]
+    assert config["model"]["pad_token_id"] == 2  # no pad id: the first EOS
+    assert config["model"]["decoder"]["head_size"] == 16 and config["model"]["decoder"]["inputs"]["position_ids"]
+    assert config["search"]["do_sample"] is True and config["search"]["temperature"] == 0.6
+    assert cache_layout(_graph(TensorProto.INT8, ["batch", 2, "past", 16])).kind(16) == "int8"
+    with pytest.raises(RptqError, match="onnxruntime-genai cannot allocate"):
+        cache_layout(_graph(TensorProto.UINT4, ["batch", 32, "past"]))
+    with pytest.raises(RptqError, match="no KV cache"):
+        cache_layout(_graph(TensorProto.FLOAT, [], layers=0))
+    assert not write_genai_config(_graph(TensorProto.FLOAT, [], layers=0), tmp_path)
+    assert not (tmp_path / GENAI_CONFIG_NAME).exists()
+    assert write_genai_config(packed, tmp_path) and (tmp_path / GENAI_CONFIG_NAME).is_file()
