@@ -102,6 +102,9 @@ def fp32_hf_dir(model: str, workdir: Path) -> Path:
     source = resolve_model_source(model)
     kwargs = source.hf_kwargs()
     hf = AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=torch.float32, **kwargs)
+    hf.hf_quantizer = None  # the weights are plain fp32 tensors now; transformers refuses to save "gguf" models
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
     hf.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(source.directory), **kwargs).save_pretrained(str(out))
     config = json.loads((out / "config.json").read_text())
@@ -135,6 +138,30 @@ def build_ours(hf_dir: Path, workdir: Path, preset: str, calib: str) -> Path:
         return out
     run([sys.executable, "-m", "rptq_onnx", "compile", str(hf_dir), "-o", str(out), "--preset", preset, "--calib", calib,
          "-q"], f"rptq-onnx compile {preset}")
+    return out
+
+
+def with_accuracy_level(folder: Path, level: int) -> Path:
+    """A copy of a compiled folder whose MatMulNBits run at ``accuracy_level`` (4: the activation is
+    quantized to int8 per block inside the kernel, as the builder's CPU int4 models do), weights shared."""
+    import shutil
+
+    import onnx
+
+    out = folder.parent / f"{folder.name}-acc{level}"
+    if (out / "genai_config.json").is_file():
+        return out
+    out.mkdir(exist_ok=True)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*attrs, onnx.helper.make_attribute("accuracy_level", level)])
+    onnx.save(model, str(out / "model.onnx"))
+    for item in folder.iterdir():
+        if item.name != "model.onnx" and item.is_file():
+            shutil.copy2(item, out / item.name)
     return out
 
 
@@ -238,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=37)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="decode runs per model (the fastest is kept)")
+    parser.add_argument("--accuracy-level", type=int, default=None,
+                        help="also measure each rptq-onnx model with its MatMulNBits set to this accuracy_level "
+                             "(4 = int8 activations inside the kernel, the builder's CPU default)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -249,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in filter(None, args.anchors.split(","))]
     ours = args.ours if args.ours is not None else [build_ours(hf_dir, args.workdir, args.preset, args.calib)]
     rows += [(f"rptq-onnx {d.name}", d) for d in ours]
+    if args.accuracy_level is not None:
+        rows += [(f"rptq-onnx {d.name}, accuracy_level {args.accuracy_level}", with_accuracy_level(d, args.accuracy_level))
+                 for d in ours]
 
     ids = sotu_ids(hf_dir, max(args.eval_tokens, args.prompt_tokens))
     prompt = [int(t) for t in ids[: args.prompt_tokens]]
