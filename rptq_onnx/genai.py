@@ -210,30 +210,28 @@ def model_folder(model: str | os.PathLike) -> Path:
     return folder
 
 
-def check_folder(folder: Path) -> dict:
-    """The folder's genai_config.json, or RptqError saying why GenAI cannot run the model."""
+def check_folder(folder: Path) -> tuple[dict, CacheLayout]:
+    """The folder's genai_config.json and cache, or RptqError saying why GenAI cannot run the model."""
     from rptq_onnx.graph import load_model
 
-    cache_layout(load_model(folder / "model.onnx", load_weights=False))  # no cache, eager low-bit cache: one line
+    layout = cache_layout(load_model(folder / "model.onnx", load_weights=False))  # no cache, eager low-bit cache
     config = _read_json(folder / GENAI_CONFIG_NAME)
     if "model" not in config:
         raise RptqError(f"{folder}: no {GENAI_CONFIG_NAME}; export or compile the model again with this rptq-onnx, "
                         "which writes it beside model.onnx")
-    return config
+    return config, layout
 
 
 class GenaiGenerator:
     """A GenAI model folder loaded in og.Model with og.Tokenizer; ``generate`` runs og.Generator per prompt."""
 
     def __init__(self, model: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
-        from rptq_onnx.graph import load_model
         from rptq_onnx.runtime import default_providers
 
         self.folder = model_folder(model)
-        self.config = check_folder(self.folder)
+        self.config, self.layout = check_folder(self.folder)  # before the import: a bad model is said first
         og = import_genai()
         self.og = og
-        self.layout = cache_layout(load_model(self.folder / "model.onnx", load_weights=False))
         config = og.Config(str(self.folder))
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
