@@ -97,7 +97,8 @@ def cache_layout(model: onnx.ModelProto) -> CacheLayout:
     elem, dims = first.type.tensor_type.elem_type, _dims(first)
     if elem not in CACHE_TYPES or len(dims) != 4 or not isinstance(dims[1], int) or not isinstance(dims[3], int):
         kind = onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem != onnx.TensorProto.UINT4 else "uint4"
-        raise RptqError(f"the cache is {kind} {dims} (the eager low-bit cache, [batch, heads·head_dim, tokens] codes), "
+        shape = "[" + ", ".join(map(str, dims)) + "]"
+        raise RptqError(f"the cache is {kind} {shape} (the eager low-bit cache, [batch, heads·head_dim, tokens] codes), "
                         "which onnxruntime-genai cannot allocate; compile with --attention fused (the KV presets' "
                         "default) or --float-cache")
     return CacheLayout(layers=layers, kv_heads=dims[1], width=dims[3], dtype=CACHE_TYPES[elem])
