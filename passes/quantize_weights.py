@@ -26,6 +26,9 @@ from rptq_onnx.quant import QuantizedWeight, pack_uint4
 
 MATMULNBITS_BLOCKS = (16, 32, 64, 128, 256)
 PER_CHANNEL_BLOCKS = (128, 64, 32, 16, 256)  # per-channel codes: the first that divides the input size
+# 8-bit MatMulNBits: quantize the input to int8 per block and multiply in integers; at the default level 0
+# the CPU kernel dequantizes the whole weight on every call (≈ 10× slower than a float MatMul)
+INT8_ACCURACY_LEVEL = 4
 
 
 def nbits_kernel_bits(bits: int) -> int:
@@ -93,9 +96,10 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
     g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(zp.astype(np.uint8)), f"{prefix}.zero_points"))
     out = node.output[0]
     mm_out = out if node.op_type == "MatMul" or not lin.bias else f"{prefix}.matmul"
+    attrs = {"accuracy_level": INT8_ACCURACY_LEVEL} if bits == 8 else {}
     new = [helper.make_node("MatMulNBits", [node.input[0], f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"],
                             [mm_out], name=f"{prefix}.matmulnbits", domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=bs)]
+                            block_size=bs, **attrs)]
     if node.op_type == "Gemm" and lin.bias:
         new.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=f"{prefix}.bias"))
     return new

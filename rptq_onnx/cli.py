@@ -74,8 +74,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _inspect_error(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from rptq_onnx.artifacts import model_limits
     from rptq_onnx.calibrate import calibration_windows
-    from rptq_onnx.compile import model_limits
     from rptq_onnx.config import CalibConfig
     from rptq_onnx.graph import load_model
     from rptq_onnx.point_error import format_errors, plot_errors, point_errors, qdq_points
@@ -118,7 +118,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size)
     quant = QuantSpec.for_preset(args.preset, wbits=args.wbits, abits=args.abits, kv_only=args.kv_only,
                                  weight_quant=args.weight_quant, group_size=args.group_size, observer=args.observer,
-                                 matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache)
+                                 matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache,
+                                 head_bits=args.head_bits)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
                            layout=args.layout, quant=quant, attention=args.attention)
     if args.attention == "fused" and args.with_past is False:  # auto falls back to eager there
@@ -167,10 +168,10 @@ def _is_onnx(model: str) -> bool:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rptq_onnx.calibrate import read_text
-    from rptq_onnx.compile import resolve_onnx_source
     from rptq_onnx.evaluate import HF_DATASETS, load_text, perplexity
+    from rptq_onnx.onnx_source import resolve_onnx_source
     from rptq_onnx.outdir import work_dir
+    from rptq_onnx.text import read_text
 
     if args.seqlen is not None and args.seqlen < 2:
         raise RptqError(f"--seqlen {args.seqlen}: a window needs ≥ 2 tokens to predict one")
@@ -198,8 +199,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise RptqError(f"{flags} only with --do-sample (decoding is greedy without it); add --do-sample or drop {flags}")
     providers = _providers(args.providers)
-    from rptq_onnx.compile import resolve_onnx_source
     from rptq_onnx.generate import Generator, Sampling
+    from rptq_onnx.onnx_source import resolve_onnx_source
     from rptq_onnx.outdir import work_dir
 
     sampling = Sampling(do_sample=args.do_sample, **given)
@@ -345,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
                         "MatMulNBits (packed in memory)")
+    p.add_argument("--head-bits", type=int, default=None, choices=(4, 8, 16),
+                   help="token embedding and LM head as MatMulNBits + GatherBlockQuantized codes (blocks of 32): 8 "
+                        "(default when the preset quantizes weights; no measurable loss), 4 (smaller, costs "
+                        "perplexity), or 16 (float; the default for W16 presets and with --no-matmulnbits)")
     p.add_argument("--attention", default="auto", choices=("auto", "eager", "fused"),
                    help="fused: each layer's attention and KV cache as one com.microsoft:GroupQueryAttention, a real "
                         "int4/int8 cache kernel (KV presets, and presets that quantize no activations); eager: the "

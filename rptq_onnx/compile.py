@@ -22,21 +22,22 @@ import onnx
 
 from rptq_onnx import __version__
 from rptq_onnx.anatomy import DecoderLayer, find_layers
-from rptq_onnx.bundled import DEMO_MODEL_DIR
-from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows, has_tokenizer, read_text
+from rptq_onnx.artifacts import CLUSTERS_NAME, OWNED_FILES, RANGES_NAME, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, model_limits
+from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
 from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
 from rptq_onnx.errors import RptqError
-from rptq_onnx.export import CLUSTERS_NAME, OWNED_FILES, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, export
-from rptq_onnx.export_cache import cached_export
 from rptq_onnx.genai import write_genai_config
-from rptq_onnx.graph import GraphIndex, load_model, save_model, staged_output, weights_loaded
+from rptq_onnx.graph import load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
+from rptq_onnx.onnx_source import resolve_onnx_source
 from rptq_onnx import quantize
 from rptq_onnx.outdir import check_writable, claim_output, input_bytes, work_dir
 from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder, folded_points
 from rptq_onnx.passes.fuse_attention import fuse_attention
-from rptq_onnx.ranges import RANGES_NAME, save_ranges
+from rptq_onnx.passes.quantize_head import quantize_head
+from rptq_onnx.ranges import save_ranges
+from rptq_onnx.text import has_tokenizer, read_text
 
 
 
@@ -62,21 +63,6 @@ class _Timer:
         self.timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def resolve_onnx_source(model: str, workdir: Path, with_past: bool, timer: _Timer | None = None) -> Path:
-    """An .onnx path for ``model``: used as is, or exported first from an HF dir / hub id."""
-    path = Path(model)
-    if path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file()):
-        if not path.exists():
-            raise RptqError(f"{model}: no such file; pass an .onnx model or a Hugging Face model directory")
-        return path / "model.onnx" if path.is_dir() else path
-    with (timer or _Timer()).stage("export"):
-        if path.is_dir() and path.resolve() == DEMO_MODEL_DIR.resolve():  # the bundled demo: exported once per cache
-            cached = cached_export(DEMO_MODEL_DIR, with_past)
-            if cached is not None:
-                return cached
-        return export(model, workdir / "export", with_past=with_past).model_path
-
-
 def check_calibration_text(model: str, source: str) -> None:
     """Before any export: the --calib text is readable and the model folder has a tokenizer for it."""
     if source == "random":
@@ -87,22 +73,6 @@ def check_calibration_text(model: str, source: str) -> None:
     if folder is not None and folder.is_dir() and not has_tokenizer(folder):
         raise RptqError(f"{folder}: no tokenizer files beside the model (tokenizer.json, vocab.json or "
                         "tokenizer_config.json), so --calib text cannot be tokenized; add them, or use --calib random")
-
-
-def model_limits(onnx_path: Path, model: onnx.ModelProto) -> tuple[int, int | None]:
-    """(vocab size, max positions) from export.json beside the model, else from the graph."""
-    record = onnx_path.parent / RECORD_NAME
-    if record.is_file():
-        cfg = json.loads(record.read_text()).get("config", {})
-        if "vocab_size" in cfg:
-            return int(cfg["vocab_size"]), cfg.get("max_position_embeddings")
-    index = GraphIndex(model)
-    for node in index.value_readers("input_ids"):
-        if node.op_type == "Gather" and node.input[1] == "input_ids":
-            shape = index.constant_shape(node.input[0])
-            if shape:
-                return int(shape[0]), None
-    raise RptqError("cannot tell the vocabulary size: no export.json beside the model and no token embedding found")
 
 
 def check_cluster_counts(config: CompileConfig, layers: list[DecoderLayer]) -> None:
@@ -274,6 +244,9 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     if config.attention == "fused":
         with timer.stage("fuse"):
             folded, quant_report["attention"] = fuse_attention(folded, cache_bits=config.fused_cache_bits)
+    if q.head_bits < 16:
+        with timer.stage("head"):
+            folded, quant_report["head"] = quantize_head(folded, q.head_bits)
     return Compiled(model=folded, plans=plans, fold=fold_report, quant=quant_report, calibration=calib,
                     config=config)
 
@@ -351,15 +324,4 @@ def _stamp(model: onnx.ModelProto, config: CompileConfig) -> None:
         else:
             prop = model.metadata_props.add()
             prop.key, prop.value = key, value
-
-
-def load_cluster_plans(model_path: str | os.PathLike) -> list[dict[str, ClusterPlan]] | None:
-    """The plan written by ``compile`` beside ``model_path``, or None for an uncompiled model."""
-    path = Path(model_path)
-    path = path if path.is_dir() else path.parent
-    f = path / CLUSTERS_NAME
-    if not f.is_file():
-        return None
-    data = json.loads(f.read_text())
-    return [{p: ClusterPlan.from_dict(d) for p, d in layer.items()} for layer in data["layers"]]
 

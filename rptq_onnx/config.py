@@ -34,6 +34,7 @@ PER_TENSOR = -1  # "one scale for the whole tensor", across heads too (--cluster
 
 
 MIN_GROUP = 16  # weight groups: MatMulNBits' smallest block
+HEAD_BITS = (4, 8, 16)  # the token embedding and LM head (16: float)
 
 @dataclass(frozen=True)
 class ClusterCounts:
@@ -126,6 +127,7 @@ class QuantSpec:
     observer: str = "ema"  # activation ranges: the reference's EMA min/max, or plain min/max
     matmulnbits: bool = True  # 3/4-bit weights as com.microsoft MatMulNBits (packed in memory) when possible
     float_cache: bool = False  # with-past graphs: keep present/past in float (K/V still fake-quantized)
+    head_bits: int = 16  # token embedding + LM head (passes/quantize_head.py); 16: float
 
     def __post_init__(self):
         if self.wbits not in WBITS:
@@ -136,6 +138,8 @@ class QuantSpec:
             raise RptqError(f"--weight-quant {self.weight_quant} is unknown; use gptq or rtn")
         if self.observer not in OBSERVERS:
             raise RptqError(f"--observer {self.observer} is unknown; use ema or minmax")
+        if self.head_bits not in HEAD_BITS:
+            raise RptqError(f"--head-bits {self.head_bits} is not supported; use 4, 8 or 16 (float)")
         if self.group_size is not None and (self.group_size < MIN_GROUP or self.group_size & (self.group_size - 1)):
             raise RptqError(f"--group-size {self.group_size}: use a power of two ≥ {MIN_GROUP} (MatMulNBits' "
                             "smallest block), or 0 for per-channel")
@@ -166,6 +170,9 @@ class QuantSpec:
             kwargs["group_size"] = 128 if (w == 4 and a == 16) else None
         elif kwargs["group_size"] == 0:
             kwargs["group_size"] = None
+        if kwargs.get("head_bits") is None:
+            # the vocabulary table at 8 bits costs no measurable perplexity (README, *Low-bit weights in memory*)
+            kwargs["head_bits"] = 8 if w < 16 and kwargs.get("matmulnbits", True) else 16
         return cls(wbits=w, abits=a, kv_only=pkv if kv_only is None else kv_only, **kwargs)
 
 

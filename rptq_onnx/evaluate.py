@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from rptq_onnx.calibrate import feeds_for, load_tokenizer, read_text, token_ids
-from rptq_onnx.compile import model_limits
+from rptq_onnx.artifacts import model_limits
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import feeds_for, make_session
+from rptq_onnx.text import load_tokenizer, read_text, token_ids
 
 HF_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
                "ptb": ("ptb_text_only", "penn_treebank", "test", "sentence"),

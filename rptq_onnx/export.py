@@ -26,14 +26,13 @@ from pathlib import Path
 
 import onnx
 
+from rptq_onnx.artifacts import OWNED_FILES, RECORD_NAME, TOKENIZER_FILES
 from rptq_onnx.bundled import named_model
 from rptq_onnx.constants import DEFAULT_OPSET, EXPORTERS, SUPPORTED_OPSETS
 from rptq_onnx.errors import RptqError
-from rptq_onnx.genai import GENAI_CONFIG_NAME, write_genai_config
-from rptq_onnx.graph import MODEL_FILES, save_model, staged_output
+from rptq_onnx.genai import write_genai_config
+from rptq_onnx.graph import save_model, staged_output
 from rptq_onnx.outdir import check_writable, claim_output, input_bytes
-from rptq_onnx.ranges import RANGES_NAME
-from rptq_onnx.report import MARKDOWN_NAME
 
 # at opset 23 the dynamo exporter emits RMSNormalization / RotaryEmbedding nodes, which hide the
 # Llama reorder points (and ORT's RotaryEmbedding failed for batch > 1 here)
@@ -41,16 +40,6 @@ LLAMA_MAX_OPSET = 22
 # HF model_type → the layer-map family it exports to (Mistral and Qwen2 have Llama's graph; Qwen2 adds
 # q/k/v biases, which the layer map folds like OPT's)
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-RECORD_NAME = "export.json"
-CLUSTERS_NAME = "clusters.json"  # compile's outputs beside the model
-REPORT_NAME = "report.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "generation_config.json", "config.json",
-                   "chat_template.jinja", "tokenizer.model")
-# what export and compile write into OUT_DIR; writing there again removes those the new run lacks
-# (not report/: a user's own files may sit there beside the plots)
-OWNED_FILES = (*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME, CLUSTERS_NAME, REPORT_NAME, RANGES_NAME, MARKDOWN_NAME,
-               GENAI_CONFIG_NAME)
 
 
 @dataclass(frozen=True)

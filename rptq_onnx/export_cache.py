@@ -22,7 +22,8 @@ from importlib import metadata
 from pathlib import Path
 
 from rptq_onnx import __version__
-from rptq_onnx.export import DEFAULT_OPSET, RECORD_NAME, export
+from rptq_onnx.artifacts import RECORD_NAME
+from rptq_onnx.export import DEFAULT_OPSET, export
 
 CACHE_DIR_ENV = "RPTQ_ONNX_CACHE_DIR"
 NO_CACHE_ENV = "RPTQ_ONNX_NO_CACHE"

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import onnx
 
+from rptq_onnx.artifacts import GENAI_CONFIG_NAME
 from rptq_onnx.errors import RptqError
 
-GENAI_CONFIG_NAME = "genai_config.json"
 INSTALL_HINT = ("pip install onnxruntime-genai-cuda==0.18.0 (or pip install -e '.[genai]'; not the plain "
                 "onnxruntime-genai, which installs a second onnxruntime)")
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rptq_onnx.calibrate import feeds_for, load_tokenizer, position_ids
-from rptq_onnx.compile import model_limits
+from rptq_onnx.artifacts import model_limits
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model
-from rptq_onnx.runtime import as_ort_values, make_session
+from rptq_onnx.runtime import as_ort_values, feeds_for, make_session, position_ids
+from rptq_onnx.text import load_tokenizer
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 

@@ -71,9 +71,6 @@ def _load_small_external_tensors(model: onnx.ModelProto, base_dir: Path, max_ele
             del init.external_data[:]
 
 
-MODEL_FILES = ("model.onnx", "model.onnx" + EXTERNAL_DATA_SUFFIX)
-
-
 @contextlib.contextmanager
 def staged_output(out_dir: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator[Path]:
     """Yield an empty staging directory; on success move its files into ``out_dir``.

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from rptq_onnx.anatomy import QDQ_LABELS, map_model
-from rptq_onnx.compile import load_cluster_plans
+from rptq_onnx.artifacts import load_cluster_plans
 from rptq_onnx.config import PER_TENSOR
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, load_model

@@ -165,6 +165,8 @@ def resolve_shape(name: str) -> OptShape | LlamaShape:
     import json
     from pathlib import Path
 
+    from rptq_onnx.artifacts import RECORD_NAME
+
     key = name.lower().removeprefix("facebook/")
     if key in OPT_CONFIGS:
         return OPT_CONFIGS[key]
@@ -174,8 +176,8 @@ def resolve_shape(name: str) -> OptShape | LlamaShape:
     path = Path(name)
     folder = path.parent if path.suffix == ".onnx" else path
     cfg = None
-    if (folder / "export.json").is_file():
-        cfg = json.loads((folder / "export.json").read_text()).get("config")
+    if (folder / RECORD_NAME).is_file():
+        cfg = json.loads((folder / RECORD_NAME).read_text()).get("config")
     elif (folder / "config.json").is_file():
         cfg = json.loads((folder / "config.json").read_text())
     from rptq_onnx.export import FAMILIES

@@ -19,6 +19,7 @@ import onnx
 
 from rptq_onnx.graph import GraphIndex, load_model
 from rptq_onnx.outdir import work_dir
+from rptq_onnx.passes.quantize_head import embedding_gather
 
 GEMMS = ("MatMul", "Gemm", "MatMulNBits")
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -27,6 +28,7 @@ QDQ = ("QuantizeLinear", "DequantizeLinear")
 def classify(model: onnx.ModelProto) -> list[dict]:
     """A verdict per GEMM and per Q/DQ node, from the graph alone."""
     index = GraphIndex(model)
+    embedding = embedding_gather(index)
     rows = []
     for node in model.graph.node:
         if node.op_type in GEMMS:
@@ -35,7 +37,18 @@ def classify(model: onnx.ModelProto) -> list[dict]:
             rows.append({"node": node.name, "op": node.op_type, **_qdq_verdict(index, node)})
         elif node.op_type == "GroupQueryAttention":
             rows.append({"node": node.name, "op": node.op_type, **_attention_verdict(node)})
+        elif node.op_type == "GatherBlockQuantized":
+            rows.append({"node": node.name, "op": node.op_type, "kind": "real",
+                         "verdict": f"real low-bit kernel: token embedding gathered from {_attr(node, 'bits', 4)}-bit "
+                                    "codes (GatherBlockQuantized)"})
+        elif node is embedding:
+            rows.append({"node": node.name, "op": node.op_type, "kind": "float",
+                         "verdict": "float token embedding table"})
     return rows
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _attention_verdict(node: onnx.NodeProto) -> dict:
@@ -49,8 +62,10 @@ def _attention_verdict(node: onnx.NodeProto) -> dict:
 
 def _gemm_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
     if node.op_type == "MatMulNBits":
-        bits = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "bits"), 4)
-        return {"kind": "real", "verdict": f"real low-bit kernel: MatMulNBits, {bits}-bit weights"}
+        verdict = f"real low-bit kernel: MatMulNBits, {_attr(node, 'bits', 4)}-bit weights"
+        if _attr(node, "accuracy_level", 0) == 4:
+            verdict += ", input quantized to int8 per block (integer GEMM)"
+        return {"kind": "real", "verdict": verdict}
     producers = [_source_dq(index, t) for t in node.input[:2]]
     weight_dq = [p for p in producers if p is not None and index.is_constant(p.input[0])]
     act_dq = [p for p in producers if p is not None and not index.is_constant(p.input[0])]
@@ -97,8 +112,7 @@ def _qdq_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
 
 def assigned_providers(model_path: Path, providers: list[str] | None = None, seqlen: int = 8) -> dict[str, str]:
     """node name → execution provider, from a profiled prefill of ``seqlen`` tokens."""
-    from rptq_onnx.calibrate import feeds_for
-    from rptq_onnx.runtime import as_ort_values, make_session
+    from rptq_onnx.runtime import as_ort_values, feeds_for, make_session
 
     with work_dir("profile") as tmp:
         session = make_session(model_path, providers=providers, profile_prefix=os.path.join(tmp, "profile"))

@@ -68,8 +68,7 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
 
 
 def point_errors(model_path: str | os.PathLike, windows: np.ndarray) -> dict:
-    from rptq_onnx.calibrate import feeds_for
-    from rptq_onnx.runtime import make_session
+    from rptq_onnx.runtime import feeds_for, make_session
 
     path = Path(model_path)
     path = path / "model.onnx" if path.is_dir() else path

@@ -124,50 +124,67 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int | None = None) -> Qua
     return QuantizedWeight(codes.astype(np.uint8), scales.astype(np.float32), zps.astype(np.uint8), bits, group_size)
 
 
+def _weight_grid_t(w, bits: int):
+    """``weight_grid`` on a torch tensor."""
+    import torch
+
+    hi, lo = w.amax(dim=1).clamp(min=0.0), w.amin(dim=1).clamp(max=0.0)
+    qmax = (1 << bits) - 1
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.clamp(torch.round(-lo / scale), 0, qmax)
+
+
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None = None,
                   damp: float = 0.01, block: int = 128) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): quantize columns in order, compensating each column's error
     on the not-yet-quantized columns through the inverse Hessian (H = 2·XᵀX of the input).
 
+    In float32 with torch, as the reference: H⁻¹'s upper Cholesky factor from LAPACK (Cholesky,
+    ``cholesky_inverse``, Cholesky), columns one by one inside blocks of ``block``, and each
+    block's error applied to the remaining columns as one GEMM (``tools/bench_gptq.py``: 2048 ×
+    8192 in ≈ 11 s on 2 busy cores, 4.6× the float64 NumPy version it replaced).
     Dampening: ``damp × mean(diag H)`` is added to the diagonal. Columns whose input was never
     active (diag H = 0) are zeroed, as in the reference.
     """
-    w = np.array(w, np.float64)
-    out, cols = w.shape
-    h = np.array(hessian, np.float64)
-    dead = np.diag(h) == 0
+    import torch
+
+    qmax = (1 << bits) - 1
+    w_t = torch.tensor(np.asarray(w), dtype=torch.float32)
+    out, cols = w_t.shape
+    h = torch.tensor(np.asarray(hessian), dtype=torch.float32)
+    dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
-    # upper Cholesky factor of H⁻¹
-    h_inv = np.linalg.inv(np.linalg.cholesky(h))
-    h_inv = h_inv.T @ h_inv
-    u = np.linalg.cholesky(h_inv).T
+    w_t[:, dead] = 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    del h
 
     ng = _groups(cols, group_size)
     g = cols // ng
-    scales, zps = np.empty((out, ng)), np.empty((out, ng))
+    scales, zps = torch.empty((out, ng)), torch.empty((out, ng))
     if group_size is None:
-        scales[:, 0], zps[:, 0] = weight_grid(w, bits)
-    codes = np.empty_like(w)
+        scales[:, 0], zps[:, 0] = _weight_grid_t(w_t, bits)
+    codes = torch.empty_like(w_t)
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        wb = w[:, b0:b1].copy()
-        err = np.zeros_like(wb)
+        wb = w_t[:, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            if group_size is not None and col % g == 0:
-                s, z = weight_grid(np.concatenate([wb[:, i:], w[:, b1:]], axis=1)[:, :g], bits)
-                scales[:, col // g], zps[:, col // g] = s, z
+            if group_size is not None and col % g == 0:  # the group's grid from its columns as updated so far
+                ahead = torch.cat([wb[:, i:], w_t[:, b1:b1 + max(0, g - (b1 - b0 - i))]], 1)[:, :g]
+                scales[:, col // g], zps[:, col // g] = _weight_grid_t(ahead, bits)
             s, z = scales[:, col // g], zps[:, col // g]
-            q = np.clip(np.round(wb[:, i] / s) + z, 0, (1 << bits) - 1)
+            q = torch.clamp(torch.round(wb[:, i] / s) + z, 0, qmax)
             codes[:, col] = q
-            deq = (q - z) * s
-            e = (wb[:, i] - deq) / u[col, col]
-            wb[:, i + 1:] -= np.outer(e, u[col, col + 1:b1])
+            e = (wb[:, i] - (q - z) * s) / ub[i, i]
+            wb[:, i + 1:] -= torch.outer(e, ub[i, i + 1:])
             err[:, i] = e
-        w[:, b1:] -= err @ u[b0:b1, b1:]
-    return QuantizedWeight(codes.astype(np.uint8), scales.astype(np.float32), zps.astype(np.uint8), bits, group_size)
+        w_t[:, b1:] -= err @ u[b0:b1, b1:]
+    return QuantizedWeight(codes.to(torch.uint8).numpy(), scales.numpy().astype(np.float32),
+                           zps.to(torch.uint8).numpy(), bits, group_size)
 
 
 def pack_uint4(codes: np.ndarray) -> np.ndarray:

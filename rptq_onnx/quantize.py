@@ -149,8 +149,7 @@ def quantize_graph(folded: onnx.ModelProto, layers: list[DecoderLayer], folded_l
     model = folded
     if q.quantizes_weights:
         weights = quantized_weights(folded, folded_layers, plans, calib, config, progress)
-        # 8-bit MatMulNBits has no fast CPU kernel at accuracy level 0 (README, *What is real*): W8 stays DequantizeLinear
-        form = "matmulnbits" if (q.matmulnbits and q.wbits <= 4) else "dq"
+        form = "matmulnbits" if q.matmulnbits else "dq"
         model, report["weights"] = quantize_weights(model, weights, form=form)
         used = sorted({qw.group_size or 0 for _, qw in weights.values()})  # 0: per output channel
         report["weights"].update({"algorithm": q.weight_quant, "bits": q.wbits, "group_size": q.group_size,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rptq_onnx.artifacts import CLUSTERS_NAME, RANGES_NAME, load_cluster_plans
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import replaced_atomically
 
-RANGES_NAME = "ranges.safetensors"
 # point → (calibration tap whose (max, min) the plot shows, what it is)
 POINT_TAPS = {"R1": ("attn_ln", "attention-norm output"), "R2": ("k_attn", "K (as at QKᵀ)"),
               "R3": ("out_in", "out_proj / o_proj input (V channels)"),
@@ -78,13 +78,11 @@ def point_data(ranges: dict, plans: list[dict[str, ClusterPlan]], layer: int, po
 def plot_ranges(model_dir: str | os.PathLike, out_png: str | os.PathLike, point: str = "R1",
                 layer: int | None = None) -> dict:
     """Write the scatter PNG (one layer, or a grid over all layers) and its data as JSON beside it."""
-    from rptq_onnx.compile import load_cluster_plans
-
     model_dir = Path(model_dir)
     model_dir = model_dir.parent if model_dir.suffix == ".onnx" else model_dir
     ranges, plans = load_ranges(model_dir), load_cluster_plans(model_dir)
     if ranges is None or plans is None:
-        raise RptqError(f"{model_dir}: no {RANGES_NAME} / clusters.json beside the model; --ranges reads the "
+        raise RptqError(f"{model_dir}: no {RANGES_NAME} / {CLUSTERS_NAME} beside the model; --ranges reads the "
                         "calibration statistics that `rptq-onnx compile` saves, so compile the model first")
     check_selection(layer, point, len(plans))
     chosen = [layer] if layer is not None else list(range(len(plans)))

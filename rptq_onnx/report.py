@@ -12,11 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rptq_onnx.artifacts import MARKDOWN_NAME, REPORT_DIR
 from rptq_onnx.errors import RptqError
-
-REPORT_DIR = "report"
-MARKDOWN_NAME = "report.md"
-
 
 def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
     from rptq_onnx.memory import format_memory_table, resolve_shape

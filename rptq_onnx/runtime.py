@@ -5,16 +5,23 @@ guards against ORT's QDQ fusions: with default options ORT CPU matches per-chann
 Q/DQ around MatMul/Add and then fails ("Per-Channel is not supported yet"), so every session
 disables the QDQ selector/action transformer. Activation QDQ therefore runs as simulated
 quantization (dequantize, then float math) on every execution provider.
+
+``feeds_for`` builds a session's inputs for a prefill of whole windows (mask, positions, empty past).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
+import numpy as np
 import onnxruntime as ort
 
 from rptq_onnx.errors import RptqError
+
+if TYPE_CHECKING:
+    from rptq_onnx.anatomy import DecoderLayer
 
 QDQ_GUARD = ["QDQSelectorActionTransformer"]
 LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -71,3 +78,54 @@ def numpy_outputs(session: ort.InferenceSession) -> list[str]:
 def as_ort_values(feed: dict) -> dict[str, ort.OrtValue]:
     """``feed`` with NumPy arrays wrapped as OrtValues (for ``run_with_ort_values`` / IOBinding)."""
     return {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+
+
+def position_ids(attention_mask: np.ndarray, seq: int) -> np.ndarray:
+    """Positions of the last ``seq`` tokens from the mask, as Hugging Face derives them for left
+    padding: count of attended tokens before each one, 1 on padding (masked anyway)."""
+    pos = np.cumsum(attention_mask, axis=-1, dtype=np.int64) - 1
+    pos = np.where(attention_mask == 0, 1, pos)
+    return np.ascontiguousarray(pos[:, -seq:])
+
+
+def feeds_for(session, input_ids: np.ndarray, layers: list[DecoderLayer] | None = None) -> dict:
+    """Inputs for a prefill of full windows: all-ones mask, positions 0.., empty past for with-past graphs.
+
+    Past shapes come from the layer map when given, else from the session's input shapes
+    ([batch, kv_heads, past, head_dim] float as ``export`` writes them, or [batch, channels, past]
+    low-bit codes after the KV-cache pass, fed as an empty OrtValue).
+    """
+    b = input_ids.shape[0]
+    feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
+    by_name = {}
+    for layer in layers or []:
+        by_name[layer.past_key] = by_name[layer.past_value] = (layer.num_kv_heads, layer.head_dim)
+    for inp in session.get_inputs():
+        if inp.name in feed:
+            continue
+        if inp.name == "position_ids":
+            feed[inp.name] = position_ids(feed["attention_mask"], input_ids.shape[1])
+            continue
+        if inp.type != "tensor(float)" and len(inp.shape) == 3 and isinstance(inp.shape[1], int):
+            feed[inp.name] = empty_cache(inp.type, b, inp.shape[1])
+            continue
+        dims = by_name.get(inp.name)
+        if dims is None and len(inp.shape) == 4 and all(isinstance(d, int) for d in (inp.shape[1], inp.shape[3])):
+            dims = (inp.shape[1], inp.shape[3])
+        if dims is None:
+            raise RptqError(f"the graph has an input '{inp.name}' that rptq-onnx does not know how to feed")
+        if isinstance(inp.shape[3], int):  # fused attention's int8 / packed 4-bit cache: [B, kv_heads, T, D or D/2]
+            dims = (dims[0], inp.shape[3])
+        dtype = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(inp.type, np.float32)
+        feed[inp.name] = np.zeros((b, dims[0], 0, dims[1]), dtype)
+    return feed
+
+
+def empty_cache(ort_type: str, batch: int, channels: int):
+    """An empty low-bit past [batch, channels, 0] (an OrtValue: 4-bit types cannot cross NumPy)."""
+    from onnx import TensorProto
+
+    elem = {"tensor(uint4)": TensorProto.UINT4, "tensor(uint8)": TensorProto.UINT8}.get(ort_type)
+    if elem is None:
+        raise RptqError(f"a cache input of type {ort_type} is not one rptq-onnx writes")
+    return ort.OrtValue.ortvalue_from_shape_and_type([batch, channels, 0], elem)

@@ -24,6 +24,7 @@ def _as_out_in(model, lin):
     return w if lin.weight_layout == "out_in" else w.T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("name", ["l1h32", "l3h96", "l2h128"])
 def test_layer_map_locates_every_point(opt_dir, exported, name, exporter):
@@ -60,6 +61,7 @@ def test_layer_map_locates_every_point(opt_dir, exported, name, exporter):
     assert map_model(model).with_past
 
 
+@pytest.mark.slow
 def test_dynamo_scope_metadata_agrees(exported):
     """Cross-check with the module path the dynamo exporter keeps in node metadata."""
     model = load_model(exported("l3h96"))
@@ -78,6 +80,7 @@ def test_dynamo_scope_metadata_agrees(exported):
         assert "final_layer_norm" in scope(layer.final_norm.node)
 
 
+@pytest.mark.slow
 def test_no_past_graph_has_no_cache_tensors(exported):
     mm = map_model(load_model(exported("tiny", with_past=False)))
     assert not mm.with_past
@@ -119,6 +122,7 @@ def test_fused_attention_is_rejected():
         find_layers(_tiny_graph("MultiHeadAttention", "com.microsoft"))
 
 
+@pytest.mark.slow
 def test_post_ln_opt_graph_is_rejected():
     model = random_opt(0, do_layer_norm_before=False, num_hidden_layers=1)
     graph = to_onnx(model, with_past=False, exporter="torchscript")
@@ -127,6 +131,7 @@ def test_post_ln_opt_graph_is_rejected():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_gpt2_graph_is_rejected():
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32,

@@ -28,6 +28,7 @@ def assert_one_line_error(proc, *fragments):
         assert frag in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_export_then_inspect(opt_dir, tmp_path):
     out = tmp_path / "onnx"
     proc = run_cli("export", opt_dir("l2h128"), "-o", out, "--no-past")
@@ -43,12 +44,14 @@ def test_export_then_inspect(opt_dir, tmp_path):
     assert desc["initializer_bytes"]["float"] > 0
 
 
+@pytest.mark.slow
 def test_missing_path(tmp_path):
     assert_one_line_error(run_cli("inspect", tmp_path / "nope.onnx"), "no such file")
     assert_one_line_error(run_cli("export", tmp_path / "nope", "-o", tmp_path / "o"), "no such directory")
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_truncated_onnx(exported, tmp_path):
     data = exported("tiny").read_bytes()
     bad = tmp_path / "cut.onnx"
@@ -56,6 +59,7 @@ def test_truncated_onnx(exported, tmp_path):
     assert_one_line_error(run_cli("inspect", bad), "cut.onnx", "truncated")
 
 
+@pytest.mark.slow
 def test_compiling_a_compiled_model(compiled_text_opt, tmp_path):
     model = compiled_text_opt("W4A4KV") / "model.onnx"
     before = model.read_bytes()
@@ -64,6 +68,7 @@ def test_compiling_a_compiled_model(compiled_text_opt, tmp_path):
     assert not (tmp_path / "again").exists() and model.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_output_into_the_input_directory(exported, tmp_path):
     model = exported("tiny")
     before = sorted((p.name, p.read_bytes()) for p in model.parent.iterdir())
@@ -72,6 +77,7 @@ def test_output_into_the_input_directory(exported, tmp_path):
     assert sorted((p.name, p.read_bytes()) for p in model.parent.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_post_ln_config(tmp_path):
     src = save_random_opt(tmp_path / "post", do_layer_norm_before=False, num_hidden_layers=1)
     proc = run_cli("export", src, "-o", tmp_path / "out")
@@ -79,6 +85,7 @@ def test_post_ln_config(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_non_opt_config(tmp_path):
     from transformers import GPT2Config
 
@@ -89,22 +96,26 @@ def test_non_opt_config(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_hub_id_offline(tmp_path):
     proc = run_cli("export", "facebook/opt-125m", "-o", tmp_path / "out")
     assert_one_line_error(proc, "facebook/opt-125m", "hub")
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_directory_without_config(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli("export", tmp_path / "empty", "-o", tmp_path / "out"), "no config.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", ["12", "30"])
 def test_bad_opset(opt_dir, tmp_path, opset):
     assert_one_line_error(run_cli("export", opt_dir("tiny"), "-o", tmp_path / "out", "--opset", opset), "--opset")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,msg", [(["eval", "MODEL", "--seqlen", "1"], "--seqlen 1: a window needs ≥ 2 tokens"),
                                       (["eval", "MODEL", "--batch-size", "0"], "--batch-size 0: must be ≥ 1"),
                                       (["eval", "MODEL", "--max-tokens", "0"], "--max-tokens 0: must be ≥ 2"),
@@ -116,6 +127,7 @@ def test_bad_numbers_and_plot_paths(exported, args, msg):
     assert_one_line_error(run_cli(*args), msg)
 
 
+@pytest.mark.slow
 def test_export_over_a_compiled_directory_leaves_no_compile_files(compiled_text_opt, text_opt, tmp_path):
     import shutil
 

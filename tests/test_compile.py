@@ -31,6 +31,7 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_compile_from_hf_dir_with_text_calibration(model_with_tokenizer, tmp_path):
     model_dir, text = model_with_tokenizer
     outs = []
@@ -60,6 +61,7 @@ def test_compile_from_hf_dir_with_text_calibration(model_with_tokenizer, tmp_pat
     assert "R2 k=16 (4/head)" in table
 
 
+@pytest.mark.slow
 def test_zero_copy_layout_adds_no_gather(exported, tmp_path):
     proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "z", "--calib", "random", "--nsamples", 2,
                    "--seqlen", 16, "-q")
@@ -73,6 +75,7 @@ def _not_written(tmp_path, name="out"):
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
 
 
+@pytest.mark.slow
 def test_calibration_text_shorter_than_a_window(model_with_tokenizer, tmp_path):
     model_dir, _ = model_with_tokenizer
     short = tmp_path / "short.txt"
@@ -83,6 +86,7 @@ def test_calibration_text_shorter_than_a_window(model_with_tokenizer, tmp_path):
     _not_written(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clusters,msg", [("R1=0", "at least 1"), ("R9=4", "not POINT=K"), ("R1=65", "exceeds"),
                                           ("R2=17", "channels per head")])
 def test_bad_cluster_counts(exported, tmp_path, clusters, msg):
@@ -92,6 +96,7 @@ def test_bad_cluster_counts(exported, tmp_path, clusters, msg):
     _not_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_non_opt_onnx(tmp_path):
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
@@ -103,6 +108,7 @@ def test_non_opt_onnx(tmp_path):
     _not_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_text_calibration_needs_a_tokenizer(exported, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
@@ -111,6 +117,7 @@ def test_text_calibration_needs_a_tokenizer(exported, tmp_path):
     _not_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_binary_calibration_text(model_with_tokenizer, tmp_path):
     model_dir, _ = model_with_tokenizer
     binary = tmp_path / "b.txt"
@@ -118,11 +125,13 @@ def test_binary_calibration_text(model_with_tokenizer, tmp_path):
     assert_one_line_error(run_cli("compile", model_dir, "-o", tmp_path / "out", "--calib", binary), "binary")
 
 
+@pytest.mark.slow
 def test_seqlen_beyond_positions(exported, tmp_path):
     proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--seqlen", 4096, "--calib", "random")
     assert_one_line_error(proc, "positions")
 
 
+@pytest.mark.slow
 def test_external_weights_are_calibrated_from_disk(exported, tmp_path):
     """A model with external data is calibrated without loading its weights, with the same result."""
     import onnx
@@ -144,13 +153,15 @@ def test_external_weights_are_calibrated_from_disk(exported, tmp_path):
     assert sorted(p.name for p in ext_dir.iterdir()) == ["export.json", "model.onnx", "model.onnx.data"]
 
 
+@pytest.mark.slow
 def test_kv_only_preset_clusters_only_k_and_v(exported, tmp_path, monkeypatch):
     """W4A4KV with the zero-copy layout clusters R2/R3 only: R1/R4/R5 get identity plans, marked and
     reported as not clustered, with nothing folded for them; the model computes what a compile that
     clusters every point computes (RTN per output channel does not see fc1/fc2's channel order)."""
     from rptq_onnx import compile as compile_module
-    from rptq_onnx.calibrate import feeds_for
-    from rptq_onnx.compile import compile_model, load_cluster_plans
+    from rptq_onnx.artifacts import load_cluster_plans
+    from rptq_onnx.compile import compile_model
+    from rptq_onnx.runtime import feeds_for
     from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
     from rptq_onnx.runtime import make_session
 

@@ -31,6 +31,7 @@ def test_demo_checkpoint_is_small_and_pre_ln():
     assert sum(f.stat().st_size for f in DEMO_MODEL_DIR.iterdir()) < 25 * 2**20
 
 
+@pytest.mark.slow
 def test_ort_perplexity_equals_torch_on_the_demo(demo_onnx):
     res = perplexity(demo_onnx, TEXT, seqlen=SEQLEN, max_tokens=SEQLEN * WINDOWS, progress=False)
     model = AutoModelForCausalLM.from_pretrained(str(DEMO_MODEL_DIR), dtype=torch.float32,
@@ -45,6 +46,7 @@ def test_ort_perplexity_equals_torch_on_the_demo(demo_onnx):
     assert abs(res.perplexity - ref) <= 0.005 * ref
 
 
+@pytest.mark.slow
 def test_compile_without_model_uses_the_bundled_demo(tmp_path):
     proc = run_cli("compile", "-o", tmp_path / "out", "--preset", "W4A4KV", "--nsamples", 2, "--seqlen", 64,
                    "--weight-quant", "rtn", "-q")
@@ -53,6 +55,7 @@ def test_compile_without_model_uses_the_bundled_demo(tmp_path):
     assert report["source"] == str(DEMO_MODEL_DIR) and report["calibration"]["source"] == "sotu-train"
 
 
+@pytest.mark.slow
 def test_quality_ordering_on_a_few_windows(demo_onnx, tmp_path):
     """A reduced tools/bench_quality.py: its calibration (32 × 256 of sotu-train), 64 test windows."""
     calib = CalibConfig(source="sotu-train", nsamples=32, seqlen=SEQLEN)

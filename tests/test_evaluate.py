@@ -38,6 +38,7 @@ def _torch_ppl(model_dir, text, seqlen):
     return math.exp(total / (n * (seqlen - 1)))
 
 
+@pytest.mark.slow
 def test_ort_perplexity_equals_torch(tokenized_model):
     hf, onnx_path = tokenized_model
     res = perplexity(onnx_path, TEXT, seqlen=64, batch_size=3, progress=False)
@@ -46,6 +47,7 @@ def test_ort_perplexity_equals_torch(tokenized_model):
     assert res.tokens == res.windows * 63
 
 
+@pytest.mark.slow
 def test_eval_cli(tokenized_model, tmp_path):
     _, onnx_path = tokenized_model
     text = tmp_path / "t.txt"
@@ -55,6 +57,7 @@ def test_eval_cli(tokenized_model, tmp_path):
     assert float(re.search(r"perplexity ([0-9.]+)", proc.stdout).group(1)) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content,args,msg", [("", [], "fewer than one window"), ("Short text.", [], "fewer than one window"),
                                                (None, [], "binary"), ("x " * 5000, ["--seqlen", "4096"], "positions")])
 def test_bad_eval_input(tokenized_model, tmp_path, content, args, msg):
@@ -67,11 +70,13 @@ def test_bad_eval_input(tokenized_model, tmp_path, content, args, msg):
     assert_one_line_error(run_cli("eval", onnx_path, "--text", path, "--seqlen", 64, *args), msg)
 
 
+@pytest.mark.slow
 def test_hf_dataset_name_offline_is_one_line(tokenized_model):
     _, onnx_path = tokenized_model
     assert_one_line_error(run_cli("eval", onnx_path, "--text", "wikitext2"), "wikitext2")
 
 
+@pytest.mark.slow
 def test_cloze_items_and_accuracy(tokenized_model):
     from rptq_onnx.evaluate import cloze_accuracy, cloze_examples
 
@@ -95,7 +100,7 @@ def test_max_tokens_tokenizes_a_prefix_with_the_same_ids(monkeypatch):
 
     from rptq_onnx import evaluate
     from rptq_onnx.bundled import DEMO_MODEL_DIR, text_path
-    from rptq_onnx.calibrate import load_tokenizer, token_ids
+    from rptq_onnx.text import load_tokenizer, token_ids
 
     text = text_path("sotu-test").read_text()
     whole = token_ids(text, DEMO_MODEL_DIR)

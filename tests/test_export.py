@@ -61,11 +61,13 @@ def _check_prefill_and_decode(model_dir, onnx_path, batch=2, prompt=7, tol=1e-4)
         np.testing.assert_allclose(out2[f"present.{i}.value"], layer.values.numpy(), atol=tol, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_with_past_matches_torch(opt_dir, exported, exporter):
     _check_prefill_and_decode(opt_dir("tiny"), exported("tiny", True, exporter))
 
 
+@pytest.mark.slow
 def test_no_past_matches_torch(opt_dir, exported):
     path = exported("l3h96", with_past=False)
     hf = _torch_model(opt_dir("l3h96"))
@@ -80,6 +82,7 @@ def test_no_past_matches_torch(opt_dir, exported):
     assert np.abs(logits - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_export_writes_record_and_tokenizer_files(opt_dir, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -103,6 +106,7 @@ def test_export_writes_record_and_tokenizer_files(opt_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+@pytest.mark.slow
 def test_opt125m_shapes_export_matches_torch_and_maps_12_layers(opt125m):
     model_dir, path = opt125m
     _check_prefill_and_decode(model_dir, path, batch=2, prompt=32)
@@ -113,6 +117,7 @@ def test_opt125m_shapes_export_matches_torch_and_maps_12_layers(opt125m):
                for layer in desc["layers"])
 
 
+@pytest.mark.slow
 def test_exporter_failure_is_one_error_and_writes_nothing(opt_dir, tmp_path, monkeypatch):
     from rptq_onnx import export as export_module
     from rptq_onnx.errors import RptqError

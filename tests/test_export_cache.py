@@ -7,6 +7,8 @@ import pytest
 from rptq_onnx import export_cache
 from rptq_onnx.export_cache import cached_export, export_key
 
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
+
 
 def test_export_is_cached_and_reused(opt_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RPTQ_ONNX_CACHE_DIR", str(tmp_path / "cache"))

@@ -15,6 +15,8 @@ from rptq_onnx.models import random_opt
 from rptq_onnx.passes.fold_reorder import fold_reorder
 from rptq_onnx.runtime import make_session
 
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
+
 
 def _run(model, ids, layers, past=None):
     sess = make_session(model.SerializeToString(), optimization="all")

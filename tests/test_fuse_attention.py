@@ -17,6 +17,8 @@ from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpe
 from rptq_onnx.generate import Generator
 from test_cli import assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
+
 
 def _compile(source, out, preset, attention, **quant):
     config = CompileConfig(preset=preset, quant=QuantSpec.for_preset(preset, weight_quant="rtn", **quant),

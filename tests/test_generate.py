@@ -16,6 +16,7 @@ def fp_export(text_opt, tmp_path_factory):
     return export(str(text_opt), tmp_path_factory.mktemp("fp-past"), with_past=True).model_path.parent
 
 
+@pytest.mark.slow
 def test_left_padded_batch_matches_single_prompts(compiled_text):
     gen = Generator(compiled_text("W4A4KV"))
     prompts = ["The Congress", "In the course of the last year the nation has"]
@@ -43,6 +44,7 @@ def test_sampling_rules():
         Sampling(temperature=0)
 
 
+@pytest.mark.slow
 def test_stops_at_positions_and_eos(compiled_text_opt):
     gen = Generator(compiled_text_opt("W4A4KV"))
     out = gen.generate_ids([list(range(5, 5 + gen.max_positions - 4))], max_new_tokens=10, stop_at_eos=False)
@@ -63,6 +65,7 @@ def test_stop_ids_include_generation_config(tmp_path):
     assert _stop_ids(None, tmp_path) == [7]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["fp", "W4A4KV", "W8A8"])
 def test_cli_generate(which, fp_export, compiled_text_opt):
     model = fp_export if which == "fp" else compiled_text_opt(which)
@@ -73,6 +76,7 @@ def test_cli_generate(which, fp_export, compiled_text_opt):
     assert f"cache {kind} held between steps" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_generate_sampling_is_seeded(compiled_text_opt):
     args = ("generate", compiled_text_opt("W4A4KV"), "--prompt", "We", "--max-new-tokens", "8", "--do-sample",
             "--top-k", "20", "--seed", "5")
@@ -80,6 +84,7 @@ def test_cli_generate_sampling_is_seeded(compiled_text_opt):
     assert first.returncode == 0 and first.stdout == second.stdout
 
 
+@pytest.mark.slow
 def test_cli_generate_bad_input(compiled_text_opt):
     assert_one_line_error(run_cli("generate", compiled_text_opt("W4A4KV", with_past=False), "--prompt", "x"),
                           "no KV cache", "--with-past")

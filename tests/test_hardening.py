@@ -193,6 +193,7 @@ def test_not_enough_space_is_refused_before_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_new_parent_folders_are_removed_after_a_failure(tmp_path, junk_model):
     out = tmp_path / "new" / "deeper" / "out"
     proc = run_cli("compile", junk_model, "-o", out, "--calib", "random")
@@ -212,6 +213,7 @@ def ours_in(tmpdir: Path) -> list[str]:
     return sorted(p.name for p in tmpdir.iterdir() if p.name.startswith("rptq-"))
 
 
+@pytest.mark.slow
 def test_stale_staging_and_temp_dirs_of_a_dead_run_are_removed(tmp_path, junk_model):
     out, tmpdir = tmp_path / "out", tmp_path / "tmp"
     tmpdir.mkdir()
@@ -232,6 +234,7 @@ def test_stale_staging_and_temp_dirs_of_a_dead_run_are_removed(tmp_path, junk_mo
     assert leftovers(out) == [alive.name]
 
 
+@pytest.mark.slow
 def test_a_held_lock_refuses_a_second_run_at_once(tmp_path, junk_model):
     from rptq_onnx.outdir import output_lock
 
@@ -403,8 +406,10 @@ def hf_without_tokenizer(tmp_path):
     (["compile", "JUNK", "-o", "OUT", "--calib", "random", "--clusters", "R1=4,R1=8"],
      ["--clusters R1=4,R1=8: R1= sets a point already set"]),
     (["compile", "JUNK", "-o", "OUT", "--calib", "random", "--clusters", "R2=2,all=4"], ["all= sets a point already set"]),
-    (["compile", "HF", "-o", "OUT", "--calib", "sotu-train"], ["no tokenizer files beside the model", "--calib random"]),
-    (["compile", "HF", "-o", "OUT", "--calib", "missing.txt"], ["--calib missing.txt: no such file"]),
+    pytest.param(["compile", "HF", "-o", "OUT", "--calib", "sotu-train"], ["no tokenizer files beside the model",
+                                                                         "--calib random"], marks=pytest.mark.slow),
+    pytest.param(["compile", "HF", "-o", "OUT", "--calib", "missing.txt"], ["--calib missing.txt: no such file"],
+                 marks=pytest.mark.slow),
     (["generate", "JUNK", "--prompt", "x", "--temperature", "0.5"], ["--temperature only with --do-sample"]),
     (["generate", "JUNK", "--prompt", "x", "--top-k", "5", "--top-p", "0.9"], ["--top-k, --top-p only with --do-sample"]),
     (["generate", "JUNK", "--prompt", "x", "--providers", "FooExecutionProvider"],
@@ -416,7 +421,8 @@ def hf_without_tokenizer(tmp_path):
     (["inspect", "JUNK", "--plot", "p.png"], ["--plot applies only with --error"]),
     (["inspect", "JUNK", "--providers", "CPUExecutionProvider"], ["--providers applies only with --placement"]),
     (["inspect", "JUNK", "--ranges", "r.png", "--json"], ["--json does not apply to --ranges"]),
-    (["eval", "JUNK", "--text", "missing.txt"], ["--text missing.txt: no such file", "sotu-test"]),
+    pytest.param(["eval", "JUNK", "--text", "missing.txt"], ["--text missing.txt: no such file", "sotu-test"],
+                 marks=pytest.mark.slow),
 ])
 def test_flags_that_do_not_apply(tmp_path, junk_model, hf_without_tokenizer, args, fragments):
     out = tmp_path / "out"
@@ -427,6 +433,7 @@ def test_flags_that_do_not_apply(tmp_path, junk_model, hf_without_tokenizer, arg
     assert "'random'" not in proc.stderr or args[0] != "eval"
 
 
+@pytest.mark.slow
 def test_external_data_outside_the_model_folder(tmp_path):
     """A small initializer whose external data points outside the model's folder: one line, not a traceback."""
     import onnx

@@ -15,6 +15,8 @@ from rptq_onnx.point_error import point_errors
 from rptq_onnx.ranges import plot_ranges
 from test_cli import assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

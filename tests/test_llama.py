@@ -9,7 +9,6 @@ import torch
 from onnx import numpy_helper
 
 from rptq_onnx.anatomy import find_layers
-from rptq_onnx.calibrate import feeds_for, position_ids
 from rptq_onnx.clustering import plan_clusters, plan_pair_clusters
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
@@ -19,7 +18,7 @@ from rptq_onnx.graph import GraphIndex
 from rptq_onnx.models import random_llama
 from rptq_onnx.passes.fold_reorder import FoldReport, _Initializers, _permute_output
 from rptq_onnx.point_error import _with_outputs, qdq_points
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import feeds_for, make_session, position_ids
 from test_cli import assert_one_line_error, run_cli
 
 
@@ -68,6 +67,7 @@ def _random_config(rng, case):
                 rope_theta=float(rng.choice([1e4, 1e5])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {})],
                          ids=["llama", "mistral-window6", "qwen2"])  # Qwen2: q/k/v biases
 def test_export_matches_torch_with_left_padding_and_a_decode_step(model_type, extra):
@@ -97,6 +97,7 @@ def _init(model, name):
     return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_layer_map_finds_every_llama_part(exporter, kv_heads):
@@ -125,6 +126,7 @@ def test_layer_map_finds_every_llama_part(exporter, kv_heads):
         assert layer.points()["R5"] == (layer.fc2.input,)
 
 
+@pytest.mark.slow
 def test_an_unsupported_rope_table_layout_is_one_error():
     """The R2 fold permutes cos/sin per head, so the tables must be [B, 1, S, D] (one row for every head)."""
     graph = to_onnx(random_llama(2), with_past=True)
@@ -138,6 +140,7 @@ def test_an_unsupported_rope_table_layout_is_one_error():
         find_layers(graph)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", range(12))
 def test_reorder_is_fp_exact_on_random_llama_configs(case):
     rng = np.random.default_rng(200 + case)
@@ -162,6 +165,7 @@ def test_reorder_is_fp_exact_on_random_llama_configs(case):
     _assert_exact(graph, c.model, layers, cfg["vocab_size"], seed=case)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
 def test_reorder_is_fp_exact_on_other_llama_family_types(model_type):
     hf = random_llama(4, model_type=model_type)
@@ -175,6 +179,7 @@ def test_reorder_is_fp_exact_on_other_llama_family_types(model_type):
     _assert_exact(graph, c.model, layers, 512)
 
 
+@pytest.mark.slow
 def test_rope_pairs_alone_are_not_an_exact_reorder():
     """Moving RoPE pairs (i, i + D/2) together is not enough: the cos/sin tables must follow."""
     hf = random_llama(5)
@@ -238,6 +243,7 @@ def llama_graph():
     return graph, find_layers(graph), np.random.default_rng(1).integers(0, 512, (4, 16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["W8A8", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV"])
 def test_every_preset_compiles_and_runs(llama_graph, preset):
     graph, layers, windows = llama_graph
@@ -251,12 +257,13 @@ def test_every_preset_compiles_and_runs(llama_graph, preset):
     assert np.isfinite(logits).all()
     ops = {n.op_type for n in model.graph.node}
     weight_dq = any(n.op_type == "DequantizeLinear" and n.name.startswith("rptq.w.") for n in model.graph.node)
-    # 3/4-bit weights stay packed in memory (MatMulNBits); 8-bit ones are DequantizeLinear (no fast 8-bit kernel)
-    assert ("MatMulNBits" in ops, weight_dq) == ((False, True) if preset == "W8A8" else (True, False))
+    # weights stay packed in memory (MatMulNBits), the vocabulary table too (8 bits by default)
+    assert ("MatMulNBits" in ops, "GatherBlockQuantized" in ops, weight_dq) == (True, True, False)
     compiled_layers = find_layers(model)  # the map still finds everything through Q/DQ, layouts and the cache
     assert [lay.key for lay in compiled_layers] == [lay.key for lay in layers]
 
 
+@pytest.mark.slow
 def test_head_layout_qdq_is_integer_exact_and_layouts_agree(llama_graph):
     """q/k after RoPE are fake-quantized per (head, channel) exactly; both layouts give identical logits."""
     graph, layers, windows = llama_graph
@@ -286,6 +293,7 @@ def test_head_layout_qdq_is_integer_exact_and_layouts_agree(llama_graph):
     np.testing.assert_array_equal(logits["zero-copy"], logits["contiguous"])
 
 
+@pytest.mark.slow
 def test_generate_applies_the_chat_template(compiled_text_llama):
     from rptq_onnx.generate import Generator
 
@@ -300,6 +308,7 @@ def test_generate_applies_the_chat_template(compiled_text_llama):
     assert proc.stdout.startswith("Hello there") and "cache uint4" in proc.stderr
 
 
+@pytest.mark.slow
 def test_llama_export_errors_are_one_line(text_llama, tmp_path, monkeypatch):
     from rptq_onnx import bundled
     from rptq_onnx.errors import RptqError
@@ -315,6 +324,7 @@ def test_llama_export_errors_are_one_line(text_llama, tmp_path, monkeypatch):
         export("smollm2", tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_per_tensor_and_per_head_baselines(llama_graph):
     """--clusters all=tensor: one scale per point; all=1: one per head at q/k/v/out_proj input (R2/R3)."""
     graph, layers, windows = llama_graph
@@ -331,6 +341,7 @@ def test_per_tensor_and_per_head_baselines(llama_graph):
     assert str(ClusterCounts.parse("all=tensor,R1=ch")) == "R1=ch,R2=tensor,R3=tensor,R4=tensor,R5=tensor"
 
 
+@pytest.mark.slow
 def test_compiling_twice_gives_the_same_bytes(llama_graph):
     graph, layers, windows = llama_graph
     config = CompileConfig(preset="W4A4", layout="contiguous", calib=CalibConfig(nsamples=4, seqlen=16),

@@ -36,6 +36,7 @@ def test_published_parameter_counts():
     assert 65e9 < s.linear_params + s.other_params < 66.5e9
 
 
+@pytest.mark.slow
 def test_paper_claim_opt66b_w4a4_saves_over_900_gb():
     proc = run_cli("memory", "opt-66b", "--batch", "64", "--seqlen", "8192")
     assert proc.returncode == 0, proc.stderr
@@ -46,6 +47,7 @@ def test_paper_claim_opt66b_w4a4_saves_over_900_gb():
     assert memory(s, "W4A16", 64, 8192).total - memory(s, "W4A4", 64, 8192).total > 900e9
 
 
+@pytest.mark.slow
 def test_bad_input():
     assert_one_line_error(run_cli("memory", "opt-7b"), "opt-66b")
     with pytest.raises(RptqError):
@@ -53,6 +55,7 @@ def test_bad_input():
     assert_one_line_error(run_cli("memory", "opt-125m", "--batch", "0"), "--batch")
 
 
+@pytest.mark.slow
 def test_llama_shape_counts_gqa_cache_and_three_mlp_linears():
     from rptq_onnx.memory import LLAMA_CONFIGS, LlamaShape, resolve_shape
 

@@ -9,14 +9,15 @@ import onnx
 import pytest
 
 from rptq_onnx.anatomy import find_layers
-from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.compile import compile_graph, compile_model
 from rptq_onnx.config import PRESETS, CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 from rptq_onnx.export import to_onnx
 from rptq_onnx.generate import Generator
 from rptq_onnx.models import random_opt_with_outliers
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import feeds_for, make_session
 from test_cli import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
 
 
 def _logits(model, ids, layers):

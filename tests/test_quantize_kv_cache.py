@@ -7,11 +7,10 @@ import onnx
 import pytest
 
 from rptq_onnx.anatomy import find_layers
-from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.generate import Generator, cache_codes
 from rptq_onnx.graph import GraphIndex
 from rptq_onnx.inspection import describe
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import feeds_for, make_session
 
 KV_PRESETS = ("W4A4KV", "W4A3KV", "W3A3KV")
 
@@ -22,6 +21,7 @@ def _cache_io(model_dir):
     return m, {n: t for n, t in types.items() if n.startswith(("past_key_values.", "present."))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", KV_PRESETS + ("W8A8",))
 def test_cache_inputs_and_outputs_are_low_bit(compiled_text, preset):
     m, types = _cache_io(compiled_text(preset))
@@ -38,6 +38,7 @@ def test_cache_inputs_and_outputs_are_low_bit(compiled_text, preset):
         assert store.op_type == "QuantizeLinear" and store.name == f"rptq.kv.L{lay.index}.k.present.quantize"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", KV_PRESETS)
 def test_cached_decoding_equals_recomputation(compiled_text, preset):
     """Step t of the cached graph = position t of the no-cache graph on the whole sequence (32 + 32 tokens)."""
@@ -65,6 +66,7 @@ def test_cached_decoding_equals_recomputation(compiled_text, preset):
     assert c.bytes_total * 3.9 <= 2 * elements and c.bytes_total * 7.8 <= 4 * elements
 
 
+@pytest.mark.slow
 def test_codes_dequantize_to_the_float_cache(compiled_text_opt):
     """Unpacked uint4 codes × scales equal the float cache of the same model (--float-cache), and 3-bit codes ≤ 7."""
     low = Generator(compiled_text_opt("W3A3KV"))
@@ -86,6 +88,7 @@ def test_codes_dequantize_to_the_float_cache(compiled_text_opt):
         np.testing.assert_allclose(deq.reshape(b, h, d, t).transpose(0, 1, 3, 2), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_low_bit_past_feeds_perplexity_prefill(compiled_text_opt):
     """A KV-compiled with-past graph still evaluates (empty uint4 past fed as an OrtValue)."""
     d = compiled_text_opt("W4A4KV")

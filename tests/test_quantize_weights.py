@@ -8,7 +8,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rptq_onnx.anatomy import Linear, find_layers
-from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 from rptq_onnx.errors import RptqError
@@ -16,7 +15,7 @@ from rptq_onnx.export import to_onnx
 from rptq_onnx.models import random_opt
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.quant import dequantize_matmulnbits, pack_uint4, quantize_gptq, quantize_rtn
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import feeds_for, make_session
 
 IN, OUT = 256, 96
 
@@ -77,7 +76,9 @@ def test_matmulnbits_equals_dq_matmul(layout, bits, block):
     dq, _ = quantize_weights(model, {"lin": (lin, qw)}, form="dq")
     x = np.random.default_rng(2).normal(size=(3, IN)).astype(np.float32)
     a, ref = _run(nbits, x), _run(dq, x)
-    assert np.abs(a - ref).max() <= 1e-4 * np.abs(ref).max()
+    # 8 bits: accuracy level 4 quantizes the input to int8 per block (the fast integer kernel)
+    assert attrs.get("accuracy_level", 0) == (4 if bits == 8 else 0)
+    assert np.abs(a - ref).max() <= (1e-2 if bits == 8 else 1e-4) * np.abs(ref).max()
 
 
 def test_pack_uint4_low_nibble_first():
@@ -102,6 +103,7 @@ def _logits(model, ids, layers):
     return sess.run(None, feeds_for(sess, ids, layers))[0]
 
 
+@pytest.mark.slow
 def test_gptq_beats_rtn_on_a_model_at_w4a16_and_w3a16():
     hf = random_opt(seed=5, num_hidden_layers=2, hidden_size=128, num_attention_heads=4, ffn_dim=512, vocab_size=300)
     graph = to_onnx(hf, with_past=False)
@@ -119,6 +121,7 @@ def test_gptq_beats_rtn_on_a_model_at_w4a16_and_w3a16():
         assert mse["gptq"] < mse["rtn"], (wbits, mse)
 
 
+@pytest.mark.slow
 def test_w4_weight_bytes_are_under_a_third_of_fp16():
     hf = random_opt(seed=6, num_hidden_layers=1, hidden_size=128, num_attention_heads=4, ffn_dim=512, vocab_size=300)
     graph = to_onnx(hf, with_past=False)

@@ -8,13 +8,14 @@ import pytest
 from onnx import helper
 
 from rptq_onnx.anatomy import find_layers
-from rptq_onnx.calibrate import feeds_for
 from rptq_onnx.compile import compile_graph
 from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
 from rptq_onnx.export import to_onnx
 from rptq_onnx.models import random_opt
 from rptq_onnx.reference import LayerReference
-from rptq_onnx.runtime import make_session, numpy_outputs
+from rptq_onnx.runtime import feeds_for, make_session, numpy_outputs
+
+pytestmark = pytest.mark.slow  # every test here exports or compiles a model
 
 CONFIGS = [dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, ffn_dim=64),
            dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=192),

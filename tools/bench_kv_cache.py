@@ -13,7 +13,8 @@ FP32 export and each preset compiled with its low-bit cache, and again with ``--
    tokens is built as OrtValues and one decode step returns the full present, whose bytes are
    summed over all layers;
 3. decode step time at each batch × context of ``--sizes``: the median of ``--steps`` steps on
-   ORT CPU (timings on a shared 2-core machine vary by ±20 %; compare ratios within one run).
+   ORT CPU, every model's steps interleaved round by round, so that load on a shared machine
+   falls on all of them alike (compare ratios within one run).
 
 The FP16 row is an *equivalent* (FP32 bytes / 2): ORT CPU runs these graphs in float32.
 Speed ratios compare each low-bit cache with the same preset's float cache (same Q/DQ, only
@@ -57,11 +58,8 @@ def _past(gen, batch: int, tokens: int, rng: np.random.Generator) -> dict:
     return past
 
 
-def measure(model_path: Path, sizes: list[tuple[int, int]], steps: int, threads: int | None, tok_dir: Path) -> dict:
-    from rptq_onnx.generate import Generator, footprint
-
-    gen = Generator(model_path, threads=threads, tokenizer_dir=tok_dir)
-    # 1. real generation: 32-token prompt, 32 greedy steps
+def measure_cache(gen) -> dict:
+    """Cache bytes and bits from a real generation: a 32-token prompt and 32 greedy steps (batch 1)."""
     out = gen.generate_ids([list(range(10, 42))], max_new_tokens=32, stop_at_eos=False)
     c = out.cache
     # K + V channels of one layer: float past [B, H, T, D], low-bit past [B, H·D, T], fused 4-bit [B, H, T, D/2]
@@ -69,25 +67,32 @@ def measure(model_path: Path, sizes: list[tuple[int, int]], steps: int, threads:
     layer_channels = sum(i.shape[1] * i.shape[3] * packed if len(i.shape) == 4 else i.shape[1]
                          for i in gen.past_inputs[:2])
     elements = c.batch * c.tokens * c.layers * layer_channels
-    row = {"cache_type": c.element_type.removeprefix("tensor(").rstrip(")"),
-           "bytes_per_token_per_layer": c.bytes_per_token_per_layer,
-           "bits_per_element": 8 * c.bytes_total / elements, "generated": len(out.new_tokens[0])}
-    # 2. + 3. a batch × context cache, and decode step times
-    row["step_ms"] = {}
+    return {"cache_type": c.element_type.removeprefix("tensor(").rstrip(")"),
+            "bytes_per_token_per_layer": c.bytes_per_token_per_layer,
+            "bits_per_element": 8 * c.bytes_total / elements, "generated": len(out.new_tokens[0]), "step_ms": {}}
+
+
+def time_steps(gens: dict, rows: dict, sizes: list[tuple[int, int]], steps: int) -> None:
+    """Decode step times at each batch × context, the models interleaved step by step (A B C A B C …) so
+    that the machine's load drifts over all of them alike; also the first size's cache bytes."""
+    from rptq_onnx.generate import footprint
+
     for n, (batch, context) in enumerate(sizes):
-        past = _past(gen, batch, context - 1, np.random.default_rng(0))
-        mask = np.ones((batch, context), np.int64)
-        token = np.full((batch, 1), 11, np.int64)
-        times = []
-        for i in range(steps + 1):  # the first step warms up
-            t0 = time.perf_counter()
-            _, nxt = gen.step(token, mask, past)
-            times.append(time.perf_counter() - t0)
-            if i == 0 and n == 0:
-                row["batch_context_bytes"] = footprint(nxt, gen.cache_type).bytes_total
-            del nxt
-        row["step_ms"][f"{batch}x{context}"] = 1000 * float(np.median(times[1:]))
-    return row
+        feeds = {name: (np.full((batch, 1), 11, np.int64), np.ones((batch, context), np.int64),
+                        _past(gen, batch, context - 1, np.random.default_rng(0))) for name, gen in gens.items()}
+        times: dict[str, list[float]] = {name: [] for name in gens}
+        for i in range(steps + 1):  # the first round warms up
+            for name, gen in gens.items():
+                t0 = time.perf_counter()
+                _, nxt = gen.step(*feeds[name])
+                if i:
+                    times[name].append(time.perf_counter() - t0)
+                elif n == 0:
+                    rows[name]["batch_context_bytes"] = footprint(nxt, gen.cache_type).bytes_total
+                del nxt
+        for name in gens:
+            rows[name]["step_ms"][f"{batch}x{context}"] = 1000 * float(np.median(times[name]))
+        del feeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,14 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
     bench = open_model(args)
-    rows = {}
     with tempfile.TemporaryDirectory(prefix="rptq-bench-kv-") as tmp:
         # generate needs a tokenizer; the benchmark feeds token ids, so any small one will do
         tok_dir = Path(tmp) / "tokenizer"
         train_bpe_tokenizer(["a small tokenizer for the benchmark"], vocab_size=300).save_pretrained(tok_dir)
-        measure(bench.path, sizes[-1:], 1, args.threads, tok_dir)  # warms the process up; discarded
-        rows["FP32"] = measure(bench.path, sizes, args.steps, args.threads, tok_dir)
-        print(f"FP32: {rows['FP32']}", flush=True)
+        paths = {"FP32": bench.path}
         for preset in args.presets.split(","):
             for float_cache in (False, True):
                 name = preset + (" float cache" if float_cache else "")
@@ -127,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                        quant=QuantSpec.for_preset(preset, weight_quant="rtn", float_cache=float_cache))
                 out = Path(tmp) / name.replace(" ", "-")
                 compile_model(str(bench.path), out, config, progress=False)
-                rows[name] = measure(out / "model.onnx", sizes, args.steps, args.threads, tok_dir)
-                print(f"{name}: {rows[name]}", flush=True)
+                paths[name] = out / "model.onnx"
             if "fused" in args.attention.split(","):
                 name = preset + " fused"
                 try:
@@ -139,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 out = Path(tmp) / name.replace(" ", "-")
                 compile_model(str(bench.path), out, config, progress=False)
-                rows[name] = measure(out / "model.onnx", sizes, args.steps, args.threads, tok_dir)
-                print(f"{name}: {rows[name]}", flush=True)
+                paths[name] = out / "model.onnx"
+        from rptq_onnx.generate import Generator
+
+        gens = {name: Generator(path, threads=args.threads, tokenizer_dir=tok_dir) for name, path in paths.items()}
+        rows = {name: measure_cache(gen) for name, gen in gens.items()}
+        time_steps(gens, rows, sizes, args.steps)
+        for name, row in rows.items():
+            print(f"{name}: {row}", flush=True)
 
     layers = len(bench.layers)
     fp32 = rows["FP32"]

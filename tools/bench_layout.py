@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compare every graph with the torch model in float64 (the fp32 rounding floor)")
     args = parser.parse_args(argv)
 
-    from rptq_onnx.calibrate import feeds_for
     from rptq_onnx.compile import compile_model
+    from rptq_onnx.runtime import feeds_for
     from rptq_onnx.config import CalibConfig, CompileConfig
     from rptq_onnx.graph import load_model
     from rptq_onnx.runtime import make_session
@@ -93,7 +93,7 @@ def _torch_fp64_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
 
     import torch
 
-    from rptq_onnx.calibrate import position_ids
+    from rptq_onnx.runtime import position_ids
     from rptq_onnx.export import _load_torch_model, resolve_model_source
 
     record = json.loads((model_dir / "export.json").read_text())

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnx
 
-    from rptq_onnx.calibrate import calibration_windows, feeds_for
+    from rptq_onnx.calibrate import calibration_windows
     from rptq_onnx.compile import compile_model
+    from rptq_onnx.runtime import feeds_for
     from rptq_onnx.config import CalibConfig, CompileConfig, QuantSpec
     from rptq_onnx.runtime import make_session
 

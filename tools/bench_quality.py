@@ -60,7 +60,7 @@ def _ort_static(fp_path: Path, out_path: Path, windows: np.ndarray, wbits: int, 
     if wbits not in (4, 8) or abits not in (4, 8):
         return None
 
-    from rptq_onnx.calibrate import position_ids
+    from rptq_onnx.runtime import position_ids
     from rptq_onnx.graph import load_model
 
     positions = any(i.name == "position_ids" for i in load_model(fp_path, load_weights=False).graph.input)
@@ -122,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from rptq_onnx.bundled import DEMO_MODEL_DIR
     from rptq_onnx.anatomy import find_layers
+    from rptq_onnx.artifacts import RECORD_NAME, TOKENIZER_FILES, model_limits
     from rptq_onnx.calibrate import calibrate, calibration_windows
-    from rptq_onnx.compile import compile_model, model_limits
+    from rptq_onnx.compile import compile_model
     from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig
     from rptq_onnx.evaluate import cloze_accuracy, load_text, perplexity
-    from rptq_onnx.export import RECORD_NAME, TOKENIZER_FILES, export
+    from rptq_onnx.export import export
     from rptq_onnx.graph import load_model
 
     columns = args.columns.split(",")

@@ -1,7 +1,7 @@
 """Peak memory of one ONNX Runtime session holding a model, after one prefill.
 
     python -m rptq_onnx.tools.bench_rss EXPORT_DIR [--presets W4A4KV,W4A8,W8A8] [--attention auto|eager]
-        [--compiled DIR ...] [--tokens 512] [--calib sotu-train]
+        [--head-bits default,16,4] [--compiled DIR ...] [--tokens 512] [--calib sotu-train]
 
 EXPORT_DIR is an exported model (``rptq-onnx export``); each preset is compiled from it (RTN
 weights: memory does not depend on how the codes were chosen), or pass already compiled
@@ -9,6 +9,7 @@ directories with ``--compiled``. Every model is measured in a fresh process: loa
 run one prefill of ``--tokens`` tokens (batch 1), report the process's peak RSS. Ratios are ÷
 the export's. ORT constant-folds DequantizeLinear weights to float at session creation, so only
 weights stored as MatMulNBits stay low-bit in memory; the table says how many linears are.
+``--head-bits``: one row per preset and vocabulary-table width (``default``: the preset's).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from pathlib import Path
 _CHILD = """
 import json, sys
 import numpy as np
-from rptq_onnx.calibrate import feeds_for
-from rptq_onnx.runtime import as_ort_values, make_session
+from rptq_onnx.runtime import as_ort_values, feeds_for, make_session
 path, tokens = sys.argv[1], int(sys.argv[2])
 session = make_session(path)
 ids = np.random.default_rng(0).integers(10, 1000, (1, tokens))
@@ -51,12 +51,19 @@ def _linears(model: Path) -> tuple[int, int]:
             sum(n.op_type == "DequantizeLinear" and n.name.startswith("rptq.w.") for n in nodes))
 
 
+def _head(bits: int) -> str:
+    return "float embedding/head" if bits == 16 else f"{bits}-bit embedding/head"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path, help="an exported model directory (model.onnx, tokenizer)")
     parser.add_argument("--presets", default="W4A4KV,W4A8,W8A8")
     parser.add_argument("--attention", default="auto", choices=("auto", "eager"),
                         help="auto (as compile): fused attention for the KV presets, eager for the others")
+    parser.add_argument("--head-bits", default="default",
+                        help="comma list of token embedding / LM head widths to compile each preset with: default (the "
+                             "preset's), 16, 8, 4")
     parser.add_argument("--compiled", type=Path, nargs="*", default=[], help="compiled directories to measure too")
     parser.add_argument("--tokens", type=int, default=512, help="prefill length (default 512)")
     parser.add_argument("--calib", default="sotu-train")
@@ -71,12 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rptq-bench-rss-") as tmp:
         tmp = args.keep or tmp
         for preset in filter(None, args.presets.split(",")):
-            quant = QuantSpec.for_preset(preset, weight_quant="rtn", matmulnbits=not args.no_matmulnbits)
-            config = CompileConfig(preset=preset, quant=quant, attention=args.attention,
-                                   calib=CalibConfig(source=args.calib, nsamples=4, seqlen=128))
-            out = Path(tmp) / preset
-            result = compile_model(str(args.export), out, config, progress=False)
-            rows.append((f"{preset} ({result.report['config']['attention']} attention)", out / "model.onnx"))
+            for head in args.head_bits.split(","):
+                quant = QuantSpec.for_preset(preset, weight_quant="rtn", matmulnbits=not args.no_matmulnbits,
+                                             head_bits=None if head == "default" else int(head))
+                config = CompileConfig(preset=preset, quant=quant, attention=args.attention,
+                                       calib=CalibConfig(source=args.calib, nsamples=4, seqlen=128))
+                out = Path(tmp) / f"{preset}-head{head}"
+                result = compile_model(str(args.export), out, config, progress=False)
+                rows.append((f"{preset} ({result.report['config']['attention']} attention, "
+                             f"{_head(quant.head_bits)})", out / "model.onnx"))
         rows += [(str(d), d / "model.onnx") for d in args.compiled]
         results = [(name, peak_rss_mb(path, args.tokens), *_linears(path)) for name, path in rows]
     base = results[0][1]

@@ -1,0 +1,178 @@
+"""Pass: the token embedding and the LM head in low bits (``compile --head-bits 8|4``).
+
+Both read the vocabulary table W [vocab, hidden] (one initializer when tied, as OPT and
+SmolLM2 export it: ``Gather(W, input_ids)`` and ``MatMul(x, Transpose(W))``). The table is
+quantized once, RTN and asymmetric in blocks of ``block_size`` along the hidden axis, and the
+same codes feed two ONNX Runtime contrib kernels that keep them packed in memory:
+
+- the head: ``com.microsoft:MatMulNBits`` (N = vocab, K = hidden);
+- the embedding: ``com.microsoft:GatherBlockQuantized`` (gather_axis 0, quantize_axis 1), which
+  gathers the rows and dequantizes only those.
+
+Each kernel gets its own initializer (the two kernels want different shapes of the same bytes),
+so the file holds the codes twice; in memory MatMulNBits repacks its copy at session creation.
+That replaces the float table, and in an FP graph the transposed float copy ONNX Runtime folds
+``Transpose(W)`` into at session creation: 2 × 113 MB on SmolLM2.
+
+8-bit heads set MatMulNBits' ``accuracy_level`` 4 (the input is quantized to int8 per block on
+the fly, then an integer GEMM): level 0 of the 8-bit kernel dequantizes the whole table every
+call, ≈ 10× slower than a float MatMul. The README's *Low-bit weights in memory* gives the
+measured cost of each choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from rptq_onnx.config import HEAD_BITS
+from rptq_onnx.errors import RptqError
+from rptq_onnx.graph import GraphIndex
+from rptq_onnx.passes.quantize_weights import INT8_ACCURACY_LEVEL
+from rptq_onnx.quant import pack_uint4, quantize_rtn
+
+DEFAULT_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class VocabTables:
+    """Where the graph reads its vocabulary tables (the same initializer when tied)."""
+
+    head: onnx.NodeProto  # the MatMul producing the logits
+    head_weight: str  # initializer [vocab, hidden] (behind a Transpose) or [hidden, vocab]
+    head_transposed: bool  # head_weight is [vocab, hidden], read through a Transpose
+    embedding: onnx.NodeProto | None  # Gather(table, input_ids)
+    embedding_weight: str | None
+
+    @property
+    def tied(self) -> bool:
+        return self.embedding_weight == self.head_weight and self.head_transposed
+
+
+def find_vocab_tables(model: onnx.ModelProto, logits: str = "logits") -> VocabTables:
+    index = GraphIndex(model)
+    head = index.producer.get(logits)
+    if head is None or head.op_type != "MatMul":
+        raise RptqError(f"--head-bits: the graph's '{logits}' output does not come from a MatMul; "
+                        "use --head-bits 16 for this graph")
+    weight, transposed = index.constant_source(head.input[1]), False
+    feeder = index.producer.get(head.input[1])
+    if weight is None and feeder is not None and feeder.op_type == "Transpose" and \
+            list(helper.get_attribute_value(a) for a in feeder.attribute if a.name == "perm") in ([], [[1, 0]]):
+        weight, transposed = index.constant_source(feeder.input[0]), True
+    if weight not in index.initializers:
+        raise RptqError("--head-bits: the LM head's weight is not a constant of the graph; use --head-bits 16")
+    embedding = embedding_gather(index)
+    return VocabTables(head=head, head_weight=weight, head_transposed=transposed, embedding=embedding,
+                       embedding_weight=index.constant_source(embedding.input[0]) if embedding is not None else None)
+
+
+_ID_MOVES = ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def embedding_gather(index: GraphIndex) -> onnx.NodeProto | None:
+    """The Gather of a constant table by the token ids (OPT's export reshapes the ids first)."""
+    frontier = ["input_ids"]
+    while frontier:
+        tensor = frontier.pop()
+        for node in index.value_readers(tensor):
+            if node.op_type == "Gather" and node.input[1] == tensor and index.constant_source(node.input[0]) \
+                    in index.initializers and _attr(node, "axis", 0) == 0:
+                return node
+            if node.op_type in _ID_MOVES and node.input[0] == tensor:
+                frontier.extend(node.output)
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _codes(table: np.ndarray, bits: int, block: int):
+    """(codes as the kernels store them [vocab, hidden·bits/8], scales [vocab, blocks], zero points, dequantized)."""
+    qw = quantize_rtn(table, bits, block)
+    codes, zp = qw.codes.astype(np.uint8), qw.zero_point.astype(np.uint8)
+    if bits == 4:
+        codes, zp = pack_uint4(codes), pack_uint4(zp)  # two per byte, low nibble first, per row
+    return codes, qw.scale.astype(np.float32), zp
+
+
+def check_block(hidden: int, block: int) -> None:
+    if block < 16 or block & (block - 1) or hidden % block:
+        raise RptqError(f"--head-bits: block {block} must be a power of two ≥ 16 dividing the hidden size {hidden}")
+
+
+def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_BLOCK) -> tuple[onnx.ModelProto, dict]:
+    """A copy of ``model`` with its LM head (and token embedding) as ``bits``-bit codes; 16: unchanged."""
+    if bits not in HEAD_BITS:
+        raise RptqError(f"--head-bits {bits} is not supported; use 4, 8 or 16 (float)")
+    if bits == 16:
+        return model, {"bits": 16}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    tables = find_vocab_tables(out)
+    inits = {t.name: t for t in g.initializer}
+    new_inits: list[onnx.TensorProto] = []
+    replaced: dict[str, onnx.NodeProto] = {}
+
+    def quantized(name: str, transposed: bool, prefix: str):
+        table = numpy_helper.to_array(inits[name]).astype(np.float32)
+        table = table if transposed else table.T  # [vocab, hidden]
+        check_block(table.shape[1], block_size)
+        return table.shape, _codes(table, bits, block_size)
+
+    (vocab, hidden), (codes, scale, zp) = quantized(tables.head_weight, tables.head_transposed, "head")
+    blocks = hidden // block_size
+    p = "rptq.head"
+    new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes.reshape(vocab, blocks, -1)), f"{p}.B"),
+                  numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{p}.scales"),
+                  numpy_helper.from_array(np.ascontiguousarray(zp), f"{p}.zero_points")]
+    attrs = dict(K=hidden, N=vocab, bits=bits, block_size=block_size)
+    if bits == 8:
+        attrs["accuracy_level"] = INT8_ACCURACY_LEVEL
+    head = tables.head
+    replaced[head.name] = helper.make_node("MatMulNBits", [head.input[0], f"{p}.B", f"{p}.scales", f"{p}.zero_points"],
+                                           [head.output[0]], name=f"{p}.matmulnbits", domain="com.microsoft", **attrs)
+    report = {"bits": bits, "block_size": block_size, "vocab": vocab, "hidden": hidden, "tied": tables.tied,
+              "head": "MatMulNBits", "embedding": None}
+    if tables.embedding is not None:
+        e = "rptq.embedding"
+        if not tables.tied:
+            (_, ehidden), (codes, scale, zp) = quantized(tables.embedding_weight, True, "embedding")
+        new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes), f"{e}.data"),
+                      numpy_helper.from_array(np.ascontiguousarray(scale), f"{e}.scales"),
+                      numpy_helper.from_array(np.ascontiguousarray(zp), f"{e}.zero_points")]
+        emb = tables.embedding
+        replaced[emb.name] = helper.make_node(
+            "GatherBlockQuantized", [f"{e}.data", emb.input[1], f"{e}.scales", f"{e}.zero_points"], [emb.output[0]],
+            name=f"{e}.gather", domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
+        report["embedding"] = "GatherBlockQuantized"
+    nodes = [replaced.get(n.name, n) for n in g.node]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    if not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unread(out)
+    return out, report
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    """Remove the float table (and its Transpose) once nothing reads them."""
+    g = model.graph
+    while True:
+        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in read for o in n.output)]
+        if not dead:
+            break
+        keep = [n for n in g.node if any(o in read for o in n.output)]
+        del g.node[:]
+        g.node.extend(keep)
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep_inits = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(keep_inits)
