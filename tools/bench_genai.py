@@ -174,12 +174,13 @@ def describe_graph(folder: Path) -> str:
     cache = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name if past is not None else "none"
     if past is not None and cache == "uint8":
         cache = "int4 in uint8"
-    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-              if a.name == "accuracy_level"}
+    levels = Counter(next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)  # 0: the attribute's default
+                     for n in model.graph.node if n.op_type == "MatMulNBits")
     parts = [f"{ops[op]} {op}" for op in ("MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention", "MatMul")
              if ops[op]]
     if levels:
-        parts.append(f"accuracy_level {','.join(map(str, sorted(levels)))}")
+        parts.append("accuracy_level " + ", ".join(f"{level}" if len(levels) == 1 else f"{level} ×{count}"
+                                                   for level, count in sorted(levels.items())))
     return ", ".join(parts) + f"; cache {cache}"
 
 
