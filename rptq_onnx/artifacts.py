@@ -24,13 +24,15 @@ CLUSTERS_NAME = "clusters.json"  # compile's outputs beside the model
 REPORT_NAME = "report.json"
 RANGES_NAME = "ranges.safetensors"
 MARKDOWN_NAME = "report.md"
+GENAI_CONFIG_NAME = "genai_config.json"  # beside a model onnxruntime-genai can run (rptq_onnx.genai)
 REPORT_DIR = "report"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json", "config.json",
                    "chat_template.jinja", "tokenizer.model")
 # what export and compile write into OUT_DIR; writing there again removes those the new run lacks
 # (not report/: a user's own files may sit there beside the plots)
-OWNED_FILES = (*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME, CLUSTERS_NAME, REPORT_NAME, RANGES_NAME, MARKDOWN_NAME)
+OWNED_FILES = (*MODEL_FILES, *TOKENIZER_FILES, RECORD_NAME, CLUSTERS_NAME, REPORT_NAME, RANGES_NAME, MARKDOWN_NAME,
+               GENAI_CONFIG_NAME)
 
 
 def model_limits(onnx_path: Path, model: onnx.ModelProto) -> tuple[int, int | None]:

@@ -206,7 +206,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sampling = Sampling(do_sample=args.do_sample, **given)
     with work_dir("generate") as tmp:
         model = resolve_onnx_source(args.model, tmp, with_past=True)
-        gen = Generator(model, providers=providers, threads=args.threads)
+        if args.runtime == "genai":
+            from rptq_onnx.genai import GenaiGenerator
+
+            gen = GenaiGenerator(model, providers=providers, threads=args.threads)
+        else:
+            gen = Generator(model, providers=providers, threads=args.threads)
         out = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat)
     chat = args.chat and gen.has_chat_template  # an answer, not a continuation: print it on its own line
     for prompt, text in zip(out.prompts, out.texts):
@@ -219,9 +224,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     decode = f"decode {1000 * steps[len(steps) // 2]:.1f} ms/step (median of {len(steps)})" if steps else \
         "no decode step ran (the prefill gave the only new token)"
     kind = c.element_type.removeprefix('tensor(').rstrip(')')
-    if kind == "uint8" and len(gen.past_inputs[0].shape) == 4:  # fused attention's 4-bit cache [B, kv, T, D/2]
-        kind = "int4 (two codes per byte, in uint8)"
-    print(f"cache {kind} held between steps as OrtValues on "
+    if args.runtime == "genai":
+        kind, holder = gen.cache_kind, "by onnxruntime-genai"
+    elif kind == "uint8" and len(gen.past_inputs[0].shape) == 4:  # fused attention's 4-bit cache [B, kv, T, D/2]
+        kind, holder = "int4 (two codes per byte, in uint8)", "as OrtValues"
+    else:
+        holder = "as OrtValues"
+    print(f"cache {kind} held between steps {holder} on "
           f"{gen.device}: {c.bytes_total:,} bytes for {c.batch}×{c.tokens} tokens × {c.layers} layers "
           f"({c.bytes_per_token_per_layer:g} bytes per token per layer, K+V); prefill {out.prefill_seconds * 1000:.0f} ms, "
           f"{decode}", file=sys.stderr)
@@ -408,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--providers", default=None, metavar="EP,...",
                    help="execution providers, e.g. CUDAExecutionProvider,CPUExecutionProvider (default: CUDA if present)")
+    p.add_argument("--runtime", default="ort", choices=("ort", "genai"),
+                   help="ort (default): rptq-onnx's own decode loop over an ONNX Runtime session; genai: "
+                        "onnxruntime-genai (og.Model/og.Generator) from the genai_config.json that export and compile "
+                        "write beside model.onnx (needs the onnxruntime-genai-cuda package; one prompt at a time)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("memory", help="weights / activations / KV cache memory per preset (the paper's table)",

@@ -28,6 +28,7 @@ from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
 from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
 from rptq_onnx.errors import RptqError
+from rptq_onnx.genai import write_genai_config
 from rptq_onnx.graph import load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.onnx_source import resolve_onnx_source
@@ -304,6 +305,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
                     if (onnx_path.parent / name).is_file():
                         shutil.copy2(onnx_path.parent / name, stage / name)
                 (stage / CLUSTERS_NAME).write_text(json.dumps(clusters) + "\n")
+                write_genai_config(folded, stage)  # where onnxruntime-genai can hold the cache (rptq_onnx.genai)
                 save_ranges(stage / RANGES_NAME, compiled.calibration.stats, len(layers))
             report["timings_s"] = {**timer.timings, "total": round(time.perf_counter() - t_start, 3)}
             report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

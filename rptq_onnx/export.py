@@ -30,6 +30,7 @@ from rptq_onnx.artifacts import OWNED_FILES, RECORD_NAME, TOKENIZER_FILES
 from rptq_onnx.bundled import named_model
 from rptq_onnx.constants import DEFAULT_OPSET, EXPORTERS, SUPPORTED_OPSETS
 from rptq_onnx.errors import RptqError
+from rptq_onnx.genai import write_genai_config
 from rptq_onnx.graph import save_model, staged_output
 from rptq_onnx.outdir import check_writable, claim_output, input_bytes
 
@@ -201,6 +202,7 @@ def _export(model: str, source: ModelSource, out_dir: str | os.PathLike, with_pa
                 if (source.directory / name).is_file():
                     shutil.copy2(source.directory / name, stage / name)
         (stage / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        write_genai_config(onnx_model, stage)  # with a cache: an onnxruntime-genai model folder (rptq_onnx.genai)
     return ExportResult(model_path=Path(out_dir) / "model.onnx", record=record)
 
 

@@ -92,8 +92,8 @@ def test_export_writes_record_and_tokenizer_files(opt_dir, tmp_path):
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
     out = tmp_path / "out"
     result = export(str(src), out, with_past=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export.json", "generation_config.json",
-                                                     "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export.json", "genai_config.json",
+                                                     "generation_config.json", "model.onnx", "tokenizer.json"]
     record = json.loads((out / "export.json").read_text())
     assert record["model_type"] == "opt" and record["opset"] == 21 and record["with_past"] is True
     assert record["config"]["num_hidden_layers"] == 1
