@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.config import HEAD_BITS
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import GraphIndex
+from rptq_onnx.graph import GraphIndex, prune_dead_nodes
 from rptq_onnx.passes.quantize_weights import INT8_ACCURACY_LEVEL
 from rptq_onnx.quant import pack_uint4, quantize_rtn
 
@@ -92,7 +92,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def _codes(table: np.ndarray, bits: int, block: int):
-    """(codes as the kernels store them [vocab, hidden·bits/8], scales [vocab, blocks], zero points, dequantized)."""
+    """(codes as the kernels store them [vocab, hidden·bits/8], scales [vocab, blocks], zero points)."""
     qw = quantize_rtn(table, bits, block)
     codes, zp = qw.codes.astype(np.uint8), qw.zero_point.astype(np.uint8)
     if bits == 4:
@@ -119,13 +119,13 @@ def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_B
     new_inits: list[onnx.TensorProto] = []
     replaced: dict[str, onnx.NodeProto] = {}
 
-    def quantized(name: str, transposed: bool, prefix: str):
+    def quantized(name: str, transposed: bool):
         table = numpy_helper.to_array(inits[name]).astype(np.float32)
         table = table if transposed else table.T  # [vocab, hidden]
         check_block(table.shape[1], block_size)
         return table.shape, _codes(table, bits, block_size)
 
-    (vocab, hidden), (codes, scale, zp) = quantized(tables.head_weight, tables.head_transposed, "head")
+    (vocab, hidden), (codes, scale, zp) = quantized(tables.head_weight, tables.head_transposed)
     blocks = hidden // block_size
     p = "rptq.head"
     new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes.reshape(vocab, blocks, -1)), f"{p}.B"),
@@ -142,7 +142,7 @@ def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_B
     if tables.embedding is not None:
         e = "rptq.embedding"
         if not tables.tied:
-            (_, ehidden), (codes, scale, zp) = quantized(tables.embedding_weight, True, "embedding")
+            _, (codes, scale, zp) = quantized(tables.embedding_weight, True)
         new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes), f"{e}.data"),
                       numpy_helper.from_array(np.ascontiguousarray(scale), f"{e}.scales"),
                       numpy_helper.from_array(np.ascontiguousarray(zp), f"{e}.zero_points")]
@@ -157,22 +157,5 @@ def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_B
     g.initializer.extend(new_inits)
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _drop_unread(out)
+    prune_dead_nodes(out)  # the float table and its Transpose
     return out, report
-
-
-def _drop_unread(model: onnx.ModelProto) -> None:
-    """Remove the float table (and its Transpose) once nothing reads them."""
-    g = model.graph
-    while True:
-        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if not any(o in read for o in n.output)]
-        if not dead:
-            break
-        keep = [n for n in g.node if any(o in read for o in n.output)]
-        del g.node[:]
-        g.node.extend(keep)
-    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep_inits = [t for t in g.initializer if t.name in read]
-    del g.initializer[:]
-    g.initializer.extend(keep_inits)
