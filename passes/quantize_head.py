@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.config import HEAD_BITS
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import GraphIndex, prune_dead_nodes
+from rptq_onnx.graph import GraphIndex, node_attr, prune_dead_nodes
 from rptq_onnx.passes.quantize_weights import INT8_ACCURACY_LEVEL
 from rptq_onnx.quant import pack_uint4, quantize_rtn
 
@@ -61,7 +61,7 @@ def find_vocab_tables(model: onnx.ModelProto, logits: str = "logits") -> VocabTa
     weight, transposed = index.constant_source(head.input[1]), False
     feeder = index.producer.get(head.input[1])
     if weight is None and feeder is not None and feeder.op_type == "Transpose" and \
-            list(helper.get_attribute_value(a) for a in feeder.attribute if a.name == "perm") in ([], [[1, 0]]):
+            node_attr(feeder, "perm", [1, 0]) == [1, 0]:
         weight, transposed = index.constant_source(feeder.input[0]), True
     if weight not in index.initializers:
         raise RptqError("--head-bits: the LM head's weight is not a constant of the graph; use --head-bits 16")
@@ -80,15 +80,11 @@ def embedding_gather(index: GraphIndex) -> onnx.NodeProto | None:
         tensor = frontier.pop()
         for node in index.value_readers(tensor):
             if node.op_type == "Gather" and node.input[1] == tensor and index.constant_source(node.input[0]) \
-                    in index.initializers and _attr(node, "axis", 0) == 0:
+                    in index.initializers and node_attr(node, "axis", 0) == 0:
                 return node
             if node.op_type in _ID_MOVES and node.input[0] == tensor:
                 frontier.extend(node.output)
     return None
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _codes(table: np.ndarray, bits: int, block: int):

@@ -318,6 +318,11 @@ def insert_nodes(graph: onnx.GraphProto, after: dict[str, list[onnx.NodeProto]],
     graph.node.extend(ordered)
 
 
+def node_attr(node: onnx.NodeProto, name: str, default):
+    """The value of ``node``'s attribute ``name``, or ``default`` when it is not set."""
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def prune_dead_nodes(model: onnx.ModelProto) -> int:
     """Remove nodes no graph output depends on, then initializers nothing reads; returns nodes removed."""
     g = model.graph

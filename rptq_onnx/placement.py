@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from rptq_onnx.graph import GraphIndex, load_model
+from rptq_onnx.graph import GraphIndex, load_model, node_attr
 from rptq_onnx.outdir import work_dir
 from rptq_onnx.passes.quantize_head import embedding_gather
 
@@ -38,17 +38,14 @@ def classify(model: onnx.ModelProto) -> list[dict]:
         elif node.op_type == "GroupQueryAttention":
             rows.append({"node": node.name, "op": node.op_type, **_attention_verdict(node)})
         elif node.op_type == "GatherBlockQuantized":
+            bits = node_attr(node, "bits", 4)
             rows.append({"node": node.name, "op": node.op_type, "kind": "real",
-                         "verdict": f"real low-bit kernel: token embedding gathered from {_attr(node, 'bits', 4)}-bit "
-                                    "codes (GatherBlockQuantized)"})
+                         "verdict": f"real low-bit kernel: token embedding gathered from {bits}-bit codes "
+                                    "(GatherBlockQuantized)"})
         elif node is embedding:
             rows.append({"node": node.name, "op": node.op_type, "kind": "float",
                          "verdict": "float token embedding table"})
     return rows
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _attention_verdict(node: onnx.NodeProto) -> dict:
@@ -62,8 +59,8 @@ def _attention_verdict(node: onnx.NodeProto) -> dict:
 
 def _gemm_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
     if node.op_type == "MatMulNBits":
-        verdict = f"real low-bit kernel: MatMulNBits, {_attr(node, 'bits', 4)}-bit weights"
-        if _attr(node, "accuracy_level", 0) == 4:
+        verdict = f"real low-bit kernel: MatMulNBits, {node_attr(node, 'bits', 4)}-bit weights"
+        if node_attr(node, "accuracy_level", 0) == 4:
             verdict += ", input quantized to int8 per block (integer GEMM)"
         return {"kind": "real", "verdict": verdict}
     producers = [_source_dq(index, t) for t in node.input[:2]]
