@@ -3,7 +3,7 @@
 A cluster's scale/zero point is repeated over its channels, giving a 1-D per-channel Q/DQ on
 ``axis=-1`` (blocked quantization cannot express unequal clusters). Containers: uint8 for 8
 bits, uint4 for 4 bits, and uint8 with a ``Clip(0, 2ⁿ−1)`` between Q and DQ for the other
-widths (3, 5–7 bits). Every reader of the tensor is moved to the dequantized value.
+widths (3, 5–7 bits; ``vocabulary`` says why). Every reader of the tensor is moved to the dequantized value.
 
 A tensor in the attention head layout [B, H, S, D] (Llama's q and k after RoPE) needs one scale
 per head *and* channel, but per-axis Q/DQ takes a 1-D scale on one axis. Such a point is
@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.graph import GraphIndex, insert_nodes, rename_inputs
 from rptq_onnx.quant import QParams
+from rptq_onnx.vocabulary import LAYOUT_PREFIX, QDQ_PREFIX, activation_container
 
 
 @dataclass(frozen=True)
@@ -38,18 +39,7 @@ class QuantPoint:
     heads: int = 0  # > 0: ``tensor`` is [B, heads, S, D]; qparams has one entry per head·D + d
 
     def dequantized(self) -> str:
-        return f"rptq.qdq.{self.tag}.dq"
-
-
-def container(bits: int) -> tuple[int, bool]:
-    """(ONNX element type, needs Clip) for an n-bit unsigned grid."""
-    if bits == 8:
-        return onnx.TensorProto.UINT8, False
-    if bits == 4:
-        return onnx.TensorProto.UINT4, False
-    if 2 <= bits < 8:
-        return onnx.TensorProto.UINT8, True
-    raise ValueError(f"unsupported activation bit width {bits}")
+        return f"{QDQ_PREFIX}.{self.tag}.dq"
 
 
 def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.ModelProto, dict]:
@@ -65,8 +55,8 @@ def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.Mod
     for p in points:
         if p.tensor in outputs:
             raise ValueError(f"{p.tensor} is a graph output; quantize it in the KV-cache pass instead")
-        elem, clip = container(p.qparams.bits)
-        prefix = f"rptq.qdq.{p.tag}"
+        elem, clip = activation_container(p.qparams.bits)
+        prefix = f"{QDQ_PREFIX}.{p.tag}"
         scale = p.qparams.scale.astype(np.float32)
         zp = p.qparams.zero_point
         if p.per_tensor:
@@ -77,7 +67,7 @@ def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.Mod
         axis = {} if p.per_tensor else {"axis": 1 if p.heads else -1}
         source, nodes, dq_out = p.tensor, [], p.dequantized()
         if p.heads:
-            source, dq_out = f"rptq.layout.{p.tag}.channels", f"rptq.layout.{p.tag}.back"
+            source, dq_out = f"{LAYOUT_PREFIX}.{p.tag}.channels", f"{LAYOUT_PREFIX}.{p.tag}.back"
             nodes += _to_channels(g, p, source)
         q_out = f"{prefix}.q"
         nodes.append(helper.make_node("QuantizeLinear", [source, f"{prefix}.scale", f"{prefix}.zero_point"], [q_out],
@@ -102,7 +92,7 @@ def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.Mod
 
 def _to_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:
     """[B, H, S, D] → [B, H·D, S] (channel h·D + d on axis 1)."""
-    t = f"rptq.layout.{p.tag}"
+    t = f"{LAYOUT_PREFIX}.{p.tag}"
     g.initializer.append(numpy_helper.from_array(np.array([0, p.qparams.scale.size, -1], np.int64), f"{t}.flat_shape"))
     return [helper.make_node("Transpose", [p.tensor], [f"{t}.bhds"], perm=[0, 1, 3, 2], name=f"{t}.transpose_in"),
             helper.make_node("Reshape", [f"{t}.bhds", f"{t}.flat_shape"], [out], name=f"{t}.reshape_in")]
@@ -110,7 +100,7 @@ def _to_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeP
 
 def _from_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:
     """[B, H·D, S] → [B, H, S, D], the inverse of ``_to_channels``."""
-    t = f"rptq.layout.{p.tag}"
+    t = f"{LAYOUT_PREFIX}.{p.tag}"
     head_dim = p.qparams.scale.size // p.heads
     g.initializer.append(numpy_helper.from_array(np.array([0, p.heads, head_dim, -1], np.int64), f"{t}.heads_shape"))
     return [helper.make_node("Reshape", [p.dequantized(), f"{t}.heads_shape"], [f"{t}.bhds_dq"], name=f"{t}.reshape_out"),

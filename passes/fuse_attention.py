@@ -40,8 +40,8 @@ from rptq_onnx.anatomy import DecoderLayer, Linear, find_layers
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, prune_dead_nodes, rename_inputs, topological_order
 from rptq_onnx.quant import dequantized_weight
+from rptq_onnx.vocabulary import ATTENTION_PREFIX, QDQ_PREFIX, storage_bits
 
-PREFIX = "rptq.attn"
 HEADS_TO_TOKENS = [0, 2, 1, 3]  # [B, H, S, D] ↔ [B, S, H, D]
 
 
@@ -56,15 +56,10 @@ class FuseReport:
         return dict(self.__dict__)
 
 
-def kernel_bits(bits: int) -> int:
-    """``kv_cache_bit_width`` for an n-bit K/V grid: 4 up to 4 bits, else 8."""
-    return 4 if bits <= 4 else 8
-
-
 def fusable(model: onnx.ModelProto) -> str | None:
     """Why this graph's attention cannot be fused, or None."""
     index = GraphIndex(model)
-    if any(n.name.startswith("rptq.qdq.") and n.name.endswith(".P.quantize") for n in index.nodes):
+    if any(n.name.startswith(f"{QDQ_PREFIX}.") and n.name.endswith(".P.quantize") for n in index.nodes):
         return "the softmax output P is quantized (the W*A* presets), which GroupQueryAttention cannot do"
     inputs = {i.name for i in model.graph.input}
     if "attention_mask" not in inputs:
@@ -84,7 +79,7 @@ def fuse_attention(model: onnx.ModelProto, layers: list[DecoderLayer] | None = N
     if why:
         raise RptqError(f"--attention fused cannot apply: {why}; use --attention eager")
     layers = layers if layers is not None else find_layers(model)
-    report = FuseReport(cache="float" if cache_bits is None else f"int{kernel_bits(cache_bits)}")
+    report = FuseReport(cache="float" if cache_bits is None else f"int{storage_bits(cache_bits)}")
     g = model.graph
     seqlens, total = _sequence_lengths(g)
     for layer in layers:
@@ -102,7 +97,7 @@ def fuse_attention(model: onnx.ModelProto, layers: list[DecoderLayer] | None = N
 
 def _sequence_lengths(g: onnx.GraphProto) -> tuple[str, str]:
     """Nodes computing (seqlens_k int32 [B] = total − 1 for every row, total_sequence_length int32 scalar)."""
-    p = f"{PREFIX}.lengths"
+    p = f"{ATTENTION_PREFIX}.lengths"
     g.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), f"{p}.zero"),
                           numpy_helper.from_array(np.array(1, np.int64), f"{p}.one"),
                           numpy_helper.from_array(np.array([0], np.int64), f"{p}.axis0")])
@@ -123,7 +118,7 @@ def _fuse_layer(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, 
                 seqlens: str, total: str, report: FuseReport) -> None:
     g = model.graph
     i = layer.index
-    p = f"{PREFIX}.L{i}"
+    p = f"{ATTENTION_PREFIX}.L{i}"
     where = f"layer {i}"
 
     def fail(what: str) -> RptqError:
@@ -150,8 +145,8 @@ def _fuse_layer(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, 
         k_scale = _symmetric_point(model, index, layer, "k", fold=layer.q_rope is None, report=report)
         v_scale = _symmetric_point(model, index, layer, "v", fold=True, report=report)
         scales = [k_scale, v_scale]
-        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=kernel_bits(cache_bits))
-        _retype_cache(g, layer, kernel_bits(cache_bits))
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=storage_bits(cache_bits))
+        _retype_cache(g, layer, storage_bits(cache_bits))
     gqa = helper.make_node(
         "GroupQueryAttention",
         [query, key, value, layer.past_key, layer.past_value, seqlens, total, "", "", "", bias or "", "", *scales],
@@ -228,7 +223,7 @@ def _symmetric_point(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLa
     signed grid) and its offset m = (2ⁿ⁻¹ − z)·s moves into the biases (``fold``), which keeps
     every quantized value where it was: (q − z)·s = (q − 2ⁿ⁻¹)·s + m.
     """
-    prefix = f"rptq.qdq.L{layer.index}.{tap}"
+    prefix = f"{QDQ_PREFIX}.L{layer.index}.{tap}"
     quant = index.node_by_name.get(f"{prefix}.quantize")
     if quant is None:
         raise RptqError(f"--attention fused with a low-bit cache: layer {layer.index} has no {tap} Q/DQ point")
@@ -245,14 +240,14 @@ def _symmetric_point(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLa
             raise RptqError(f"--attention fused: layer {layer.index} {tap} is not symmetric (K after RoPE takes no "
                             "offset); compile with --attention fused from the start so its grid is made symmetric")
         if tap == "k":
-            _add_to_output(model, index, layer.k_proj, -offset, f"{PREFIX}.L{layer.index}.k_offset", report)
+            _add_to_output(model, index, layer.k_proj, -offset, f"{ATTENTION_PREFIX}.L{layer.index}.k_offset", report)
         else:
-            _add_to_output(model, index, layer.v_proj, -offset, f"{PREFIX}.L{layer.index}.v_offset", report)
+            _add_to_output(model, index, layer.v_proj, -offset, f"{ATTENTION_PREFIX}.L{layer.index}.v_offset", report)
             heads = np.repeat(np.arange(layer.num_kv_heads), layer.group)  # query head → its K/V head
             per_query = offset.reshape(layer.num_kv_heads, layer.head_dim)[heads].reshape(-1)
             w = dequantized_weight(index, layer.out_proj)  # [in, out], as the graph computes with it
             back = (per_query.astype(np.float64) @ w.astype(np.float64)).astype(np.float32)
-            _add_to_output(model, index, layer.out_proj, back, f"{PREFIX}.L{layer.index}.out_offset", report)
+            _add_to_output(model, index, layer.out_proj, back, f"{ATTENTION_PREFIX}.L{layer.index}.out_offset", report)
         report.offsets_folded += 1
     new_zp = helper.make_tensor(zp_init.name, zp_init.data_type, list(zp_init.dims), [mid] * int(zp.size))
     zp_init.CopyFrom(new_zp)

@@ -5,7 +5,7 @@ that only [batch, channels] rows leave the graph (never [batch, seq, channels]).
 outputs (logits, present K/V) are dropped and dead nodes pruned, which cuts the LM head away:
 calibration then costs about as much memory as plain inference without logits.
 
-Tapped tensors per layer (``TAPS``):
+Tapped tensors per layer (``vocabulary.TAPS``):
 
     attn_ln  R1  attention-norm output               [B, S, C]
     q_attn   R2  QKᵀ input q (OPT: after scaling)    [B, H, S, D]   (as the reference clusters)
@@ -19,7 +19,7 @@ For Llama the quantized q and k *are* the QKᵀ inputs (after RoPE; k before its
 K/V-head channels): ``q`` / ``k`` are tapped once there, [B, H, S, D], and ``q_attn`` /
 ``k_attn`` name the same statistics (``Tap.aliases``).
 
-With ``hessians=True`` it also adds, for the input of each linear group (``HESSIAN_TAPS``),
+With ``hessians=True`` it also adds, for the input of each linear group (``vocabulary.HESSIAN_TAPS``),
 ``Xᵀ·X`` over all tokens of the batch ([C, C]): GPTQ's Hessian, summed by the caller.
 Outputs are named ``rptq.tap.L{layer}.{tap}.{max|min|xtx}``.
 """
@@ -34,10 +34,7 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.anatomy import DecoderLayer
 from rptq_onnx.graph import GraphIndex
-
-TAPS = ("attn_ln", "q_attn", "k_attn", "q", "k", "v", "out_in", "ffn_ln", "fc2_in")  # OPT; Llama taps 7 of them
-HESSIAN_TAPS = {"attn_ln": ("q_proj", "k_proj", "v_proj"), "out_in": ("out_proj",), "ffn_ln": ("fc1", "up_proj"),
-                "fc2_in": ("fc2",)}
+from rptq_onnx.vocabulary import HESSIAN_TAPS, TAP_PREFIX
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class Tap:
     aliases: tuple[str, ...] = ()  # other tap names for the same statistics
 
     def output(self, stat: str) -> str:
-        return f"rptq.tap.L{self.layer}.{self.name}.{stat}"
+        return f"{TAP_PREFIX}.L{self.layer}.{self.name}.{stat}"
 
 
 def plan_taps(layers: list[DecoderLayer], model: onnx.ModelProto) -> list[Tap]:
@@ -92,28 +89,29 @@ def insert_taps(model: onnx.ModelProto, layers: list[DecoderLayer], batch_source
         inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
         return name
 
-    const("rptq.tap.axes1", [1])
-    const("rptq.tap.axes2", [2])
-    const("rptq.tap.axes3", [3])
-    const("rptq.tap.flat2", [0, -1])
-    nodes.append(helper.make_node("Shape", [batch_source], ["rptq.tap.batch"], start=0, end=1, name="rptq.tap.batch"))
+    const(f"{TAP_PREFIX}.axes1", [1])
+    const(f"{TAP_PREFIX}.axes2", [2])
+    const(f"{TAP_PREFIX}.axes3", [3])
+    const(f"{TAP_PREFIX}.flat2", [0, -1])
+    batch = f"{TAP_PREFIX}.batch"
+    nodes.append(helper.make_node("Shape", [batch_source], [batch], start=0, end=1, name=batch))
     del g.output[:]
     for tap in taps:
-        src, axes = tap.tensor, "rptq.tap.axes1"
-        prefix = f"rptq.tap.L{tap.layer}.{tap.name}"
+        src, axes = tap.tensor, f"{TAP_PREFIX}.axes1"
+        prefix = f"{TAP_PREFIX}.L{tap.layer}.{tap.name}"
         if tap.layout == "flat":  # [B·S, C] (or already [B, S, C]) → [B, S, C]
             shape = f"{prefix}.shape"
             tail = const(f"{prefix}.tail", [-1, tap.channels])
-            nodes.append(helper.make_node("Concat", ["rptq.tap.batch", tail], [shape], axis=0, name=shape))
+            nodes.append(helper.make_node("Concat", [batch, tail], [shape], axis=0, name=shape))
             nodes.append(helper.make_node("Reshape", [src, shape], [f"{prefix}.bsc"], name=f"{prefix}.bsc"))
             src = f"{prefix}.bsc"
         elif tap.layout in ("bhsd", "bhdt"):
-            axes = "rptq.tap.axes2" if tap.layout == "bhsd" else "rptq.tap.axes3"
+            axes = f"{TAP_PREFIX}.axes2" if tap.layout == "bhsd" else f"{TAP_PREFIX}.axes3"
         for stat, op in (("max", "ReduceMax"), ("min", "ReduceMin")):
             reduced = tap.output(stat) if tap.layout in ("bsc", "flat") else f"{prefix}.{stat}.bhd"
             nodes.append(helper.make_node(op, [src, axes], [reduced], keepdims=0, name=reduced))
             if tap.layout in ("bhsd", "bhdt"):  # [B, H, D] → [B, H·D] (channel h·D + d)
-                nodes.append(helper.make_node("Reshape", [reduced, "rptq.tap.flat2"], [tap.output(stat)],
+                nodes.append(helper.make_node("Reshape", [reduced, f"{TAP_PREFIX}.flat2"], [tap.output(stat)],
                                               name=tap.output(stat)))
             g.output.append(helper.make_tensor_value_info(tap.output(stat), onnx.TensorProto.FLOAT, None))
         if hessians and tap.name in HESSIAN_TAPS:

@@ -33,6 +33,7 @@ from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, node_attr, prune_dead_nodes
 from rptq_onnx.passes.quantize_weights import INT8_ACCURACY_LEVEL
 from rptq_onnx.quant import pack_uint4, quantize_rtn
+from rptq_onnx.vocabulary import EMBEDDING_PREFIX, HEAD_PREFIX
 
 DEFAULT_BLOCK = 32
 
@@ -123,7 +124,7 @@ def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_B
 
     (vocab, hidden), (codes, scale, zp) = quantized(tables.head_weight, tables.head_transposed)
     blocks = hidden // block_size
-    p = "rptq.head"
+    p = HEAD_PREFIX
     new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes.reshape(vocab, blocks, -1)), f"{p}.B"),
                   numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{p}.scales"),
                   numpy_helper.from_array(np.ascontiguousarray(zp), f"{p}.zero_points")]
@@ -136,7 +137,7 @@ def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_B
     report = {"bits": bits, "block_size": block_size, "vocab": vocab, "hidden": hidden, "tied": tables.tied,
               "head": "MatMulNBits", "embedding": None}
     if tables.embedding is not None:
-        e = "rptq.embedding"
+        e = EMBEDDING_PREFIX
         if not tables.tied:
             _, (codes, scale, zp) = quantized(tables.embedding_weight, True)
         new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes), f"{e}.data"),

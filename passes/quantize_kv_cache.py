@@ -33,6 +33,7 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.graph import GraphIndex, insert_nodes, rename_inputs
 from rptq_onnx.quant import QParams
+from rptq_onnx.vocabulary import KV_PREFIX, uint_container
 
 
 LAYOUT = "[batch, heads*head_dim, tokens]"
@@ -51,15 +52,6 @@ class CacheTensor:
     qparams: QParams  # one entry per channel of [heads·head_dim], in the graph's channel order
 
 
-def cache_container(bits: int) -> int:
-    """ONNX element type of the stored codes for an n-bit cache."""
-    if 2 <= bits <= 4:
-        return onnx.TensorProto.UINT4
-    if bits <= 8:
-        return onnx.TensorProto.UINT8
-    raise ValueError(f"a quantized cache needs 2..8 bits, got {bits}")
-
-
 def quantize_kv_cache(model: onnx.ModelProto, caches: list[CacheTensor]) -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` whose cache inputs/outputs are low-bit codes; returns (model, report)."""
     out = onnx.ModelProto()
@@ -71,15 +63,15 @@ def quantize_kv_cache(model: onnx.ModelProto, caches: list[CacheTensor]) -> tupl
     before: list[onnx.NodeProto] = []  # dequantize the past: needed before anything reads it
     after: dict[str, list[onnx.NodeProto]] = {}  # quantize the present: right after its producer
     report = {"tensors": 0, "bits": sorted({c.qparams.bits for c in caches}), "layout": LAYOUT,
-              "containers": sorted({onnx.TensorProto.DataType.Name(cache_container(c.qparams.bits)) for c in caches})}
+              "containers": sorted({onnx.TensorProto.DataType.Name(uint_container(c.qparams.bits)) for c in caches})}
     for c in caches:
         if c.past not in inputs or c.present not in outputs:
             raise ValueError(f"{c.tag}: {c.past} / {c.present} are not a graph input / output")
         channels = c.heads * c.head_dim
         if c.qparams.scale.shape != (channels,):
             raise ValueError(f"{c.tag}: {c.qparams.scale.shape[0]} scales for {channels} cache channels")
-        elem = cache_container(c.qparams.bits)
-        p = f"rptq.kv.{c.tag}"
+        elem = uint_container(c.qparams.bits)
+        p = f"{KV_PREFIX}.{c.tag}"
         g.initializer.extend([
             numpy_helper.from_array(c.qparams.scale.astype(np.float32), f"{p}.scale"),
             helper.make_tensor(f"{p}.zero_point", elem, [channels], c.qparams.zero_point.astype(np.int64).tolist()),

@@ -23,17 +23,14 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.anatomy import Linear
 from rptq_onnx.quant import QuantizedWeight, pack_uint4
+from rptq_onnx.vocabulary import WEIGHT_PREFIX, uint_container
+from rptq_onnx.vocabulary import storage_bits as nbits_kernel_bits  # MatMulNBits' bits attribute: 4 or 8
 
 MATMULNBITS_BLOCKS = (16, 32, 64, 128, 256)
 PER_CHANNEL_BLOCKS = (128, 64, 32, 16, 256)  # per-channel codes: the first that divides the input size
 # 8-bit MatMulNBits: quantize the input to int8 per block and multiply in integers; at the default level 0
 # the CPU kernel dequantizes the whole weight on every call (≈ 10× slower than a float MatMul)
 INT8_ACCURACY_LEVEL = 4
-
-
-def nbits_kernel_bits(bits: int) -> int:
-    """MatMulNBits' ``bits`` attribute for n-bit codes: 4 (codes ≤ 4 bits) or 8."""
-    return 4 if bits <= 4 else 8
 
 
 def matmulnbits_block(qw: QuantizedWeight) -> int | None:
@@ -49,7 +46,7 @@ def matmulnbits_ok(qw: QuantizedWeight) -> bool:
 
 
 def _uint_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
-    elem = onnx.TensorProto.UINT4 if bits <= 4 else onnx.TensorProto.UINT8
+    elem = uint_container(bits)
     if elem == onnx.TensorProto.UINT8:
         return numpy_helper.from_array(np.ascontiguousarray(codes.astype(np.uint8)), name)
     # ONNX stores uint4 packed two per byte, low nibble first, in row-major order
@@ -117,7 +114,7 @@ def quantize_weights(model: onnx.ModelProto, weights: dict[str, tuple[Linear, Qu
     nodes = {n.name: n for n in g.node}
     for name, (lin, qw) in weights.items():
         node = nodes[name]
-        prefix = f"rptq.w.{name}"
+        prefix = f"{WEIGHT_PREFIX}.{name}"
         if form == "matmulnbits" and matmulnbits_ok(qw):
             replaced[name] = _matmulnbits_form(node, lin, qw, prefix, g)
             report["matmulnbits"] += 1

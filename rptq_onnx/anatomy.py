@@ -25,7 +25,7 @@ Llama (RMSNorm decomposed as Pow → ReduceMean → Add → Sqrt → Reciprocal 
 
     RoPE(x) = x·cos + rotate_half(x)·sin,  rotate_half(x) = Concat(−x[..., D/2:], x[..., :D/2])
 
-R-points (README "Reorder points"; ``TAP_POINTS`` below maps every tap and Q/DQ point to one):
+R-points (README "Reorder points"; ``vocabulary.TAP_POINTS`` maps every tap and Q/DQ point to one):
     R1  attention-norm output                 (→ rows of q/k/v)
     R2  OPT: q_proj and k_proj outputs;       (one shared permutation, per head; Llama: per K/V
         Llama: q and k after RoPE              head, moving RoPE pairs (i, i + D/2) together)
@@ -43,33 +43,10 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-from rptq_onnx.constants import POINTS  # re-exported: anatomy.POINTS
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex
-
-# Every calibration tap and activation Q/DQ point → (the R-point whose cluster plan it uses, a label).
-# q_attn / k_attn are the QKᵀ inputs R2 is clustered on (for Llama the same tensors as q / k);
-# P (the softmax output) has no R-point: it takes a fixed 1/255 scale.
-TAP_POINTS = {
-    "attn_ln": ("R1", "attn-norm out"),
-    "q_attn": ("R2", "q at QKᵀ"), "k_attn": ("R2", "k at QKᵀ"),
-    "q": ("R2", "q"), "k": ("R2", "k (K cache)"),
-    "v": ("R3", "v (V cache)"), "out_in": ("R3", "out_proj in"),
-    "ffn_ln": ("R4", "ffn-norm out"),
-    "fc2_in": ("R5", "fc2 / down_proj in"),
-}
-
-
-def tap_label(tap: str) -> str:
-    """'R2 q', 'R3 out_proj in', …, for tables and plots."""
-    if tap == "P":
-        return "softmax P"
-    point, what = TAP_POINTS[tap]
-    return f"{point} {what}"
-
-
-# the activation Q/DQ points (``rptq.qdq.L{i}.{tap}``) in table order, with their labels
-QDQ_LABELS = {tap: tap_label(tap) for tap in ("attn_ln", "q", "k", "v", "out_in", "ffn_ln", "fc2_in", "P")}
+from rptq_onnx.vocabulary import REORDER_PREFIX
+from rptq_onnx.vocabulary import POINTS, QDQ_LABELS, TAP_POINTS  # noqa: F401  (imports that predate vocabulary.py)
 
 # Ops that carry a tensor's values to another layout without mixing channels of different
 # tokens; the walks below pass through them. Input 0 is the data input unless listed below.
@@ -515,7 +492,7 @@ class _Matcher:
         """True when ``table`` = Unsqueeze(axis 1) of [B, S, D]: one row of cos or sin for all heads
         (or, in a compiled graph, that row permuted per head by ``fold_reorder``)."""
         node = self.g.producer.get(self.skip_casts(table))
-        if node is not None and node.op_type == "Squeeze" and node.name.startswith("rptq.reorder."):
+        if node is not None and node.op_type == "Squeeze" and node.name.startswith(f"{REORDER_PREFIX}."):
             return True
         if node is None or node.op_type != "Unsqueeze" or len(node.input) < 2:  # opset ≥ 13: axes is an input
             return False

@@ -20,9 +20,10 @@ from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import save_model, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.outdir import work_dir
-from rptq_onnx.passes.insert_taps import HESSIAN_TAPS, Tap, insert_taps
+from rptq_onnx.passes.insert_taps import Tap, insert_taps
 from rptq_onnx.runtime import feeds_for, make_session
 from rptq_onnx.text import read_text, token_ids
+from rptq_onnx.vocabulary import HESSIAN_TAPS
 
 
 def calibration_windows(calib: CalibConfig, model_dir: Path, vocab_size: int, max_positions: int | None) -> np.ndarray:

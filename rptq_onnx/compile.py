@@ -39,6 +39,7 @@ from rptq_onnx.passes.fuse_attention import fuse_attention
 from rptq_onnx.passes.quantize_head import quantize_head
 from rptq_onnx.ranges import save_ranges
 from rptq_onnx.text import has_tokenizer, read_text
+from rptq_onnx.vocabulary import CLUSTERS_KEY, CONFIG_KEY, RPTQ_PREFIX, VERSION_KEY
 
 
 
@@ -196,8 +197,8 @@ def resolve_attention(config: CompileConfig, layers: list[DecoderLayer]) -> Comp
 
 def _check_uncompiled(graph: onnx.ModelProto, model_path: Path | None) -> None:
     """Compiling a compiled graph would permute already-permuted (or already-quantized) weights."""
-    if any(p.key == "rptq.config" for p in graph.metadata_props) or \
-            any(n.name.startswith("rptq.") for n in graph.graph.node):
+    if any(p.key == CONFIG_KEY for p in graph.metadata_props) or \
+            any(n.name.startswith(f"{RPTQ_PREFIX}.") for n in graph.graph.node):
         where = model_path or "the model"
         raise RptqError(f"{where} was already compiled by rptq-onnx; compile the exported model it came from "
                         "(or the checkpoint) instead")
@@ -319,8 +320,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
 
 def _stamp(model: onnx.ModelProto, config: CompileConfig) -> None:
     entries = {p.key: p for p in model.metadata_props}
-    for key, value in (("rptq.config", config.to_json()), ("rptq.version", __version__),
-                       ("rptq.clusters", CLUSTERS_NAME)):
+    for key, value in ((CONFIG_KEY, config.to_json()), (VERSION_KEY, __version__), (CLUSTERS_KEY, CLUSTERS_NAME)):
         if key in entries:
             entries[key].value = value
         else:

@@ -6,8 +6,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from rptq_onnx.constants import POINTS
 from rptq_onnx.errors import RptqError
+from rptq_onnx.vocabulary import POINTS
 
 # preset → (weight bits, activation bits, only K/V activations quantized)
 PRESETS = {

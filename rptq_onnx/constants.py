@@ -3,8 +3,6 @@
 ``rptq-onnx --help`` and usage errors are answered from this module, ``config`` and ``errors`` alone.
 """
 
-POINTS = ("R1", "R2", "R3", "R4", "R5")  # the RPTQ reorder points (see anatomy.py)
-
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(18, 24)
 EXPORTERS = ("dynamo", "torchscript")

@@ -9,17 +9,18 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from rptq_onnx.anatomy import QDQ_LABELS, map_model
+from rptq_onnx.anatomy import map_model
 from rptq_onnx.artifacts import load_cluster_plans
 from rptq_onnx.config import PER_TENSOR
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, load_model
+from rptq_onnx.vocabulary import ATTENTION_PREFIX, CONFIG_KEY, QDQ_LABELS, QDQ_PREFIX
 
 
 def describe(model_path: str | os.PathLike) -> dict:
     """Everything `inspect` prints, as plain data (JSON-serialisable)."""
     model = load_model(model_path, load_weights=False)
-    if any(n.op_type == "GroupQueryAttention" and n.name.startswith("rptq.attn.") for n in model.graph.node):
+    if any(n.op_type == "GroupQueryAttention" and n.name.startswith(f"{ATTENTION_PREFIX}.") for n in model.graph.node):
         return _describe_fused(model_path, model)
     mm = map_model(model)
     compiled = _compile_config(model)
@@ -124,7 +125,6 @@ def _format_fused(desc: dict) -> list[str]:
     return lines
 
 
-QDQ_TAGS = QDQ_LABELS
 
 
 def quantization_summary(model: onnx.ModelProto, layers) -> list[dict]:
@@ -134,13 +134,13 @@ def quantization_summary(model: onnx.ModelProto, layers) -> list[dict]:
     out = []
     for layer in layers:
         points = {}
-        for tag, label in QDQ_TAGS.items():
-            q = index.node_by_name.get(f"rptq.qdq.L{layer.index}.{tag}.quantize")
+        for tag, label in QDQ_LABELS.items():
+            q = index.node_by_name.get(f"{QDQ_PREFIX}.L{layer.index}.{tag}.quantize")
             if q is None:
                 continue
             scale = np.atleast_1d(index.constant_value(q.input[1])).astype(np.float64)
             zp = np.atleast_1d(index.constant_value(q.input[2])).astype(np.int64)
-            clip = index.node_by_name.get(f"rptq.qdq.L{layer.index}.{tag}.clip")
+            clip = index.node_by_name.get(f"{QDQ_PREFIX}.L{layer.index}.{tag}.clip")
             if clip is not None:
                 bits = int(index.constant_value(clip.input[2])).bit_length()
             else:
@@ -173,7 +173,7 @@ def _verdict(index: GraphIndex, lin, wbits: int | None = None) -> dict:
 
 def _compile_config(model: onnx.ModelProto) -> dict | None:
     props = {p.key: p.value for p in model.metadata_props}
-    return json.loads(props["rptq.config"]) if "rptq.config" in props else None
+    return json.loads(props[CONFIG_KEY]) if CONFIG_KEY in props else None
 
 
 def _preset_label(compiled: dict | None) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from rptq_onnx.config import PRESETS
 from rptq_onnx.errors import RptqError
+from rptq_onnx.vocabulary import stored_bits
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,6 @@ def preset_bits(preset: str) -> tuple[int, int, int]:
     w, a, kv_only = PRESETS[preset]
     w, a = min(w, 16), min(a, 16)
     return w, (16 if kv_only else a), a
-
-
-def stored_bits(bits: int) -> int:
-    """The container n-bit codes live in: 3-bit codes in 4-bit storage (uint4, MatMulNBits, the int4 cache)."""
-    return 4 if bits == 3 else bits
 
 
 def memory(shape: OptShape | LlamaShape, preset: str, batch: int, seqlen: int) -> Memory:

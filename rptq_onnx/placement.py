@@ -20,6 +20,7 @@ import onnx
 from rptq_onnx.graph import GraphIndex, load_model, node_attr
 from rptq_onnx.outdir import work_dir
 from rptq_onnx.passes.quantize_head import embedding_gather
+from rptq_onnx.vocabulary import KV_PREFIX, WEIGHT_PREFIX
 
 GEMMS = ("MatMul", "Gemm", "MatMulNBits")
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -100,9 +101,9 @@ def _source_dq(index: GraphIndex, tensor: str, depth: int = 6) -> onnx.NodeProto
 
 def _qdq_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
     name = node.name
-    if name.startswith("rptq.kv."):
+    if name.startswith(f"{KV_PREFIX}."):
         return {"kind": "real", "verdict": "KV cache storage: low-bit codes held between decode steps"}
-    if name.startswith("rptq.w.") or (node.op_type == "DequantizeLinear" and index.is_constant(node.input[0])):
+    if name.startswith(f"{WEIGHT_PREFIX}.") or (node.op_type == "DequantizeLinear" and index.is_constant(node.input[0])):
         return {"kind": "weights", "verdict": "weight dequantize: low-bit in the file, float for the GEMM"}
     return {"kind": "simulated", "verdict": "activation fake-quantization (simulated, float math after it)"}
 

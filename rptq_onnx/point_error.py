@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from rptq_onnx.anatomy import QDQ_LABELS
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model, rename_inputs, replaced_atomically
+from rptq_onnx.vocabulary import QDQ_LABELS, QDQ_PREFIX
 
-QDQ_NAME = re.compile(r"^rptq\.qdq\.L(\d+)\.(\w+)\.quantize$")
-POINT_LABELS = QDQ_LABELS
+QDQ_NAME = re.compile(rf"^{re.escape(QDQ_PREFIX)}\.L(\d+)\.(\w+)\.quantize$")
 
 
 def qdq_points(model: onnx.ModelProto) -> list[tuple[int, str, str, str]]:
@@ -36,7 +35,7 @@ def qdq_points(model: onnx.ModelProto) -> list[tuple[int, str, str, str]]:
     for node in model.graph.node:
         m = QDQ_NAME.match(node.name)
         if m:
-            points.append((int(m.group(1)), m.group(2), node.input[0], f"rptq.qdq.L{m.group(1)}.{m.group(2)}.dq"))
+            points.append((int(m.group(1)), m.group(2), node.input[0], f"{QDQ_PREFIX}.L{m.group(1)}.{m.group(2)}.dq"))
     return points
 
 
@@ -53,7 +52,7 @@ def _bypassed(model: onnx.ModelProto, points) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     rename = {dq: src for _, _, src, dq in points}
-    keep = [n for n in out.graph.node if not n.name.startswith("rptq.qdq.")]
+    keep = [n for n in out.graph.node if not n.name.startswith(f"{QDQ_PREFIX}.")]
     rename_inputs(keep, rename)
     del out.graph.node[:]
     out.graph.node.extend(keep)
@@ -104,10 +103,10 @@ def point_errors(model_path: str | os.PathLike, windows: np.ndarray) -> dict:
     def db(signal, noise):
         return float("inf") if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
 
-    rows = [{"layer": layer, "point": tap, "label": POINT_LABELS.get(tap, tap),
+    rows = [{"layer": layer, "point": tap, "label": QDQ_LABELS.get(tap, tap),
              "local_sqnr_db": db(a[0], a[1]), "accumulated_sqnr_db": db(a[2], a[3])}
-            for (layer, tap), a in sorted(sums.items(), key=lambda kv: (kv[0][0], list(POINT_LABELS).index(kv[0][1])
-                                                                         if kv[0][1] in POINT_LABELS else 99))]
+            for (layer, tap), a in sorted(sums.items(), key=lambda kv: (kv[0][0], list(QDQ_LABELS).index(kv[0][1])
+                                                                         if kv[0][1] in QDQ_LABELS else 99))]
     return {"model": str(path), "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "rows": rows,
             "logits": {"kl_per_token": kl_total / tokens, "top1_agreement": agree / tokens}}
 

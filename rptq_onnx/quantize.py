@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 from tqdm import tqdm
 
-from rptq_onnx.anatomy import TAP_POINTS, DecoderLayer, Linear
+from rptq_onnx.anatomy import DecoderLayer, Linear
 from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.config import MIN_GROUP, PER_TENSOR, CompileConfig
@@ -32,14 +32,7 @@ from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.quant import (QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn,
                              symmetric_activation_qparams)
-
-# tap → the cluster plan point whose clusters (and, if folded, order) it has
-TAP_POINT = {tap: point for tap, (point, _) in TAP_POINTS.items()}
-# taps over query-head channels: the K/V-head plan applied to every query head of a group (GQA)
-QUERY_HEAD_TAPS = {"q", "out_in"}
-# linear → the tap of its input (for GPTQ's Hessian)
-LINEAR_INPUT_TAP = {"q_proj": "attn_ln", "k_proj": "attn_ln", "v_proj": "attn_ln", "out_proj": "out_in",
-                    "fc1": "ffn_ln", "up_proj": "ffn_ln", "fc2": "fc2_in"}
+from rptq_onnx.vocabulary import LINEAR_INPUT_TAP, QUERY_HEAD_TAPS, TAP_POINT
 
 
 def tap_plan(layer: DecoderLayer, plan: dict[str, ClusterPlan], tap: str) -> ClusterPlan:

@@ -18,12 +18,8 @@ from rptq_onnx.artifacts import CLUSTERS_NAME, RANGES_NAME, load_cluster_plans
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import replaced_atomically
+from rptq_onnx.vocabulary import POINT_TAPS
 
-# point → (calibration tap whose (max, min) the plot shows, what it is)
-POINT_TAPS = {"R1": ("attn_ln", "attention-norm output"), "R2": ("k_attn", "K (as at QKᵀ)"),
-              "R3": ("out_in", "out_proj / o_proj input (V channels)"),
-              "R4": ("ffn_ln", "FFN-norm output (OPT final LN, Llama post-attention norm)"),
-              "R5": ("fc2_in", "fc2 / down_proj input")}
 
 
 def save_ranges(path: Path, stats: dict, layers: int) -> None:

@@ -20,6 +20,7 @@ import onnx
 from rptq_onnx.anatomy import Linear, Norm, DecoderLayer
 from rptq_onnx.graph import GraphIndex
 from rptq_onnx.quant import dequantized_weight
+from rptq_onnx.vocabulary import QDQ_PREFIX
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class LayerReference:
         self.qdq: dict[str, RefQDQ] = {}
         self.qdq_input: dict[str, str] = {}
         for node in self.g.nodes:
-            if node.op_type == "QuantizeLinear" and node.name.startswith(f"rptq.qdq.L{layer.index}."):
+            if node.op_type == "QuantizeLinear" and node.name.startswith(f"{QDQ_PREFIX}.L{layer.index}."):
                 tag = node.name.split(".")[3]
                 qmax = 255
                 clip = next((n for n in self.g.consumers.get(node.output[0], []) if n.op_type == "Clip"), None)

@@ -14,6 +14,7 @@ import numpy as np
 
 from rptq_onnx.artifacts import MARKDOWN_NAME, REPORT_DIR
 from rptq_onnx.errors import RptqError
+from rptq_onnx.vocabulary import POINTS
 
 def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
     from rptq_onnx.memory import format_memory_table, resolve_shape
@@ -36,7 +37,7 @@ def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
              "| layer | R1 | R2 | R3 | R4 | R5 |", "|---:|---|---|---|---|---|"]
     for i, (k, sizes) in enumerate(zip(report["clusters"], report["cluster_sizes"])):
         lines.append(f"| {i} | " + " | ".join(f"{k[p]} ({sizes[p][0]}–{sizes[p][1]})" if k[p] else "not clustered"
-                                               for p in ("R1", "R2", "R3", "R4", "R5")) + " |")
+                                               for p in POINTS) + " |")
     lines += ["", "## Channel ranges", ""]
     for point in ("R1", "R4"):
         plot_ranges(model_dir, figs / f"ranges-{point}.png", point=point)

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from rptq_onnx.anatomy import find_layers
 from rptq_onnx.calibrate import calibrate
 from rptq_onnx.graph import load_model
-from rptq_onnx.passes.insert_taps import TAPS, insert_taps
+from rptq_onnx.passes.insert_taps import insert_taps
+from rptq_onnx.vocabulary import TAPS
 from rptq_onnx.runtime import feeds_for, make_session
 
 pytestmark = pytest.mark.slow  # every test here exports or compiles a model

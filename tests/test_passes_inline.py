@@ -13,7 +13,8 @@ from rptq_onnx.anatomy import find_layers
 from rptq_onnx.clustering import plan_clusters
 from rptq_onnx.passes.fold_reorder import fold_reorder
 from rptq_onnx.passes.fuse_attention import fusable, fuse_attention
-from rptq_onnx.passes.insert_taps import HESSIAN_TAPS, insert_taps
+from rptq_onnx.passes.insert_taps import insert_taps
+from rptq_onnx.vocabulary import HESSIAN_TAPS
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
 from rptq_onnx.point_error import _with_outputs
 from rptq_onnx.quant import QParams

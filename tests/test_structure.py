@@ -123,3 +123,57 @@ def test_compile_and_calibrate_are_not_imported_by_run_time_modules():
     for module in ("evaluate", "generate", "inspection", "memory", "placement", "point_error", "ranges", "report",
                    "export", "runtime", "text", "artifacts", "onnx_source"):
         assert not graph[f"rptq_onnx.{module}"] & {COMPILE, CALIBRATE}, module
+
+
+VOCABULARY = "rptq_onnx.vocabulary"
+
+
+def _defined_names(tree: ast.AST) -> set[str]:
+    """Names a module binds anywhere: assignment targets, functions, classes."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+    return names
+
+
+def vocabulary_names() -> set[str]:
+    """The module-level names vocabulary.py defines."""
+    names = set()
+    for stmt in ast.parse(module_files()[VOCABULARY].read_text()).body:
+        if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)):
+            names.add(stmt.name)
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            for target in stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return names
+
+
+def test_the_vocabulary_is_defined_once():
+    """No module but vocabulary.py binds a vocabulary name (TAP_POINTS, QDQ_PREFIX, storage_bits, …), and every
+    module that uses one imports it from vocabulary.py."""
+    words = vocabulary_names()
+    assert {"POINTS", "TAP_POINTS", "TAPS", "HESSIAN_TAPS", "QDQ_PREFIX", "activation_container"} <= words
+    _, names = import_graph()
+    for module, path in module_files().items():
+        if module == VOCABULARY:
+            continue
+        redefined = _defined_names(ast.parse(path.read_text())) & words
+        assert not redefined, f"{module} redefines {sorted(redefined)}"
+        for target, name in names[module]:
+            assert name not in words or target == VOCABULARY, f"{module} takes {name} from {target}, not {VOCABULARY}"
+
+
+def test_node_name_prefixes_are_not_spelled_out():
+    """``"rptq.…"`` names are built from vocabulary's prefixes (docstrings may show them)."""
+    for module, path in module_files().items():
+        if module == VOCABULARY:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.value) for n in ast.walk(tree)
+                      if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert not node.value.startswith("rptq."), f"{module}:{node.lineno}: {node.value!r}"

@@ -22,10 +22,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from rptq_onnx import clustering
-from rptq_onnx.anatomy import POINTS
 from rptq_onnx.compile import cluster_counts, layer_features, plan_point
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.observers import ChannelStats
+from rptq_onnx.vocabulary import POINTS
 
 # name → (layers, hidden, heads, kv heads, head dim, ffn, RoPE)
 SHAPES = {"smollm2": (30, 576, 9, 3, 64, 1536, True), "opt-1.3b": (24, 2048, 32, 32, 64, 8192, False)}

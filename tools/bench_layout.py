@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rptq_onnx.tools.bench_common import add_model_args, open_model
+from rptq_onnx.vocabulary import REORDER_PREFIX
 
 
 def _time(session, feed, repeats: int) -> tuple[float, np.ndarray]:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in paths.items():
             sess = make_session(path, threads=2)
             ms, logits = _time(sess, feeds_for(sess, ids, layers), args.repeats)
-            gathers = sum(n.op_type == "Gather" and n.name.startswith("rptq.reorder")
+            gathers = sum(n.op_type == "Gather" and n.name.startswith(REORDER_PREFIX)
                           for n in load_model(path, load_weights=False).graph.node)
             ref = logits if ref is None else ref
             diff = float(np.abs(logits - ref).max() / np.abs(ref).max())

@@ -46,9 +46,11 @@ def _linears(model: Path) -> tuple[int, int]:
     """(MatMulNBits nodes, weight DequantizeLinear nodes) of a model."""
     import onnx
 
+    from rptq_onnx.vocabulary import WEIGHT_PREFIX
+
     nodes = onnx.load(str(model), load_external_data=False).graph.node
     return (sum(n.op_type == "MatMulNBits" for n in nodes),
-            sum(n.op_type == "DequantizeLinear" and n.name.startswith("rptq.w.") for n in nodes))
+            sum(n.op_type == "DequantizeLinear" and n.name.startswith(f"{WEIGHT_PREFIX}.") for n in nodes))
 
 
 def _head(bits: int) -> str:

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from rptq_onnx.config import CalibConfig, CompileConfig
     from rptq_onnx.graph import load_model
     from rptq_onnx.quant import activation_qparams, fake_quant
-    from rptq_onnx.quantize import TAP_POINT, tap_plan
+    from rptq_onnx.quantize import tap_plan
+    from rptq_onnx.vocabulary import TAP_POINT
 
     bench = open_model(args)
     model, layers, vocab, max_pos = bench.path, bench.layers, bench.vocab, bench.max_positions
