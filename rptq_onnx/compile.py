@@ -26,7 +26,7 @@ from rptq_onnx.anatomy import DecoderLayer, find_layers
 from rptq_onnx.artifacts import CLUSTERS_NAME, OWNED_FILES, RANGES_NAME, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, model_limits
 from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
-from rptq_onnx.config import PER_CHANNEL, PER_TENSOR, CompileConfig
+from rptq_onnx.config import CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.genai import write_genai_config
 from rptq_onnx.graph import load_model, save_model, staged_output, weights_loaded
@@ -78,7 +78,7 @@ def check_calibration_text(model: str, source: str) -> None:
 
 
 def check_cluster_counts(config: CompileConfig, layers: list[DecoderLayer]) -> None:
-    counts = config.clusters.as_dict()
+    counts = config.clusters.kmeans_k()
     layer = layers[0]
     r2 = (layer.head_dim // 2, "RoPE channel pairs per head") if layer.qk_layout == "bhsd" else \
         (layer.head_dim, "channels per head")
@@ -87,14 +87,13 @@ def check_cluster_counts(config: CompileConfig, layers: list[DecoderLayer]) -> N
               "R5": (layer.ffn_dim, "fc1 channels")}
     for point, k in counts.items():
         limit, what = limits[point]
-        if k not in (PER_CHANNEL, PER_TENSOR) and k > limit:
+        if k is not None and k > limit:
             raise RptqError(f"--clusters {point}={k} exceeds the model's {limit} {what}; use {point}≤{limit}")
 
 
 def cluster_counts(layer: DecoderLayer, config: CompileConfig) -> dict[str, int]:
     """KMeans k per point (per K/V head at R2/R3); ``ch`` resolved to one cluster per channel."""
-    # per-tensor points keep their channel order (one cluster per head); quantize.py gives them one scale
-    k = {p: {PER_CHANNEL: None, PER_TENSOR: 1}.get(v, v) for p, v in config.clusters.as_dict().items()}
+    k = config.clusters.kmeans_k()
     c, d, f = layer.hidden_size, layer.head_dim, layer.ffn_dim
     rope = layer.qk_layout == "bhsd"
     return {"R1": k["R1"] or c, "R2": k["R2"] or (d // 2 if rope else d), "R3": k["R3"] or d, "R4": k["R4"] or c,

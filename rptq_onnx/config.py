@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rptq_onnx.errors import RptqError
 from rptq_onnx.vocabulary import POINTS
@@ -29,8 +30,12 @@ LAYOUTS = ("zero-copy", "contiguous")
 # fused: one com.microsoft:GroupQueryAttention per layer over the (low-bit) cache; auto: fused for the KV
 # presets on graphs with a cache, else eager (compile.resolve_attention)
 ATTENTION = ("eager", "fused", "auto")
-PER_CHANNEL = 0  # a cluster count meaning "one cluster per channel" (--clusters R1=ch)
-PER_TENSOR = -1  # "one scale for the whole tensor", across heads too (--clusters all=tensor)
+# A point's cluster spec: a KMeans cluster count (≥ 1), one cluster per channel, or one scale for the whole
+# tensor, across heads too. Written as such into report.json and the stamped config.
+PER_CHANNEL = "ch"  # --clusters R1=ch
+PER_TENSOR = "tensor"  # --clusters all=tensor
+ClusterSpec = int | Literal["ch", "tensor"]
+_OLD_SPECS = {0: PER_CHANNEL, -1: PER_TENSOR}  # how outputs of rptq-onnx 0.1.0 wrote them
 
 
 MIN_GROUP = 16  # weight groups: MatMulNBits' smallest block
@@ -38,13 +43,18 @@ HEAD_BITS = (4, 8, 16)  # the token embedding and LM head (16: float)
 
 @dataclass(frozen=True)
 class ClusterCounts:
-    """KMeans cluster counts per reorder point (R2/R3 are per head). Reference defaults."""
+    """Cluster spec per reorder point (R2/R3 are per head): a count, ``"ch"`` or ``"tensor"``. Reference defaults."""
 
-    R1: int = 32
-    R2: int = 4
-    R3: int = 4
-    R4: int = 32
-    R5: int = 32
+    R1: ClusterSpec = 32
+    R2: ClusterSpec = 4
+    R3: ClusterSpec = 4
+    R4: ClusterSpec = 32
+    R5: ClusterSpec = 32
+
+    def __post_init__(self):
+        for point, k in self.as_dict().items():
+            if k not in (PER_CHANNEL, PER_TENSOR) and not (type(k) is int and k >= 1):
+                raise RptqError(f"clusters {point}={k!r}: use a cluster count ≥ 1, 'ch' or 'tensor'")
 
     @classmethod
     def parse(cls, text: str | None) -> ClusterCounts:
@@ -53,7 +63,7 @@ class ClusterCounts:
         scale per tensor (``all=tensor``: the per-tensor baseline; ``1`` is one per head at R2/R3)."""
         if not text:
             return cls()
-        values: dict[str, int] = {}
+        values: dict[str, ClusterSpec] = {}
         named: set[str] = set()
         for item in text.split(","):
             key, sep, raw = item.strip().partition("=")
@@ -81,12 +91,24 @@ class ClusterCounts:
                 values[key] = k
         return cls(**values)
 
-    def as_dict(self) -> dict[str, int]:
+    @classmethod
+    def from_dict(cls, d: dict) -> ClusterCounts:
+        """As written by ``as_dict``; also the 0 (per channel) / −1 (per tensor) of older outputs."""
+        return cls(**{p: _OLD_SPECS.get(k, k) if type(k) is int else k for p, k in d.items()})
+
+    def as_dict(self) -> dict[str, ClusterSpec]:
         return dataclasses.asdict(self)
 
+    def kmeans_k(self) -> dict[str, int | None]:
+        """KMeans k per point: the count; None for one cluster per channel; 1 for a per-tensor point
+        (one cluster per head, channels kept in order; ``per_tensor_points`` get one scale)."""
+        return {p: None if k == PER_CHANNEL else 1 if k == PER_TENSOR else k for p, k in self.as_dict().items()}
+
+    def per_tensor_points(self) -> frozenset[str]:
+        return frozenset(p for p, k in self.as_dict().items() if k == PER_TENSOR)
+
     def __str__(self) -> str:
-        names = {PER_CHANNEL: "ch", PER_TENSOR: "tensor"}
-        return ",".join(f"{k}={names.get(v, v)}" for k, v in self.as_dict().items())
+        return ",".join(f"{p}={k}" for p, k in self.as_dict().items())
 
 
 @dataclass(frozen=True)
@@ -215,5 +237,5 @@ class CompileConfig:
     @classmethod
     def from_json(cls, text: str) -> CompileConfig:
         d = json.loads(text)
-        return cls(preset=d["preset"], clusters=ClusterCounts(**d["clusters"]), calib=CalibConfig(**d["calib"]),
+        return cls(preset=d["preset"], clusters=ClusterCounts.from_dict(d["clusters"]), calib=CalibConfig(**d["calib"]),
                    layout=d["layout"], quant=QuantSpec(**d.get("quant", {})), attention=d.get("attention", "eager"))

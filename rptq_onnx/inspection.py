@@ -11,7 +11,7 @@ import onnx
 
 from rptq_onnx.anatomy import map_model
 from rptq_onnx.artifacts import load_cluster_plans
-from rptq_onnx.config import PER_TENSOR
+from rptq_onnx.config import ClusterCounts
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, load_model
 from rptq_onnx.vocabulary import ATTENTION_PREFIX, CONFIG_KEY, QDQ_LABELS, QDQ_PREFIX
@@ -69,7 +69,8 @@ def _cluster_summary(plans: dict, per_tensor: set[str]) -> dict:
 
 
 def _per_tensor_points(compiled: dict | None) -> set[str]:
-    return {p for p, k in ((compiled or {}).get("clusters") or {}).items() if k == PER_TENSOR}
+    clusters = (compiled or {}).get("clusters")
+    return set(ClusterCounts.from_dict(clusters).per_tensor_points()) if clusters else set()
 
 
 def _initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
@@ -172,8 +173,14 @@ def _verdict(index: GraphIndex, lin, wbits: int | None = None) -> dict:
 
 
 def _compile_config(model: onnx.ModelProto) -> dict | None:
+    """The stamped compile config; cluster specs as "ch" / "tensor" also where an older compile wrote 0 / −1."""
     props = {p.key: p.value for p in model.metadata_props}
-    return json.loads(props[CONFIG_KEY]) if CONFIG_KEY in props else None
+    if CONFIG_KEY not in props:
+        return None
+    config = json.loads(props[CONFIG_KEY])
+    if config.get("clusters"):
+        config["clusters"] = ClusterCounts.from_dict(config["clusters"]).as_dict()
+    return config
 
 
 def _preset_label(compiled: dict | None) -> str:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from rptq_onnx.anatomy import DecoderLayer, Linear
 from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
-from rptq_onnx.config import MIN_GROUP, PER_TENSOR, CompileConfig
+from rptq_onnx.config import MIN_GROUP, CompileConfig
 from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
 from rptq_onnx.passes.fold_reorder import folded_points
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
@@ -65,7 +65,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
     if not q.quantizes_activations:
         return []
     points = []
-    per_tensor = {p: k == PER_TENSOR for p, k in config.clusters.as_dict().items()}
+    per_tensor = config.clusters.per_tensor_points()
     for layer, fl, plan in zip(layers, folded_layers, plans):
         i = layer.index
         heads = {"q": fl.num_heads, "k": fl.num_kv_heads} if fl.qk_layout == "bhsd" else {}
@@ -77,7 +77,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
         for tap in chosen:
             tensor, bits = tensors[tap]
             index, labels = folded_order(layer, tap, plan, config.layout)
-            if per_tensor[TAP_POINT[tap]]:
+            if TAP_POINT[tap] in per_tensor:
                 labels = np.zeros_like(labels)
             mx, mn = channel_range(calib, i, tap, q.observer)
             if index is not None:

@@ -102,6 +102,46 @@ def test_cluster_counts_parse():
     assert str(ClusterCounts()) == "R1=32,R2=4,R3=4,R4=32,R5=32"
 
 
+def test_cluster_specs_are_typed_and_written_as_words():
+    """ch / tensor are words in the config JSON (report.json, the stamped config); 0 / −1 from older
+    outputs still load; the KMeans k and the per-tensor points are decoded by ClusterCounts alone."""
+    import json
+
+    from rptq_onnx.config import CompileConfig
+
+    c = ClusterCounts.parse("all=tensor,R1=ch,R5=8")
+    assert c == ClusterCounts(R1="ch", R2="tensor", R3="tensor", R4="tensor", R5=8)
+    config = CompileConfig(clusters=c)
+    assert json.loads(config.to_json())["clusters"] == {"R1": "ch", "R2": "tensor", "R3": "tensor", "R4": "tensor",
+                                                        "R5": 8}
+    assert CompileConfig.from_json(config.to_json()) == config
+    old = json.loads(config.to_json())
+    old["clusters"] = {"R1": 0, "R2": -1, "R3": -1, "R4": -1, "R5": 8}
+    assert CompileConfig.from_json(json.dumps(old)) == config
+    assert c.kmeans_k() == {"R1": None, "R2": 1, "R3": 1, "R4": 1, "R5": 8}
+    assert c.per_tensor_points() == {"R2", "R3", "R4"}
+    for bad in (0, -1, True, "all", 2.0):
+        with pytest.raises(RptqError, match="count ≥ 1"):
+            ClusterCounts(R1=bad)
+
+
+def test_inspect_reads_old_cluster_specs():
+    """A model compiled before the specs were typed: its stamped 0 / −1 read as ch / tensor."""
+    import json
+
+    import onnx
+
+    from rptq_onnx.inspection import _compile_config, _per_tensor_points
+
+    model = onnx.ModelProto()
+    prop = model.metadata_props.add()
+    prop.key, prop.value = "rptq.config", json.dumps({"preset": "W4A4", "clusters": {"R1": 0, "R2": -1, "R3": 4,
+                                                                                      "R4": 32, "R5": 32}})
+    compiled = _compile_config(model)
+    assert compiled["clusters"] == {"R1": "ch", "R2": "tensor", "R3": 4, "R4": 32, "R5": 32}
+    assert _per_tensor_points(compiled) == {"R2"}
+
+
 def test_fits_run_on_one_thread_with_the_same_plan_and_limits_restored():
     """The clustering fits run single-threaded (no spin-waiting OpenMP team on busy cores); the plan is
     the direct sklearn one, here with more points than one Lloyd chunk (256), and pools are restored."""
