@@ -9,16 +9,16 @@ import onnx
 import pytest
 from inline_opt import feeds, inline_opt
 
-from rptq_onnx.anatomy import find_layers
+from rptq_onnx.anatomy import find_layers, map_model
 from rptq_onnx.clustering import plan_clusters
 from rptq_onnx.passes.fold_reorder import fold_reorder
 from rptq_onnx.passes.fuse_attention import fusable, fuse_attention
 from rptq_onnx.passes.insert_taps import insert_taps
-from rptq_onnx.vocabulary import HESSIAN_TAPS
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
 from rptq_onnx.point_error import _with_outputs
 from rptq_onnx.quant import QParams
 from rptq_onnx.runtime import make_session
+from rptq_onnx.vocabulary import HESSIAN_TAPS
 
 
 def run(model: onnx.ModelProto, feed: dict, names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -53,6 +53,25 @@ def test_inline_graph_is_mapped_like_an_export(with_past):
     assert layers[1].q_proj.weight == "L1.q_proj.weight" and layers[1].mlp_hidden == "L1.relu"
     assert (layers[0].past_key, layers[0].present_value) == \
         (("past_key_values.0.key", "present.0.value") if with_past else (None, None))
+    assert map_model(model).shape_inference_error is None
+
+
+def test_a_shape_inference_failure_is_reported(monkeypatch):
+    """When ONNX shape inference fails the layer map says so (a warning naming the graph, and
+    ``ModelMap.shape_inference_error``) and uses the shapes the graph declares."""
+    from rptq_onnx.anatomy import shapes
+
+    model = onnx.shape_inference.infer_shapes(inline_opt())  # declared shapes in value_info
+    model.graph.name = "inline-opt"
+
+    def fail(*args, **kwargs):
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] made up\nsecond line")
+
+    monkeypatch.setattr(shapes.shape_inference, "infer_shapes", fail)
+    with pytest.warns(RuntimeWarning, match=r"graph 'inline-opt' \(InferenceError: \[ShapeInferenceError\] made up\)"):
+        mm = map_model(model)
+    assert mm.shape_inference_error == "InferenceError: [ShapeInferenceError] made up"
+    assert [lay.num_heads for lay in mm.layers] == [2, 2]
 
 
 # --- fold_reorder ------------------------------------------------------------------------------------------------

@@ -21,10 +21,12 @@ ENTRY_POINTS = {COMPILE: {"compile_model", "compile_graph", "plan_layer", "clust
 
 
 def module_files() -> dict[str, Path]:
+    """module name → file, subpackages (rptq_onnx/anatomy/) included."""
     files = {}
     for folder, package in PACKAGES.items():
-        for path in sorted((REPO / folder).glob("*.py")):
-            files[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            files[".".join((package, *parts[:-1], *([] if parts[-1] == "__init__" else parts[-1:])))] = path
     return files
 
 
@@ -97,6 +99,8 @@ def test_find_cycle_finds_one():
 
 def test_the_graph_is_read():
     graph, _ = import_graph()
+    assert {"rptq_onnx.anatomy", "rptq_onnx.anatomy.layers", "rptq_onnx.anatomy.llama"} <= set(graph)
+    assert "rptq_onnx.anatomy.llama" in graph["rptq_onnx.anatomy.layers"]  # ``from rptq_onnx.anatomy import llama``
     assert {"rptq_onnx.compile", "rptq_onnx.passes.fold_reorder", "rptq_onnx.tools.bench_common"} <= set(graph)
     assert "rptq_onnx.passes.fold_reorder" in graph["rptq_onnx.compile"]
     assert "rptq_onnx.quantize" in graph["rptq_onnx.compile"]  # ``from rptq_onnx import quantize``
@@ -177,3 +181,18 @@ def test_node_name_prefixes_are_not_spelled_out():
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
                 assert not node.value.startswith("rptq."), f"{module}:{node.lineno}: {node.value!r}"
+
+
+def test_anatomy_is_a_package_without_a_cycle_and_imports_only_downward():
+    """rptq_onnx.anatomy: its modules import no module that imports them back, never their own ``__init__``
+    (the re-exports), and nothing above them in the pipeline."""
+    graph, _ = import_graph()
+    inner = {m: edges for m, edges in graph.items() if m.startswith("rptq_onnx.anatomy.")}
+    assert {"rptq_onnx.anatomy.records", "rptq_onnx.anatomy.walk", "rptq_onnx.anatomy.opt", "rptq_onnx.anatomy.llama",
+            "rptq_onnx.anatomy.cache", "rptq_onnx.anatomy.shapes", "rptq_onnx.anatomy.layers"} <= set(inner)
+    assert find_cycle(inner) is None, " → ".join(find_cycle(inner))
+    allowed = {"rptq_onnx.errors", "rptq_onnx.graph", VOCABULARY}
+    for module, edges in inner.items():
+        assert "rptq_onnx.anatomy" not in edges, f"{module} imports the package's __init__"
+        outside = {e for e in edges if not e.startswith("rptq_onnx.anatomy.")}
+        assert outside <= allowed, f"{module} imports {sorted(outside - allowed)}"
