@@ -26,6 +26,7 @@ def rotary(w: LayerWalker, qk: onnx.NodeProto, q: Linear, k: Linear) -> tuple[Ro
 
 
 def layer_norm(w: LayerWalker, node: onnx.NodeProto, role: str) -> Norm:
+    """A LayerNormalization node (of the last axis) as a Norm; ``role`` names it in errors."""
     weight = w.g.constant_source(w.node_input(node, 1))
     bias = w.g.constant_source(w.node_input(node, 2)) if w.node_input(node, 2) else None
     if weight not in w.g.initializers:
