@@ -39,7 +39,7 @@ class QuantPoint:
     heads: int = 0  # > 0: ``tensor`` is [B, heads, S, D]; qparams has one entry per head·D + d
 
     def dequantized(self) -> str:
-        return f"{QDQ_PREFIX}.{self.tag}.dq"
+        return f"{QDQ_PREFIX}{self.tag}.dq"
 
 
 def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.ModelProto, dict]:
@@ -56,7 +56,7 @@ def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.Mod
         if p.tensor in outputs:
             raise ValueError(f"{p.tensor} is a graph output; quantize it in the KV-cache pass instead")
         elem, clip = activation_container(p.qparams.bits)
-        prefix = f"{QDQ_PREFIX}.{p.tag}"
+        prefix = f"{QDQ_PREFIX}{p.tag}"
         scale = p.qparams.scale.astype(np.float32)
         zp = p.qparams.zero_point
         if p.per_tensor:
@@ -67,7 +67,7 @@ def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.Mod
         axis = {} if p.per_tensor else {"axis": 1 if p.heads else -1}
         source, nodes, dq_out = p.tensor, [], p.dequantized()
         if p.heads:
-            source, dq_out = f"{LAYOUT_PREFIX}.{p.tag}.channels", f"{LAYOUT_PREFIX}.{p.tag}.back"
+            source, dq_out = f"{LAYOUT_PREFIX}{p.tag}.channels", f"{LAYOUT_PREFIX}{p.tag}.back"
             nodes += _to_channels(g, p, source)
         q_out = f"{prefix}.q"
         nodes.append(helper.make_node("QuantizeLinear", [source, f"{prefix}.scale", f"{prefix}.zero_point"], [q_out],
@@ -92,7 +92,7 @@ def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.Mod
 
 def _to_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:
     """[B, H, S, D] → [B, H·D, S] (channel h·D + d on axis 1)."""
-    t = f"{LAYOUT_PREFIX}.{p.tag}"
+    t = f"{LAYOUT_PREFIX}{p.tag}"
     g.initializer.append(numpy_helper.from_array(np.array([0, p.qparams.scale.size, -1], np.int64), f"{t}.flat_shape"))
     return [helper.make_node("Transpose", [p.tensor], [f"{t}.bhds"], perm=[0, 1, 3, 2], name=f"{t}.transpose_in"),
             helper.make_node("Reshape", [f"{t}.bhds", f"{t}.flat_shape"], [out], name=f"{t}.reshape_in")]
@@ -100,7 +100,7 @@ def _to_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeP
 
 def _from_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:
     """[B, H·D, S] → [B, H, S, D], the inverse of ``_to_channels``."""
-    t = f"{LAYOUT_PREFIX}.{p.tag}"
+    t = f"{LAYOUT_PREFIX}{p.tag}"
     head_dim = p.qparams.scale.size // p.heads
     g.initializer.append(numpy_helper.from_array(np.array([0, p.heads, head_dim, -1], np.int64), f"{t}.heads_shape"))
     return [helper.make_node("Reshape", [p.dequantized(), f"{t}.heads_shape"], [f"{t}.bhds_dq"], name=f"{t}.reshape_out"),

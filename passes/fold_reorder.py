@@ -127,11 +127,11 @@ def _permute_norm(inits: _Initializers, norm: Norm, index: np.ndarray, tag: str)
         inits.update(norm.node, 2, norm.bias, lambda b: b[index])
     if norm.gather is not None:
         raise ValueError(f"{norm.node} is already reordered (Gather {norm.gather}); fold reorders into an uncompiled graph")
-    idx_name = inits.constant(f"{REORDER_PREFIX}.{tag}.index", index.astype(np.int64))
+    idx_name = inits.constant(f"{REORDER_PREFIX}{tag}.index", index.astype(np.int64))
     node = inits.nodes[norm.node]
-    gathered = f"{REORDER_PREFIX}.{tag}.input"
+    gathered = f"{REORDER_PREFIX}{tag}.input"
     gather = helper.make_node("Gather", [node.input[norm.data_input], idx_name], [gathered], axis=-1,
-                              name=f"{REORDER_PREFIX}.{tag}.gather")
+                              name=f"{REORDER_PREFIX}{tag}.gather")
     node.input[norm.data_input] = gathered
     inits.insert_before(norm.node, [gather])
     inits.report.gathers += 1
@@ -145,11 +145,11 @@ def _permute_rope(inits: _Initializers, rope: Rope, plan: ClusterPlan, tag: str)
     """
     per_head = plan.channels // plan.heads
     within = (plan.index.reshape(plan.heads, per_head) - per_head * np.arange(plan.heads)[:, None]).astype(np.int64)
-    idx = inits.constant(f"{REORDER_PREFIX}.{tag}.rope_index", within)
-    axis = inits.constant(f"{REORDER_PREFIX}.rope_squeeze_axis", np.array([3], np.int64))
+    idx = inits.constant(f"{REORDER_PREFIX}{tag}.rope_index", within)
+    axis = inits.constant(f"{REORDER_PREFIX}rope_squeeze_axis", np.array([3], np.int64))
     for which, mul, slot in (("cos", rope.cos_mul, rope.cos_input), ("sin", rope.sin_mul, rope.sin_input)):
         node = inits.nodes[mul]
-        p = f"{REORDER_PREFIX}.{tag}.{which}"
+        p = f"{REORDER_PREFIX}{tag}.{which}"
         nodes = [helper.make_node("Gather", [node.input[slot], idx], [f"{p}.gathered"], axis=-1, name=f"{p}.gather"),
                  helper.make_node("Transpose", [f"{p}.gathered"], [f"{p}.heads"], perm=[0, 3, 2, 1, 4],
                                   name=f"{p}.transpose"),

@@ -59,7 +59,7 @@ class FuseReport:
 def fusable(model: onnx.ModelProto) -> str | None:
     """Why this graph's attention cannot be fused, or None."""
     index = GraphIndex(model)
-    if any(n.name.startswith(f"{QDQ_PREFIX}.") and n.name.endswith(".P.quantize") for n in index.nodes):
+    if any(n.name.startswith(QDQ_PREFIX) and n.name.endswith(".P.quantize") for n in index.nodes):
         return "the softmax output P is quantized (the W*A* presets), which GroupQueryAttention cannot do"
     inputs = {i.name for i in model.graph.input}
     if "attention_mask" not in inputs:
@@ -97,7 +97,7 @@ def fuse_attention(model: onnx.ModelProto, layers: list[DecoderLayer] | None = N
 
 def _sequence_lengths(g: onnx.GraphProto) -> tuple[str, str]:
     """Nodes computing (seqlens_k int32 [B] = total − 1 for every row, total_sequence_length int32 scalar)."""
-    p = f"{ATTENTION_PREFIX}.lengths"
+    p = f"{ATTENTION_PREFIX}lengths"
     g.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), f"{p}.zero"),
                           numpy_helper.from_array(np.array(1, np.int64), f"{p}.one"),
                           numpy_helper.from_array(np.array([0], np.int64), f"{p}.axis0")])
@@ -118,7 +118,7 @@ def _fuse_layer(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, 
                 seqlens: str, total: str, report: FuseReport) -> None:
     g = model.graph
     i = layer.index
-    p = f"{ATTENTION_PREFIX}.L{i}"
+    p = f"{ATTENTION_PREFIX}L{i}"
     where = f"layer {i}"
 
     def fail(what: str) -> RptqError:
@@ -223,7 +223,7 @@ def _symmetric_point(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLa
     signed grid) and its offset m = (2ⁿ⁻¹ − z)·s moves into the biases (``fold``), which keeps
     every quantized value where it was: (q − z)·s = (q − 2ⁿ⁻¹)·s + m.
     """
-    prefix = f"{QDQ_PREFIX}.L{layer.index}.{tap}"
+    prefix = f"{QDQ_PREFIX}L{layer.index}.{tap}"
     quant = index.node_by_name.get(f"{prefix}.quantize")
     if quant is None:
         raise RptqError(f"--attention fused with a low-bit cache: layer {layer.index} has no {tap} Q/DQ point")
@@ -240,14 +240,14 @@ def _symmetric_point(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLa
             raise RptqError(f"--attention fused: layer {layer.index} {tap} is not symmetric (K after RoPE takes no "
                             "offset); compile with --attention fused from the start so its grid is made symmetric")
         if tap == "k":
-            _add_to_output(model, index, layer.k_proj, -offset, f"{ATTENTION_PREFIX}.L{layer.index}.k_offset", report)
+            _add_to_output(model, index, layer.k_proj, -offset, f"{ATTENTION_PREFIX}L{layer.index}.k_offset", report)
         else:
-            _add_to_output(model, index, layer.v_proj, -offset, f"{ATTENTION_PREFIX}.L{layer.index}.v_offset", report)
+            _add_to_output(model, index, layer.v_proj, -offset, f"{ATTENTION_PREFIX}L{layer.index}.v_offset", report)
             heads = np.repeat(np.arange(layer.num_kv_heads), layer.group)  # query head → its K/V head
             per_query = offset.reshape(layer.num_kv_heads, layer.head_dim)[heads].reshape(-1)
             w = dequantized_weight(index, layer.out_proj)  # [in, out], as the graph computes with it
             back = (per_query.astype(np.float64) @ w.astype(np.float64)).astype(np.float32)
-            _add_to_output(model, index, layer.out_proj, back, f"{ATTENTION_PREFIX}.L{layer.index}.out_offset", report)
+            _add_to_output(model, index, layer.out_proj, back, f"{ATTENTION_PREFIX}L{layer.index}.out_offset", report)
         report.offsets_folded += 1
     new_zp = helper.make_tensor(zp_init.name, zp_init.data_type, list(zp_init.dims), [mid] * int(zp.size))
     zp_init.CopyFrom(new_zp)

@@ -47,7 +47,7 @@ class Tap:
     aliases: tuple[str, ...] = ()  # other tap names for the same statistics
 
     def output(self, stat: str) -> str:
-        return f"{TAP_PREFIX}.L{self.layer}.{self.name}.{stat}"
+        return f"{TAP_PREFIX}L{self.layer}.{self.name}.{stat}"
 
 
 def plan_taps(layers: list[DecoderLayer], model: onnx.ModelProto) -> list[Tap]:
@@ -89,16 +89,16 @@ def insert_taps(model: onnx.ModelProto, layers: list[DecoderLayer], batch_source
         inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
         return name
 
-    const(f"{TAP_PREFIX}.axes1", [1])
-    const(f"{TAP_PREFIX}.axes2", [2])
-    const(f"{TAP_PREFIX}.axes3", [3])
-    const(f"{TAP_PREFIX}.flat2", [0, -1])
-    batch = f"{TAP_PREFIX}.batch"
+    const(f"{TAP_PREFIX}axes1", [1])
+    const(f"{TAP_PREFIX}axes2", [2])
+    const(f"{TAP_PREFIX}axes3", [3])
+    const(f"{TAP_PREFIX}flat2", [0, -1])
+    batch = f"{TAP_PREFIX}batch"
     nodes.append(helper.make_node("Shape", [batch_source], [batch], start=0, end=1, name=batch))
     del g.output[:]
     for tap in taps:
-        src, axes = tap.tensor, f"{TAP_PREFIX}.axes1"
-        prefix = f"{TAP_PREFIX}.L{tap.layer}.{tap.name}"
+        src, axes = tap.tensor, f"{TAP_PREFIX}axes1"
+        prefix = f"{TAP_PREFIX}L{tap.layer}.{tap.name}"
         if tap.layout == "flat":  # [B·S, C] (or already [B, S, C]) → [B, S, C]
             shape = f"{prefix}.shape"
             tail = const(f"{prefix}.tail", [-1, tap.channels])
@@ -106,12 +106,12 @@ def insert_taps(model: onnx.ModelProto, layers: list[DecoderLayer], batch_source
             nodes.append(helper.make_node("Reshape", [src, shape], [f"{prefix}.bsc"], name=f"{prefix}.bsc"))
             src = f"{prefix}.bsc"
         elif tap.layout in ("bhsd", "bhdt"):
-            axes = f"{TAP_PREFIX}.axes2" if tap.layout == "bhsd" else f"{TAP_PREFIX}.axes3"
+            axes = f"{TAP_PREFIX}axes2" if tap.layout == "bhsd" else f"{TAP_PREFIX}axes3"
         for stat, op in (("max", "ReduceMax"), ("min", "ReduceMin")):
             reduced = tap.output(stat) if tap.layout in ("bsc", "flat") else f"{prefix}.{stat}.bhd"
             nodes.append(helper.make_node(op, [src, axes], [reduced], keepdims=0, name=reduced))
             if tap.layout in ("bhsd", "bhdt"):  # [B, H, D] → [B, H·D] (channel h·D + d)
-                nodes.append(helper.make_node("Reshape", [reduced, f"{TAP_PREFIX}.flat2"], [tap.output(stat)],
+                nodes.append(helper.make_node("Reshape", [reduced, f"{TAP_PREFIX}flat2"], [tap.output(stat)],
                                               name=tap.output(stat)))
             g.output.append(helper.make_tensor_value_info(tap.output(stat), onnx.TensorProto.FLOAT, None))
         if hessians and tap.name in HESSIAN_TAPS:

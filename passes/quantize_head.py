@@ -125,28 +125,28 @@ def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_B
     (vocab, hidden), (codes, scale, zp) = quantized(tables.head_weight, tables.head_transposed)
     blocks = hidden // block_size
     p = HEAD_PREFIX
-    new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes.reshape(vocab, blocks, -1)), f"{p}.B"),
-                  numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{p}.scales"),
-                  numpy_helper.from_array(np.ascontiguousarray(zp), f"{p}.zero_points")]
+    new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes.reshape(vocab, blocks, -1)), f"{p}B"),
+                  numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{p}scales"),
+                  numpy_helper.from_array(np.ascontiguousarray(zp), f"{p}zero_points")]
     attrs = dict(K=hidden, N=vocab, bits=bits, block_size=block_size)
     if bits == 8:
         attrs["accuracy_level"] = INT8_ACCURACY_LEVEL
     head = tables.head
-    replaced[head.name] = helper.make_node("MatMulNBits", [head.input[0], f"{p}.B", f"{p}.scales", f"{p}.zero_points"],
-                                           [head.output[0]], name=f"{p}.matmulnbits", domain="com.microsoft", **attrs)
+    replaced[head.name] = helper.make_node("MatMulNBits", [head.input[0], f"{p}B", f"{p}scales", f"{p}zero_points"],
+                                           [head.output[0]], name=f"{p}matmulnbits", domain="com.microsoft", **attrs)
     report = {"bits": bits, "block_size": block_size, "vocab": vocab, "hidden": hidden, "tied": tables.tied,
               "head": "MatMulNBits", "embedding": None}
     if tables.embedding is not None:
         e = EMBEDDING_PREFIX
         if not tables.tied:
             _, (codes, scale, zp) = quantized(tables.embedding_weight, True)
-        new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes), f"{e}.data"),
-                      numpy_helper.from_array(np.ascontiguousarray(scale), f"{e}.scales"),
-                      numpy_helper.from_array(np.ascontiguousarray(zp), f"{e}.zero_points")]
+        new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes), f"{e}data"),
+                      numpy_helper.from_array(np.ascontiguousarray(scale), f"{e}scales"),
+                      numpy_helper.from_array(np.ascontiguousarray(zp), f"{e}zero_points")]
         emb = tables.embedding
         replaced[emb.name] = helper.make_node(
-            "GatherBlockQuantized", [f"{e}.data", emb.input[1], f"{e}.scales", f"{e}.zero_points"], [emb.output[0]],
-            name=f"{e}.gather", domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
+            "GatherBlockQuantized", [f"{e}data", emb.input[1], f"{e}scales", f"{e}zero_points"], [emb.output[0]],
+            name=f"{e}gather", domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
         report["embedding"] = "GatherBlockQuantized"
     nodes = [replaced.get(n.name, n) for n in g.node]
     del g.node[:]

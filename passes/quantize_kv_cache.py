@@ -71,7 +71,7 @@ def quantize_kv_cache(model: onnx.ModelProto, caches: list[CacheTensor]) -> tupl
         if c.qparams.scale.shape != (channels,):
             raise ValueError(f"{c.tag}: {c.qparams.scale.shape[0]} scales for {channels} cache channels")
         elem = uint_container(c.qparams.bits)
-        p = f"{KV_PREFIX}.{c.tag}"
+        p = f"{KV_PREFIX}{c.tag}"
         g.initializer.extend([
             numpy_helper.from_array(c.qparams.scale.astype(np.float32), f"{p}.scale"),
             helper.make_tensor(f"{p}.zero_point", elem, [channels], c.qparams.zero_point.astype(np.int64).tolist()),

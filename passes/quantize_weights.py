@@ -114,7 +114,7 @@ def quantize_weights(model: onnx.ModelProto, weights: dict[str, tuple[Linear, Qu
     nodes = {n.name: n for n in g.node}
     for name, (lin, qw) in weights.items():
         node = nodes[name]
-        prefix = f"{WEIGHT_PREFIX}.{name}"
+        prefix = f"{WEIGHT_PREFIX}{name}"
         if form == "matmulnbits" and matmulnbits_ok(qw):
             replaced[name] = _matmulnbits_form(node, lin, qw, prefix, g)
             report["matmulnbits"] += 1

@@ -197,7 +197,7 @@ def resolve_attention(config: CompileConfig, layers: list[DecoderLayer]) -> Comp
 def _check_uncompiled(graph: onnx.ModelProto, model_path: Path | None) -> None:
     """Compiling a compiled graph would permute already-permuted (or already-quantized) weights."""
     if any(p.key == CONFIG_KEY for p in graph.metadata_props) or \
-            any(n.name.startswith(f"{RPTQ_PREFIX}.") for n in graph.graph.node):
+            any(n.name.startswith(RPTQ_PREFIX) for n in graph.graph.node):
         where = model_path or "the model"
         raise RptqError(f"{where} was already compiled by rptq-onnx; compile the exported model it came from "
                         "(or the checkpoint) instead")

@@ -20,7 +20,7 @@ from rptq_onnx.vocabulary import ATTENTION_PREFIX, CONFIG_KEY, QDQ_LABELS, QDQ_P
 def describe(model_path: str | os.PathLike) -> dict:
     """Everything `inspect` prints, as plain data (JSON-serialisable)."""
     model = load_model(model_path, load_weights=False)
-    if any(n.op_type == "GroupQueryAttention" and n.name.startswith(f"{ATTENTION_PREFIX}.") for n in model.graph.node):
+    if any(n.op_type == "GroupQueryAttention" and n.name.startswith(ATTENTION_PREFIX) for n in model.graph.node):
         return _describe_fused(model_path, model)
     mm = map_model(model)
     compiled = _compile_config(model)
@@ -136,12 +136,12 @@ def quantization_summary(model: onnx.ModelProto, layers) -> list[dict]:
     for layer in layers:
         points = {}
         for tag, label in QDQ_LABELS.items():
-            q = index.node_by_name.get(f"{QDQ_PREFIX}.L{layer.index}.{tag}.quantize")
+            q = index.node_by_name.get(f"{QDQ_PREFIX}L{layer.index}.{tag}.quantize")
             if q is None:
                 continue
             scale = np.atleast_1d(index.constant_value(q.input[1])).astype(np.float64)
             zp = np.atleast_1d(index.constant_value(q.input[2])).astype(np.int64)
-            clip = index.node_by_name.get(f"{QDQ_PREFIX}.L{layer.index}.{tag}.clip")
+            clip = index.node_by_name.get(f"{QDQ_PREFIX}L{layer.index}.{tag}.clip")
             if clip is not None:
                 bits = int(index.constant_value(clip.input[2])).bit_length()
             else:

@@ -101,9 +101,9 @@ def _source_dq(index: GraphIndex, tensor: str, depth: int = 6) -> onnx.NodeProto
 
 def _qdq_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
     name = node.name
-    if name.startswith(f"{KV_PREFIX}."):
+    if name.startswith(KV_PREFIX):
         return {"kind": "real", "verdict": "KV cache storage: low-bit codes held between decode steps"}
-    if name.startswith(f"{WEIGHT_PREFIX}.") or (node.op_type == "DequantizeLinear" and index.is_constant(node.input[0])):
+    if name.startswith(WEIGHT_PREFIX) or (node.op_type == "DequantizeLinear" and index.is_constant(node.input[0])):
         return {"kind": "weights", "verdict": "weight dequantize: low-bit in the file, float for the GEMM"}
     return {"kind": "simulated", "verdict": "activation fake-quantization (simulated, float math after it)"}
 

@@ -26,7 +26,7 @@ from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model, rename_inputs, replaced_atomically
 from rptq_onnx.vocabulary import QDQ_LABELS, QDQ_PREFIX
 
-QDQ_NAME = re.compile(rf"^{re.escape(QDQ_PREFIX)}\.L(\d+)\.(\w+)\.quantize$")
+QDQ_NAME = re.compile(rf"^{re.escape(QDQ_PREFIX)}L(\d+)\.(\w+)\.quantize$")
 
 
 def qdq_points(model: onnx.ModelProto) -> list[tuple[int, str, str, str]]:
@@ -35,7 +35,7 @@ def qdq_points(model: onnx.ModelProto) -> list[tuple[int, str, str, str]]:
     for node in model.graph.node:
         m = QDQ_NAME.match(node.name)
         if m:
-            points.append((int(m.group(1)), m.group(2), node.input[0], f"{QDQ_PREFIX}.L{m.group(1)}.{m.group(2)}.dq"))
+            points.append((int(m.group(1)), m.group(2), node.input[0], f"{QDQ_PREFIX}L{m.group(1)}.{m.group(2)}.dq"))
     return points
 
 
@@ -52,7 +52,7 @@ def _bypassed(model: onnx.ModelProto, points) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     rename = {dq: src for _, _, src, dq in points}
-    keep = [n for n in out.graph.node if not n.name.startswith(f"{QDQ_PREFIX}.")]
+    keep = [n for n in out.graph.node if not n.name.startswith(QDQ_PREFIX)]
     rename_inputs(keep, rename)
     del out.graph.node[:]
     out.graph.node.extend(keep)

@@ -47,7 +47,7 @@ class LayerReference:
         self.qdq: dict[str, RefQDQ] = {}
         self.qdq_input: dict[str, str] = {}
         for node in self.g.nodes:
-            if node.op_type == "QuantizeLinear" and node.name.startswith(f"{QDQ_PREFIX}.L{layer.index}."):
+            if node.op_type == "QuantizeLinear" and node.name.startswith(f"{QDQ_PREFIX}L{layer.index}."):
                 tag = node.name.split(".")[3]
                 qmax = 255
                 clip = next((n for n in self.g.consumers.get(node.output[0], []) if n.op_type == "Clip"), None)

@@ -46,18 +46,18 @@ def tap_label(tap: str) -> str:
 # the activation Q/DQ points (rptq.qdq.L{i}.{tap}) in table order, with their labels
 QDQ_LABELS = {tap: tap_label(tap) for tap in ("attn_ln", "q", "k", "v", "out_in", "ffn_ln", "fc2_in", "P")}
 
-# --- names: every node, tensor and initializer rptq-onnx adds is named PREFIX.… ---
+# --- names: every node, tensor and initializer rptq-onnx adds starts with one of these prefixes ---
 
-RPTQ_PREFIX = "rptq"  # any of the below
-TAP_PREFIX = "rptq.tap"  # calibration taps: rptq.tap.L{i}.{tap}.{max|min|xtx}
-QDQ_PREFIX = "rptq.qdq"  # activation Q/DQ: rptq.qdq.L{i}.{tap}.{quantize|clip|dq|…}
-LAYOUT_PREFIX = "rptq.layout"  # the head-layout reshapes around a Q/DQ (an identity once Q/DQ is bypassed)
-REORDER_PREFIX = "rptq.reorder"  # Gathers and RoPE-table permutations of fold_reorder
-WEIGHT_PREFIX = "rptq.w"  # low-bit weights: rptq.w.{linear node}.…
-KV_PREFIX = "rptq.kv"  # the low-bit KV cache's store and load
-ATTENTION_PREFIX = "rptq.attn"  # fused GroupQueryAttention and what feeds it
-HEAD_PREFIX = "rptq.head"  # the low-bit LM head
-EMBEDDING_PREFIX = "rptq.embedding"  # the low-bit token embedding
+RPTQ_PREFIX = "rptq."  # any of the below
+TAP_PREFIX = "rptq.tap."  # calibration taps: rptq.tap.L{i}.{tap}.{max|min|xtx}
+QDQ_PREFIX = "rptq.qdq."  # activation Q/DQ: rptq.qdq.L{i}.{tap}.{quantize|clip|dq|…}
+LAYOUT_PREFIX = "rptq.layout."  # the head-layout reshapes around a Q/DQ (an identity once Q/DQ is bypassed)
+REORDER_PREFIX = "rptq.reorder."  # Gathers and RoPE-table permutations of fold_reorder
+WEIGHT_PREFIX = "rptq.w."  # low-bit weights: rptq.w.{linear node}.…
+KV_PREFIX = "rptq.kv."  # the low-bit KV cache's store and load
+ATTENTION_PREFIX = "rptq.attn."  # fused GroupQueryAttention and what feeds it
+HEAD_PREFIX = "rptq.head."  # the low-bit LM head
+EMBEDDING_PREFIX = "rptq.embedding."  # the low-bit token embedding
 
 # metadata_props keys stamped into a compiled model
 CONFIG_KEY = "rptq.config"  # the CompileConfig as JSON

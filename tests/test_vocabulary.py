@@ -23,3 +23,8 @@ def test_tap_tables_agree():
     assert set(v.HESSIAN_TAPS) | set(v.QUERY_HEAD_TAPS) <= set(v.TAPS)
     assert {tap for tap, _ in v.POINT_TAPS.values()} <= set(v.TAPS) and tuple(v.POINT_TAPS) == v.POINTS
     assert set(v.QDQ_LABELS) - {"P"} <= set(v.TAPS)
+
+
+def test_name_prefixes_end_in_a_dot():
+    prefixes = [getattr(v, n) for n in dir(v) if n.endswith("_PREFIX")]
+    assert len(prefixes) >= 10 and all(p.startswith(v.RPTQ_PREFIX) and p.endswith(".") for p in prefixes)

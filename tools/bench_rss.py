@@ -50,7 +50,7 @@ def _linears(model: Path) -> tuple[int, int]:
 
     nodes = onnx.load(str(model), load_external_data=False).graph.node
     return (sum(n.op_type == "MatMulNBits" for n in nodes),
-            sum(n.op_type == "DequantizeLinear" and n.name.startswith(f"{WEIGHT_PREFIX}.") for n in nodes))
+            sum(n.op_type == "DequantizeLinear" and n.name.startswith(WEIGHT_PREFIX) for n in nodes))
 
 
 def _head(bits: int) -> str:

@@ -113,7 +113,7 @@ def _is_head_broadcast(w: LayerWalker, table: str) -> bool:
     """True when ``table`` = Unsqueeze(axis 1) of [B, S, D]: one row of cos or sin for all heads
     (or, in a compiled graph, that row permuted per head by ``fold_reorder``)."""
     node = w.g.producer.get(w.skip_casts(table))
-    if node is not None and node.op_type == "Squeeze" and node.name.startswith(f"{REORDER_PREFIX}."):
+    if node is not None and node.op_type == "Squeeze" and node.name.startswith(REORDER_PREFIX):
         return True
     if node is None or node.op_type != "Unsqueeze" or len(node.input) < 2:  # opset ≥ 13: axes is an input
         return False
