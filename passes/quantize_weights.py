@@ -35,8 +35,9 @@ from rptq_onnx.quant import QuantizedWeight, pack_uint4
 
 MATMULNBITS_BLOCKS = (16, 32, 64, 128, 256)
 PER_CHANNEL_BLOCKS = (128, 64, 32, 16, 256)  # per-channel codes: the first that divides the input size
-# 8-bit MatMulNBits: quantize the input to int8 per block and multiply in integers; at the default level 0
-# the CPU kernel dequantizes the whole weight on every call (≈ 10× slower than a float MatMul)
+# MatMulNBits' accuracy_level 4: the CPU kernel quantizes the input to int8 per block and multiplies in
+# integers. 8-bit weights always use it (at level 0 this ORT's 8-bit kernel dequantizes the whole weight
+# on every call, ≈ 10× slower than a float MatMul); 4-bit weights where asked (``--accuracy-level 4``)
 INT8_ACCURACY_LEVEL = 4
 
 
@@ -89,7 +90,7 @@ def _dq_form(g: onnx.GraphProto, node: onnx.NodeProto, lin: Linear, qw: Quantize
 
 
 def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, prefix: str, g: onnx.GraphProto,
-                      block_sums: dict[tuple[str, int], onnx.NodeProto]) -> list[onnx.NodeProto]:
+                      block_sums: dict[tuple[str, int], onnx.NodeProto], accuracy_level: int) -> list[onnx.NodeProto]:
     """The MatMulNBits node (+ the offset term, + the bias Add of a Gemm) replacing ``node``."""
     n, k = qw.codes.shape
     bs = matmulnbits_block(qw)
@@ -108,7 +109,8 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
     out = node.output[0]
     steps = (["offset"] if qw.offset is not None else []) + (["bias"] if node.op_type == "Gemm" and lin.bias else [])
     result = out if not steps else f"{prefix}.matmul"
-    attrs = {"accuracy_level": INT8_ACCURACY_LEVEL} if bits == 8 else {}
+    level = INT8_ACCURACY_LEVEL if bits == 8 else accuracy_level
+    attrs = {"accuracy_level": level} if level else {}
     new = [helper.make_node("MatMulNBits", [node.input[0], f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"],
                             [result], name=f"{prefix}.matmulnbits", domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=bs, **attrs)]
@@ -143,8 +145,9 @@ def _offset_term(g: onnx.GraphProto, x: str, offset: np.ndarray, k: int, bs: int
 
 
 def quantize_weights(model: onnx.ModelProto, weights: dict[str, tuple[Linear, QuantizedWeight]],
-                     form: str = "dq") -> tuple[onnx.ModelProto, dict]:
+                     form: str = "dq", accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict]:
     """Replace each linear's float weight (``weights``: node name → (Linear, QuantizedWeight)).
+    ``accuracy_level``: of the 4-bit MatMulNBits (8-bit ones always take 4).
 
     Codes with an ``offset`` (kept from a source grid) need the ``matmulnbits`` form."""
     out = onnx.ModelProto()
@@ -159,7 +162,7 @@ def quantize_weights(model: onnx.ModelProto, weights: dict[str, tuple[Linear, Qu
         node = nodes[name]
         prefix = f"{WEIGHT_PREFIX}{name}"
         if form == "matmulnbits" and matmulnbits_ok(qw):
-            replaced[name] = _matmulnbits_form(node, lin, qw, prefix, g, block_sums)
+            replaced[name] = _matmulnbits_form(node, lin, qw, prefix, g, block_sums, accuracy_level)
             if qw.offset is not None:
                 before[name] = [block_sums[(node.input[0], matmulnbits_block(qw))]]
             report["matmulnbits"] += 1

@@ -130,6 +130,7 @@ class QuantSpec:
     float_cache: bool = False  # with-past graphs: keep present/past in float (K/V still fake-quantized)
     head_bits: int = 16  # token embedding + LM head (passes/quantize_head.py); 16: float
     source_grid: str = "keep"  # weights already on a wbits grid keep their codes (rptq_onnx/source_grid.py)
+    accuracy_level: int = 0  # 4-bit MatMulNBits: 0 = float GEMM on the exact codes; 4 = int8 inputs, integer GEMM
 
     def __post_init__(self):
         if self.wbits not in WBITS:
@@ -140,6 +141,8 @@ class QuantSpec:
             raise RptqError(f"--weight-quant {self.weight_quant} is unknown; use gptq or rtn")
         if self.observer not in OBSERVERS:
             raise RptqError(f"--observer {self.observer} is unknown; use ema or minmax")
+        if self.accuracy_level not in (0, 4):
+            raise RptqError(f"--accuracy-level {self.accuracy_level}: use 4 (int8 inputs) or 0 (float)")
         if self.source_grid not in SOURCE_GRID:
             raise RptqError(f"--source-grid {self.source_grid} is unknown; use keep or requantize")
         if self.head_bits not in HEAD_BITS:

@@ -184,10 +184,11 @@ def quantize_graph(folded: onnx.ModelProto, layers: list[DecoderLayer], folded_l
     if q.quantizes_weights:
         weights = quantized_weights(folded, folded_layers, plans, calib, config, progress)
         form = "matmulnbits" if q.matmulnbits else "dq"
-        model, report["weights"] = quantize_weights(model, weights, form=form)
+        model, report["weights"] = quantize_weights(model, weights, form=form, accuracy_level=q.accuracy_level)
         used = sorted({qw.group_size or 0 for _, qw in weights.values()})  # 0: per output channel
         report["weights"].update({"algorithm": q.weight_quant, "bits": q.wbits, "group_size": q.group_size,
-                                  "group_sizes_used": used, "source_grid": q.source_grid})
+                                  "group_sizes_used": used, "source_grid": q.source_grid,
+                                  "accuracy_level": q.accuracy_level})
     points = activation_points(layers, folded_layers, plans, calib, config)
     if points:
         model, report["activations"] = emit_qdq(model, points)

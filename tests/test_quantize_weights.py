@@ -144,3 +144,12 @@ def test_group_size_falls_back_to_a_divisor():
     assert effective_group(48, 128) == 16 and effective_group(40, 128) is None and effective_group(576, None) is None
     with pytest.raises(RptqError, match="--group-size 8: use a power of two ≥ 16"):
         QuantSpec(wbits=4, abits=16, group_size=8)  # smaller than any block MatMulNBits takes
+
+
+def test_accuracy_level_4_is_set_on_4_bit_kernels_when_asked():
+    model, lin, w, _ = _linear_graph("in_out")
+    for level in (0, 4):
+        out, _ = quantize_weights(model, {"lin": (lin, quantize_rtn(w, 4, 32))}, form="matmulnbits", accuracy_level=level)
+        node = next(n for n in out.graph.node if n.op_type == "MatMulNBits")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("accuracy_level", 0) == level
