@@ -159,22 +159,27 @@ def _permute_rope(inits: _Initializers, rope: Rope, plan: ClusterPlan, tag: str)
         inits.report.gathers += 1
 
 
-def folded_points(layer: DecoderLayer, layout: str) -> set[str]:
-    """The points whose reorder is folded into the graph (the others are cluster labels only)."""
-    free = {"R3", "R5"} | ({"R2"} if layer.q_rope is None else set())  # permutes initializers only
+def folded_points(layer: DecoderLayer, layout: str, keep_weight_inputs: bool = False) -> set[str]:
+    """The points whose reorder is folded into the graph (the others are cluster labels only).
+
+    ``keep_weight_inputs``: no reorder may permute a linear's inputs (weights kept on their source's
+    block grid, rptq_onnx/source_grid.py), so R3 and R5 — out_proj's and fc2's inputs — stay labels."""
+    free = set() if keep_weight_inputs else {"R3", "R5"}  # these permute initializers only
+    free |= {"R2"} if layer.q_rope is None else set()  # q/k outputs
     return (free | {"R1", "R2", "R4"}) if layout == "contiguous" else free
 
 
 def fold_reorder(model: onnx.ModelProto, layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],
-                 layout: str = "zero-copy") -> tuple[onnx.ModelProto, FoldReport]:
-    """A reordered copy of ``model`` computing the same function; ``model`` is not modified."""
+                 layout: str = "zero-copy", keep_weight_inputs: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
+    """A reordered copy of ``model`` computing the same function; ``model`` is not modified.
+    ``keep_weight_inputs``: see ``folded_points``."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     report = FoldReport(layout=layout)
     inits = _Initializers(out, report)
     for layer, plan in zip(layers, plans):
         i, group = layer.index, layer.group
-        folded = folded_points(layer, layout)
+        folded = folded_points(layer, layout, keep_weight_inputs)
         mlp_in = [lin for lin in (layer.fc1, layer.up_proj) if lin is not None]
         if "R2" in plan and "R2" in folded:
             _permute_output(inits, layer.q_proj, plan["R2"].expand_heads(group).index)

@@ -11,6 +11,14 @@ Two forms, both reading the same ``QuantizedWeight`` (codes, per-channel or per-
   exactly by blocks that all repeat the row's scale and zero point; 3-bit codes (0..7) sit in
   the 4-bit kernel unchanged.
 
+Codes kept from a source that was already on a grid with a float minimum per block (a GGUF Q4_1,
+rptq_onnx/source_grid.py) carry an ``offset`` per block, which MatMulNBits cannot hold (its float
+zero points run 20–50× slower on the CPU). They run as MatMulNBits plus one small float MatMul:
+
+    y = MatMulNBits(x) + block_sums(x) · offsetᵀ,   block_sums(x) = x · 1_blocks  [..., K / block]
+
+where the block sums of an input are made once and shared by every linear reading it.
+
 ORT constant-folds ``DequantizeLinear`` of a constant weight into a float initializer when it
 creates a session, so the ``dq`` form is low-bit in the file only; ``matmulnbits`` is the default.
 """
@@ -23,13 +31,14 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.anatomy import Linear
 from rptq_onnx.quant import QuantizedWeight, pack_uint4
-from rptq_onnx.vocabulary import WEIGHT_PREFIX, uint_container
+from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX, uint_container
 from rptq_onnx.vocabulary import storage_bits as nbits_kernel_bits  # MatMulNBits' bits attribute: 4 or 8
 
 MATMULNBITS_BLOCKS = (16, 32, 64, 128, 256)
 PER_CHANNEL_BLOCKS = (128, 64, 32, 16, 256)  # per-channel codes: the first that divides the input size
-# 8-bit MatMulNBits: quantize the input to int8 per block and multiply in integers; at the default level 0
-# the CPU kernel dequantizes the whole weight on every call (≈ 10× slower than a float MatMul)
+# MatMulNBits' accuracy_level 4: the CPU kernel quantizes the input to int8 per block and multiplies in
+# integers. 8-bit weights always use it (at level 0 this ORT's 8-bit kernel dequantizes the whole weight
+# on every call, ≈ 10× slower than a float MatMul); 4-bit weights where asked (``--accuracy-level 4``)
 INT8_ACCURACY_LEVEL = 4
 
 
@@ -76,7 +85,9 @@ def _dq_form(g: onnx.GraphProto, node: onnx.NodeProto, lin: Linear, qw: Quantize
     return dq
 
 
-def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, prefix: str, g: onnx.GraphProto):
+def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, prefix: str, g: onnx.GraphProto,
+                      block_sums: dict[tuple[str, int], onnx.NodeProto], accuracy_level: int) -> list[onnx.NodeProto]:
+    """The MatMulNBits node (+ the offset term, + the bias Add of a Gemm) replacing ``node``."""
     n, k = qw.codes.shape
     bs = matmulnbits_block(qw)
     blocks = k // bs
@@ -92,38 +103,77 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
                                                  f"{prefix}.scales"))
     g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(zp.astype(np.uint8)), f"{prefix}.zero_points"))
     out = node.output[0]
-    mm_out = out if node.op_type == "MatMul" or not lin.bias else f"{prefix}.matmul"
-    attrs = {"accuracy_level": INT8_ACCURACY_LEVEL} if bits == 8 else {}
+    steps = (["offset"] if qw.offset is not None else []) + (["bias"] if node.op_type == "Gemm" and lin.bias else [])
+    result = out if not steps else f"{prefix}.matmul"
+    level = INT8_ACCURACY_LEVEL if bits == 8 else accuracy_level
+    attrs = {"accuracy_level": level} if level else {}
     new = [helper.make_node("MatMulNBits", [node.input[0], f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"],
-                            [mm_out], name=f"{prefix}.matmulnbits", domain="com.microsoft", K=k, N=n, bits=bits,
+                            [result], name=f"{prefix}.matmulnbits", domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=bs, **attrs)]
-    if node.op_type == "Gemm" and lin.bias:
-        new.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=f"{prefix}.bias"))
+    for i, step in enumerate(steps):
+        last = i == len(steps) - 1
+        if step == "offset":
+            new.append(_offset_term(g, node.input[0], qw.offset, k, bs, prefix, block_sums))
+            new.append(helper.make_node("Add", [result, new[-1].output[0]], [out if last else f"{prefix}.with_offset"],
+                                        name=f"{prefix}{OFFSET_ADD_SUFFIX}"))
+            result = f"{prefix}.with_offset"
+        else:
+            new.append(helper.make_node("Add", [result, node.input[2]], [out], name=f"{prefix}.bias"))
     return new
 
 
+def _offset_term(g: onnx.GraphProto, x: str, offset: np.ndarray, k: int, bs: int, prefix: str,
+                 block_sums: dict[tuple[str, int], onnx.NodeProto]) -> onnx.NodeProto:
+    """The node computing Σ_b offset[n, b] · (sum of ``x`` over block b): a MatMul on ``x``'s block sums.
+
+    The block sums [..., K/bs] are one MatMul with a 0/1 matrix [K, K/bs] (any input rank), made once
+    per input tensor (in ``block_sums``) and shared by the linears reading it (q/k/v, gate/up)."""
+    if (x, bs) not in block_sums:
+        ones = f"{WEIGHT_PREFIX}block_ones.{k}x{bs}"
+        if not any(t.name == ones for t in g.initializer):
+            member = np.repeat(np.eye(k // bs, dtype=np.float32), bs, axis=0)  # [K, K/bs]
+            g.initializer.append(numpy_helper.from_array(member, ones))
+        block_sums[(x, bs)] = helper.make_node("MatMul", [x, ones], [f"{x}.block_sums{bs}"],
+                                               name=f"{BLOCK_SUMS_PREFIX}{x}.{bs}")
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(offset.T.astype(np.float32)), f"{prefix}.offset"))
+    return helper.make_node("MatMul", [f"{x}.block_sums{bs}", f"{prefix}.offset"], [f"{prefix}.offset_term"],
+                            name=f"{prefix}.offset_term")
+
+
 def quantize_weights(model: onnx.ModelProto, weights: dict[str, tuple[Linear, QuantizedWeight]],
-                     form: str = "dq") -> tuple[onnx.ModelProto, dict]:
-    """Replace each linear's float weight (``weights``: node name → (Linear, QuantizedWeight))."""
+                     form: str = "dq", accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict]:
+    """Replace each linear's float weight (``weights``: node name → (Linear, QuantizedWeight)).
+    ``accuracy_level``: of the 4-bit MatMulNBits (8-bit ones always take 4).
+
+    Codes with an ``offset`` (kept from a source grid) need the ``matmulnbits`` form."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    report = {"dq": 0, "matmulnbits": 0}
+    report = {"dq": 0, "matmulnbits": 0, "kept_source_grid": 0}
     replaced: dict[str, list[onnx.NodeProto]] = {}
     before: dict[str, list[onnx.NodeProto]] = {}
     nodes = {n.name: n for n in g.node}
+    block_sums: dict[tuple[str, int], onnx.NodeProto] = {}
     for name, (lin, qw) in weights.items():
         node = nodes[name]
         prefix = f"{WEIGHT_PREFIX}{name}"
         if form == "matmulnbits" and matmulnbits_ok(qw):
-            replaced[name] = _matmulnbits_form(node, lin, qw, prefix, g)
+            replaced[name] = _matmulnbits_form(node, lin, qw, prefix, g, block_sums, accuracy_level)
+            if qw.offset is not None:
+                before[name] = [block_sums[(node.input[0], matmulnbits_block(qw))]]
             report["matmulnbits"] += 1
+            report["kept_source_grid"] += qw.offset is not None
+        elif qw.offset is not None:
+            raise ValueError(f"{name}: codes with a float offset need the matmulnbits form")
         else:
             before[name] = [_dq_form(g, node, lin, qw, prefix)]
             report["dq"] += 1
-    ordered = []
+    ordered, made = [], set()
     for node in g.node:
-        ordered.extend(before.get(node.name, []))
+        for extra in before.get(node.name, []):  # a block sum shared by several linears: made once
+            if extra.name not in made:
+                made.add(extra.name)
+                ordered.append(extra)
         ordered.extend(replaced.get(node.name, [node]))
     del g.node[:]
     g.node.extend(ordered)

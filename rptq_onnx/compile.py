@@ -166,7 +166,8 @@ def amplitude_key(layer: DecoderLayer, config: CompileConfig) -> bool:
     """R2 clustered on K's amplitude max(|max|, |min|), freely: K's grid is symmetric (fused attention,
     K after RoPE: GQA's cache has no zero point) and the layout folds nothing of R2, so RoPE pairs
     need not stay together."""
-    return quantize.symmetric_key(layer, config) and "R2" not in folded_points(layer, config.layout)
+    return quantize.symmetric_key(layer, config) and \
+        "R2" not in folded_points(layer, config.layout, quantize.keeps_source_grid(config))
 
 
 @dataclass
@@ -222,8 +223,10 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
         raise RptqError(f"--attention fused: head_dim {layers[0].head_dim} is not a multiple of 8, which ONNX Runtime's "
                         "GroupQueryAttention needs; use --attention eager")
     timer = timer or _Timer()
+    config, on_grid = quantize.resolve_source_grid(config, graph, layers, str(model_path.parent) if model_path else "")
     q = config.quant
-    hessians = q.quantizes_weights and q.weight_quant == "gptq"
+    # GPTQ needs Hessians unless every weight keeps its source grid (judged on the first layer)
+    hessians = q.quantizes_weights and q.weight_quant == "gptq" and not (on_grid and all(on_grid.values()))
     with timer.stage("calibrate"):
         calib = calibration
         if calib is None or (hessians and not calib.xtx):
@@ -236,7 +239,8 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
         if not weights_loaded(graph):
             graph = load_model(model_path)
         clustered = [{p: plan for p, plan in lp.items() if plan.clustered} for lp in plans]  # identities: nothing to fold
-        folded, fold_report = fold_reorder(graph, layers, clustered, layout=config.layout)
+        folded, fold_report = fold_reorder(graph, layers, clustered, layout=config.layout,
+                                           keep_weight_inputs=quantize.keeps_source_grid(config))
         del graph
     quant_report: dict = {}
     if q.quantizes_weights or q.quantizes_activations:

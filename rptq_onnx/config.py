@@ -27,6 +27,7 @@ ABITS = (3, 4, 5, 6, 7, 8, 16)
 WEIGHT_QUANT = ("gptq", "rtn")
 OBSERVERS = ("ema", "minmax")
 LAYOUTS = ("zero-copy", "contiguous")
+SOURCE_GRID = ("keep", "requantize")
 # fused: one com.microsoft:GroupQueryAttention per layer over the (low-bit) cache; auto: fused for the KV
 # presets on graphs with a cache, else eager (compile.resolve_attention)
 ATTENTION = ("eager", "fused", "auto")
@@ -150,6 +151,8 @@ class QuantSpec:
     matmulnbits: bool = True  # 3/4-bit weights as com.microsoft MatMulNBits (packed in memory) when possible
     float_cache: bool = False  # with-past graphs: keep present/past in float (K/V still fake-quantized)
     head_bits: int = 16  # token embedding + LM head (passes/quantize_head.py); 16: float
+    source_grid: str = "keep"  # weights already on a wbits grid keep their codes (rptq_onnx/source_grid.py)
+    accuracy_level: int = 0  # 4-bit MatMulNBits: 0 = float GEMM on the exact codes; 4 = int8 inputs, integer GEMM
 
     def __post_init__(self):
         if self.wbits not in WBITS:
@@ -160,6 +163,10 @@ class QuantSpec:
             raise RptqError(f"--weight-quant {self.weight_quant} is unknown; use gptq or rtn")
         if self.observer not in OBSERVERS:
             raise RptqError(f"--observer {self.observer} is unknown; use ema or minmax")
+        if self.accuracy_level not in (0, 4):
+            raise RptqError(f"--accuracy-level {self.accuracy_level}: use 4 (int8 inputs) or 0 (float)")
+        if self.source_grid not in SOURCE_GRID:
+            raise RptqError(f"--source-grid {self.source_grid} is unknown; use keep or requantize")
         if self.head_bits not in HEAD_BITS:
             raise RptqError(f"--head-bits {self.head_bits} is not supported; use 4, 8 or 16 (float)")
         if self.group_size is not None and (self.group_size < MIN_GROUP or self.group_size & (self.group_size - 1)):

@@ -6,3 +6,4 @@
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(18, 24)
 EXPORTERS = ("dynamo", "torchscript")
+

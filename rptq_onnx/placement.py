@@ -32,7 +32,11 @@ def classify(model: onnx.ModelProto) -> list[dict]:
     embedding = embedding_gather(index)
     rows = []
     for node in model.graph.node:
-        if node.op_type in GEMMS:
+        if node.op_type == "MatMul" and node.name.startswith(WEIGHT_PREFIX):
+            rows.append({"node": node.name, "op": node.op_type, "kind": "float",
+                         "verdict": "float GEMM, small: block sums / per-block offsets of codes kept from a source "
+                                    "grid (1/block_size of the linear's work)"})
+        elif node.op_type in GEMMS:
             rows.append({"node": node.name, "op": node.op_type, **_gemm_verdict(index, node)})
         elif node.op_type in QDQ:
             rows.append({"node": node.name, "op": node.op_type, **_qdq_verdict(index, node)})

@@ -85,19 +85,26 @@ def _quantize_cols(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """``codes`` [out, in] uint, ``scale``/``zero_point`` [out, groups]; group = in // groups columns."""
+    """``codes`` [out, in] uint, ``scale``/``zero_point`` [out, groups]; group = in // groups columns.
+
+    ``offset`` [out, groups] (float, or None for 0): added to every dequantized value of its group,
+    for codes kept from a source already on a grid with a float minimum (rptq_onnx/source_grid.py)."""
 
     codes: np.ndarray
     scale: np.ndarray
     zero_point: np.ndarray
     bits: int
     group_size: int | None
+    offset: np.ndarray | None = None
 
     def dequantize(self) -> np.ndarray:
         g = self.codes.shape[1] if self.group_size is None else self.group_size
         s = np.repeat(self.scale, g, axis=1)
         z = np.repeat(self.zero_point, g, axis=1)
-        return ((self.codes.astype(np.float32) - z) * s).astype(np.float32)
+        w = (self.codes.astype(np.float32) - z) * s
+        if self.offset is not None:
+            w = w + np.repeat(self.offset, g, axis=1)
+        return w.astype(np.float32)
 
 
 def _groups(cols: int, group_size: int | None) -> int:
@@ -231,8 +238,12 @@ def dequantized_weight(index, lin) -> np.ndarray:
     if node.op_type == "MatMulNBits":
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         zp = const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        return dequantize_matmulnbits(const(node.input[1]), const(node.input[2]), zp, attrs["K"], attrs["N"],
-                                      attrs["bits"], attrs["block_size"]).T
+        w = dequantize_matmulnbits(const(node.input[1]), const(node.input[2]), zp, attrs["K"], attrs["N"],
+                                   attrs["bits"], attrs["block_size"])
+        offset = f"{node.name.removesuffix('.matmulnbits')}.offset"  # [K/bs, N], codes kept from a source grid
+        if offset in index.initializers:
+            w = w + np.repeat(const(offset).T, attrs["block_size"], axis=1)
+        return w.T
     producer = index.producer.get(node.input[1])
     if producer is not None and producer.op_type == "DequantizeLinear":
         codes = const(producer.input[0]).astype(np.float32)

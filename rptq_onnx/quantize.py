@@ -17,6 +17,8 @@ graph's channel order through each point's cluster plan.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -32,6 +34,7 @@ from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.quant import (QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn,
                              symmetric_activation_qparams)
+from rptq_onnx.source_grid import weight_on_grid
 from rptq_onnx.vocabulary import LINEAR_INPUT_TAP, QUERY_HEAD_TAPS, TAP_POINT
 
 
@@ -40,10 +43,10 @@ def tap_plan(layer: DecoderLayer, plan: dict[str, ClusterPlan], tap: str) -> Clu
     return p.expand_heads(layer.group) if tap in QUERY_HEAD_TAPS else p
 
 
-def folded_order(layer: DecoderLayer, tap: str, plan: dict[str, ClusterPlan], layout: str) -> tuple[np.ndarray | None, np.ndarray]:
+def folded_order(layer: DecoderLayer, tap: str, plan: dict[str, ClusterPlan], config: CompileConfig) -> tuple[np.ndarray | None, np.ndarray]:
     """(index into original channels or None if unpermuted, cluster label per channel of the folded graph)."""
     p = tap_plan(layer, plan, tap)
-    if TAP_POINT[tap] in folded_points(layer, layout):
+    if TAP_POINT[tap] in folded_points(layer, config.layout, keeps_source_grid(config)):
         return p.index, p.folded_labels()
     return None, p.labels()
 
@@ -76,7 +79,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
         chosen = ("k", "v") if q.kv_only else tuple(tensors)
         for tap in chosen:
             tensor, bits = tensors[tap]
-            index, labels = folded_order(layer, tap, plan, config.layout)
+            index, labels = folded_order(layer, tap, plan, config)
             if TAP_POINT[tap] in per_tensor:
                 labels = np.zeros_like(labels)
             mx, mn = channel_range(calib, i, tap, q.observer)
@@ -91,9 +94,36 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
     return points
 
 
-def _weight_out_in(model_inits: dict[str, onnx.TensorProto], lin: Linear) -> np.ndarray:
-    w = numpy_helper.to_array(model_inits[lin.weight])
+def _weight_out_in(model_inits: dict[str, onnx.TensorProto], lin: Linear, base_dir: str = "") -> np.ndarray:
+    w = numpy_helper.to_array(model_inits[lin.weight], base_dir)  # from external data if not loaded
     return w if lin.weight_layout == "out_in" else w.T
+
+
+def keeps_source_grid(config: CompileConfig) -> bool:
+    """Weights already on a grid keep their codes (``--source-grid keep``, resolved by ``resolve_source_grid``)."""
+    return config.quant.quantizes_weights and config.quant.source_grid == "keep"
+
+
+def source_grid_roles(model: onnx.ModelProto, layer: DecoderLayer, bits: int, base_dir: str = "") -> dict[str, bool]:
+    """Per linear role of ``layer``: is its float weight on a ``bits``-bit grid (rptq_onnx/source_grid.py)?"""
+    inits = {t.name: t for t in model.graph.initializer}
+    return {role: weight_on_grid(_weight_out_in(inits, lin, base_dir), bits) is not None
+            for role, lin in layer.linears().items()}
+
+
+def resolve_source_grid(config: CompileConfig, model: onnx.ModelProto, layers: list[DecoderLayer],
+                        base_dir: str = "") -> tuple[CompileConfig, dict[str, bool]]:
+    """``--source-grid keep`` stays ``keep`` only where it can apply: weights quantized as MatMulNBits in
+    the zero-copy layout (which then folds no reorder into a weight's inputs, R3/R5 included, so every
+    block keeps its inputs), and the first layer's weights on a ``wbits``-bit grid. Otherwise it
+    resolves to ``requantize``. Returns (config, first layer's role → on grid)."""
+    q = config.quant
+    if q.source_grid != "keep" or not q.quantizes_weights:
+        return config, {}
+    found = source_grid_roles(model, layers[0], q.wbits, base_dir) if q.matmulnbits and config.layout == "zero-copy" else {}
+    if not any(found.values()):
+        return dataclasses.replace(config, quant=dataclasses.replace(q, source_grid="requantize")), found
+    return config, found
 
 
 
@@ -111,7 +141,8 @@ def effective_group(in_features: int, group_size: int | None) -> int | None:
 
 def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],
                       calib: Calibration, config: CompileConfig, progress: bool = False) -> dict[str, tuple[Linear, QuantizedWeight]]:
-    """RTN or GPTQ codes for the six linears of every layer (weights and Hessians in folded order)."""
+    """Codes for the linears of every layer (weights and Hessians in folded order): kept from a source
+    grid where ``--source-grid keep`` applies, else GPTQ (RTN where calibration gathered no Hessian)."""
     q = config.quant
     inits = {t.name: t for t in folded.graph.initializer}
     out = {}
@@ -120,10 +151,13 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
                                     disable=not progress or None):
         w = _weight_out_in(inits, lin)
         group = effective_group(w.shape[1], q.group_size)
-        if q.weight_quant == "gptq":
+        kept = weight_on_grid(w, q.wbits) if keeps_source_grid(config) else None
+        if kept is not None:  # already quantized: its own codes, exactly (GPTQ would only move them)
+            qw = kept
+        elif q.weight_quant == "gptq" and (fl.index, LINEAR_INPUT_TAP[role]) in calib.xtx:
             tap = LINEAR_INPUT_TAP[role]
             h = calib.hessian(fl.index, tap)
-            index, _ = folded_order(fl, tap, plan, config.layout)
+            index, _ = folded_order(fl, tap, plan, config)
             if index is not None:
                 h = h[np.ix_(index, index)]
             qw = quantize_gptq(w, h, q.wbits, group)
@@ -143,10 +177,11 @@ def quantize_graph(folded: onnx.ModelProto, layers: list[DecoderLayer], folded_l
     if q.quantizes_weights:
         weights = quantized_weights(folded, folded_layers, plans, calib, config, progress)
         form = "matmulnbits" if q.matmulnbits else "dq"
-        model, report["weights"] = quantize_weights(model, weights, form=form)
+        model, report["weights"] = quantize_weights(model, weights, form=form, accuracy_level=q.accuracy_level)
         used = sorted({qw.group_size or 0 for _, qw in weights.values()})  # 0: per output channel
         report["weights"].update({"algorithm": q.weight_quant, "bits": q.wbits, "group_size": q.group_size,
-                                  "group_sizes_used": used})
+                                  "group_sizes_used": used, "source_grid": q.source_grid,
+                                  "accuracy_level": q.accuracy_level})
     points = activation_points(layers, folded_layers, plans, calib, config)
     if points:
         model, report["activations"] = emit_qdq(model, points)

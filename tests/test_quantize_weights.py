@@ -48,7 +48,7 @@ def test_dq_form_equals_dequantized_matmul(layout, bits, group):
     model, lin, w, b = _linear_graph(layout)
     qw = quantize_rtn(w, bits, group)
     out, report = quantize_weights(model, {"lin": (lin, qw)}, form="dq")
-    assert report == {"dq": 1, "matmulnbits": 0}
+    assert report == {"dq": 1, "matmulnbits": 0, "kept_source_grid": 0}
     onnx.checker.check_model(out, full_check=True)
     assert "w" not in {t.name for t in out.graph.initializer}  # the float weight is gone
     codes = next(t for t in out.graph.initializer if t.name.endswith(".codes"))
@@ -65,7 +65,7 @@ def test_matmulnbits_equals_dq_matmul(layout, bits, block):
     model, lin, w, _ = _linear_graph(layout)
     qw = quantize_rtn(w, bits, block)
     nbits, report = quantize_weights(model, {"lin": (lin, qw)}, form="matmulnbits")
-    assert report == {"dq": 0, "matmulnbits": 1}
+    assert report == {"dq": 0, "matmulnbits": 1, "kept_source_grid": 0}
     node = next(n for n in nbits.graph.node if n.op_type == "MatMulNBits")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["bits"] == (8 if bits == 8 else 4)
@@ -144,3 +144,12 @@ def test_group_size_falls_back_to_a_divisor():
     assert effective_group(48, 128) == 16 and effective_group(40, 128) is None and effective_group(576, None) is None
     with pytest.raises(RptqError, match="--group-size 8: use a power of two ≥ 16"):
         QuantSpec(wbits=4, abits=16, group_size=8)  # smaller than any block MatMulNBits takes
+
+
+def test_accuracy_level_4_is_set_on_4_bit_kernels_when_asked():
+    model, lin, w, _ = _linear_graph("in_out")
+    for level in (0, 4):
+        out, _ = quantize_weights(model, {"lin": (lin, quantize_rtn(w, 4, 32))}, form="matmulnbits", accuracy_level=level)
+        node = next(n for n in out.graph.node if n.op_type == "MatMulNBits")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("accuracy_level", 0) == level

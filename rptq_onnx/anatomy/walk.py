@@ -7,6 +7,7 @@ import onnx
 from rptq_onnx.anatomy.records import Linear
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex
+from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX
 
 # Ops that carry a tensor's values to another layout without mixing channels of different
 # tokens; the walks below pass through them. Input 0 is the data input unless listed below.
@@ -87,6 +88,8 @@ class LayerWalker:
     def is_linear(self, node: onnx.NodeProto) -> bool:
         if node.op_type == "MatMulNBits":
             return True
+        if node.name.startswith(WEIGHT_PREFIX):  # a kept source grid's block sums / offset term, not a layer
+            return False
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
             src, _ = self.weight_source(node.input[1])
             shape = self.g.constant_shape(src) if src else None
@@ -120,15 +123,20 @@ class LayerWalker:
                       weight_dq=dq)
 
     def _bias_output(self, node: onnx.NodeProto) -> tuple[str, str | None, str | None]:
-        """(output after the bias, bias initializer, bias Add node) of a MatMul-like node."""
-        users = self.g.value_readers(node.output[0])
+        """(output after the bias, bias initializer, bias Add node) of a MatMul-like node (after the
+        offset term of codes kept from a source grid, passes/quantize_weights.py, where there is one)."""
+        out = node.output[0]
+        users = self.g.value_readers(out)
+        if len(users) == 1 and users[0].op_type == "Add" and users[0].name.endswith(OFFSET_ADD_SUFFIX):
+            out = users[0].output[0]
+            users = self.g.value_readers(out)
         if len(users) == 1 and users[0].op_type == "Add":
             add = users[0]
-            other = [t for t in add.input if t != node.output[0]]
+            other = [t for t in add.input if t != out]
             src = self.g.constant_source(other[0]) if other else None
             if src is not None and len(self.g.constant_shape(src) or ()) == 1:
                 return add.output[0], src, add.name
-        return node.output[0], None, None
+        return out, None, None
 
     def before_qdq(self, tensor: str) -> str:
         """The float tensor a Q → [Clip] → DQ chain (if any) fake-quantizes."""
@@ -140,9 +148,12 @@ class LayerWalker:
         return tensor
 
     def readers_through_qdq(self, tensor: str) -> set[str]:
-        """Names of the nodes reading ``tensor``, looking through a Q/DQ chain."""
+        """Names of the nodes reading ``tensor``, looking through a Q/DQ chain (block sums made for the
+        linears reading it, passes/quantize_weights.py, are part of those linears)."""
         names = set()
         for node in self.g.value_readers(tensor):
+            if node.name.startswith(BLOCK_SUMS_PREFIX):
+                continue
             if node.op_type in QDQ_OPS:
                 names |= self.readers_through_qdq(node.output[0])
             else:

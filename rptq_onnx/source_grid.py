@@ -1,0 +1,82 @@
+"""Float weights that already sit on a low-bit grid, found and carried exactly.
+
+A GGUF Q4_0 / Q4_1 / Q8_0 file dequantized on load, or a GPTQ / AWQ checkpoint saved in float,
+holds weights that are already block-quantized: every block of B consecutive inputs of an output
+row is ``m + d·q`` for integer ``q`` in 0 … 2ⁿ − 1. Requantizing them onto another n-bit grid
+(RTN or GPTQ) rounds each value a second time — on SmolLM2's Q4_1 weights that cost more than all
+of the activation quantization. Found here, such a weight is stored with its own codes:
+
+    W = (codes − zero_point) · scale + offset          (per block; ``QuantizedWeight.offset``)
+
+``zero_point`` is the kernel's default (2ⁿ⁻¹ for MatMulNBits), ``offset = m + zero_point · d``,
+and passes/quantize_weights.py adds the offset term as one small MatMul over the input's block
+sums. Where every block's grid passes through 0 (Q4_0, Q8_0, integer zero points) the zero point
+is an integer and there is no offset. Float weights never pass the test (every value of every block must land within 1e-3 of a
+step), so for them nothing changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rptq_onnx.quant import QuantizedWeight
+
+GRID_BLOCKS = (128, 64, 32, 16)  # tried largest first: a grid of 128-blocks is also one of 32-blocks
+STEP_TOLERANCE = 1e-3  # of one step
+SAMPLE_BLOCKS = 1024
+MOSTLY_ON_GRID = 0.5  # below this share of blocks on the widest grid, the weight is float: stop looking
+
+
+def _fit(blocks: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step, codes, exact per block) for ``blocks`` [R, B] on a grid of ``levels`` steps from each block's min."""
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    step = (hi - lo) / levels
+    safe = np.where(step > 0, step, 1.0)
+    codes = np.rint((blocks - lo[:, None]) / safe[:, None])
+    err = np.abs(codes * step[:, None] + lo[:, None] - blocks).max(axis=1)
+    slack = 4 * np.finfo(np.float32).eps * np.abs(blocks).max(axis=1)
+    return step, codes, err <= STEP_TOLERANCE * step + slack
+
+
+def find_grid(w: np.ndarray, bits: int, block: int) -> QuantizedWeight | None:
+    """``w`` [out, in] as exact ``bits``-bit codes in blocks of ``block`` inputs, or None if any block is off grid."""
+    out, cols = w.shape
+    if cols % block:
+        return None
+    top = (1 << bits) - 1
+    flat = w.reshape(-1, block)
+    if _fit(np.asarray(flat[:SAMPLE_BLOCKS], np.float64), top)[2].mean() < MOSTLY_ON_GRID:
+        return None  # a float weight: rejected on its first blocks
+    flat = np.asarray(flat, np.float64)
+    step, codes, exact = _fit(flat, top)
+    if exact.mean() < MOSTLY_ON_GRID:
+        return None
+    # a block using fewer steps than the grid has (say 0..13 of 0..15): try each narrower grid on it
+    for levels in range(top - 1, 0, -1):
+        todo = np.flatnonzero(~exact)
+        if not len(todo):
+            break
+        s, c, ok = _fit(flat[todo], levels)
+        step[todo[ok]], codes[todo[ok]], exact[todo[ok]] = s[ok], c[ok], True
+    if not exact.all():
+        return None
+    lo = flat.min(axis=1)
+    shape = (out, cols // block)
+    codes, scale = codes.reshape(out, cols).astype(np.uint8), step.reshape(shape).astype(np.float32)
+    # a grid through 0 on every block (Q4_0, Q8_0, integer zero points): an integer zero point, no offset
+    zp = -lo / np.where(step > 0, step, 1.0)
+    if np.all((np.abs(zp - np.rint(zp)) <= STEP_TOLERANCE) & (np.rint(zp) >= 0) & (np.rint(zp) <= top)):
+        return QuantizedWeight(codes=codes, scale=scale, zero_point=np.rint(zp).reshape(shape).astype(np.uint8),
+                               bits=bits, group_size=block)
+    mid = 1 << (bits - 1)  # MatMulNBits' default zero point
+    return QuantizedWeight(codes=codes, scale=scale, zero_point=np.full(shape, mid, np.uint8), bits=bits,
+                           group_size=block, offset=(lo + mid * step).reshape(shape).astype(np.float32))
+
+
+def weight_on_grid(w: np.ndarray, bits: int) -> QuantizedWeight | None:
+    """``w`` [out, in] with the widest block (128, 64, 32, 16) on which it sits on a ``bits``-bit grid, or None."""
+    for block in GRID_BLOCKS:
+        found = find_grid(w, bits, block)
+        if found is not None:
+            return found
+    return None

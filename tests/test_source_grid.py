@@ -1,0 +1,140 @@
+"""Weights already on a low-bit grid (a dequantized GGUF Q4_1, a GPTQ checkpoint) keep their exact codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from rptq_onnx.anatomy import Linear, find_layers
+from rptq_onnx.compile import compile_graph
+from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig, QuantSpec
+from rptq_onnx.export import to_onnx
+from rptq_onnx.models import random_llama, random_opt
+from rptq_onnx.passes.quantize_weights import quantize_weights
+from rptq_onnx.placement import classify
+from rptq_onnx.runtime import feeds_for, make_session
+from rptq_onnx.source_grid import find_grid, weight_on_grid
+
+
+def q4_1(w: np.ndarray, block: int = 32) -> np.ndarray:
+    """``w`` [out, in] through llama.cpp's Q4_1 (blocks along the input, fp16 step and minimum), dequantized."""
+    out, cols = w.shape
+    b = w.reshape(out, cols // block, block).astype(np.float32)
+    lo, hi = b.min(axis=2, keepdims=True), b.max(axis=2, keepdims=True)
+    d = (hi - lo) / 15
+    q = np.clip(np.floor((b - lo) / np.where(d > 0, d, 1) + 0.5), 0, 15)
+    d16, m16 = d.astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
+    return (d16 * q + m16).astype(np.float32).reshape(out, cols)
+
+
+def test_q4_1_weights_are_found_exactly_and_float_weights_are_not():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(48, 256)).astype(np.float32) / 10
+    grid = q4_1(w)
+    grid[3, :32] = grid[3, 0]  # a constant block
+    grid[5, 32:64] = np.linspace(0, 13, 32).round() * 0.01 - 0.05  # a block using 14 of the 16 steps
+    qw = weight_on_grid(grid, 4)
+    assert qw is not None and qw.group_size == 32 and qw.offset is not None
+    np.testing.assert_allclose(qw.dequantize(), grid, rtol=0, atol=1e-7)
+    assert qw.codes.max() <= 15
+    assert weight_on_grid(w, 4) is None  # float weights
+    assert weight_on_grid(grid, 3) is None  # 16 levels do not fit 3 bits
+    assert find_grid(grid, 4, 64) is None  # each block of 32 has its own step
+    wide = weight_on_grid(grid, 8)  # the same codes, spread over the 8-bit grid
+    np.testing.assert_allclose(wide.dequantize(), grid, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_offset_codes_run_as_matmulnbits_with_a_shared_block_sum(layout):
+    """Two linears read one input: one block-sum MatMul feeds both offset terms; outputs are x·Wᵀ (+ b)."""
+    rng = np.random.default_rng(1)
+    k, n = 128, 40
+    ws = [q4_1(rng.normal(size=(n, k)).astype(np.float32)) for _ in range(2)]
+    b = rng.normal(size=n).astype(np.float32)
+    nodes, inits, weights = [], [numpy_helper.from_array(b, "b")], {}
+    for i, w in enumerate(ws):
+        if layout == "in_out":
+            nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"lin{i}"))
+            inits.append(numpy_helper.from_array(w.T.copy(), f"w{i}"))
+            lin = Linear(f"lin{i}", "MatMul", "x", f"y{i}", f"w{i}", "in_out", None, None, k, n)
+        else:
+            nodes.append(helper.make_node("Gemm", ["x", f"w{i}", "b"], [f"y{i}"], name=f"lin{i}", transB=1))
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            lin = Linear(f"lin{i}", "Gemm", "x", f"y{i}", f"w{i}", "out_in", "b", None, k, n)
+        weights[f"lin{i}"] = (lin, weight_on_grid(w, 4))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [3, n]) for i in range(2)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    out, report = quantize_weights(model, weights, form="matmulnbits")
+    onnx.checker.check_model(out, full_check=True)
+    assert report["kept_source_grid"] == 2 and report["matmulnbits"] == 2
+    assert sum(n.name.startswith("rptq.w.block_sums.") for n in out.graph.node) == 1
+    x = rng.normal(size=(3, k)).astype(np.float32)
+    got = make_session(out.SerializeToString()).run(None, {"x": x})
+    for i, w in enumerate(ws):
+        want = x @ w.T + (b if layout == "out_in" else 0)
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=2e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="matmulnbits"):
+        quantize_weights(model, weights, form="dq")
+
+
+def _gridded(hf) -> torch.nn.Module:
+    """``hf`` with every decoder linear's weight replaced by its Q4_1 values (a GGUF loaded as float)."""
+    with torch.no_grad():
+        for name, mod in hf.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                mod.weight.copy_(torch.from_numpy(q4_1(mod.weight.numpy())))
+    return hf
+
+
+def _logits(model, ids, layers):
+    sess = make_session(model.SerializeToString())
+    return sess.run(None, feeds_for(sess, ids, layers))[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_a_q4_1_model_compiles_to_w4_without_weight_loss(family):
+    """W4A16 of a model whose weights are Q4_1 values: the compiled logits equal the source's (float rounding);
+    requantizing them (`--source-grid requantize`, RTN) is far off. W4A4KV keeps them too, folding no
+    reorder into a weight's inputs (R3, R5 stay labels)."""
+    hf = random_opt(seed=3, hidden_size=128, num_attention_heads=4, ffn_dim=256) if family == "opt" else \
+        random_llama(seed=3, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+    graph = to_onnx(_gridded(hf), with_past=False)
+    layers = find_layers(graph)
+    ids = np.random.default_rng(0).integers(0, 300, (2, 32))
+    ref = _logits(graph, ids, layers)
+    calib = CalibConfig(nsamples=2, seqlen=32)
+    err = {}
+    for grid in ("keep", "requantize"):
+        cfg = CompileConfig(quant=QuantSpec(wbits=4, abits=16, weight_quant="rtn", group_size=32, source_grid=grid),
+                            calib=calib)
+        compiled = compile_graph(graph, layers, ids, cfg)
+        assert compiled.quant["weights"]["kept_source_grid"] == (len(layers) * len(layers[0].linears()) if grid == "keep" else 0)
+        err[grid] = float(np.abs(_logits(compiled.model, ids, layers) - ref).max())
+    assert err["keep"] < 1e-3 * np.abs(ref).max() and err["requantize"] > 20 * err["keep"], err
+
+    cfg = CompileConfig(preset="W4A4KV", quant=QuantSpec.for_preset("W4A4KV", weight_quant="gptq"), calib=calib,
+                        clusters=ClusterCounts(R1=4, R4=4, R5=4))
+    compiled = compile_graph(graph, layers, ids, cfg)
+    assert compiled.config.quant.source_grid == "keep" and not compiled.calibration.xtx  # no Hessians needed
+    assert compiled.quant["weights"]["kept_source_grid"] == len(layers) * len(layers[0].linears())
+    assert compiled.fold.permuted_initializers == (4 * len(layers) if family == "opt" else 0)  # OPT: q/k out + bias
+    rows = classify(compiled.model)  # inspect --placement's verdicts, from the graph
+    assert all(r["kind"] == "real" for r in rows if r["op"] == "MatMulNBits")
+    small = [r for r in rows if "source grid" in r["verdict"]]  # an offset term per linear, block sums per input
+    assert len(small) == compiled.quant["weights"]["kept_source_grid"] + 4 * len(layers)
+
+
+def test_a_grid_through_zero_takes_an_integer_zero_point_and_no_offset():
+    """Q4_0-like blocks, d·(q − 8): integer zero points, nothing to add at run time."""
+    rng = np.random.default_rng(4)
+    d = rng.uniform(1e-3, 1e-2, (16, 4, 1)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (16, 4, 32))
+    w = (d * (q - 8)).astype(np.float32).reshape(16, 128)
+    qw = weight_on_grid(w, 4)
+    assert qw is not None and qw.offset is None
+    np.testing.assert_allclose(qw.dequantize(), w, rtol=0, atol=1e-7)
