@@ -17,13 +17,15 @@ rounded to the low-bit grid, but the following MatMul still runs in float.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from rptq_onnx.graph import GraphIndex, insert_nodes, rename_inputs
+from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.quant import QParams
 from rptq_onnx.vocabulary import LAYOUT_PREFIX, QDQ_PREFIX, activation_container
 
@@ -42,52 +44,76 @@ class QuantPoint:
         return f"{QDQ_PREFIX}{self.tag}.dq"
 
 
+@dataclass
+class QdqReport:
+    points: int = 0
+    by_bits: dict[str, int] = field(default_factory=dict)  # bit width (as a string) → points
+
+
+class EmitQdq(Pass[QdqReport]):
+    """A Q/DQ pair at every point (edits in place)."""
+
+    name = "emit_qdq"
+
+    def __init__(self, points: list[QuantPoint]):
+        self.points = points
+
+    def requires(self, model: onnx.ModelProto) -> str | None:
+        outputs = {o.name for o in model.graph.output}
+        bad = next((p for p in self.points if p.tensor in outputs), None)
+        return f"{bad.tensor} is a graph output; quantize it in the KV-cache pass instead" if bad else None
+
+    def apply(self, model: onnx.ModelProto) -> PassResult[QdqReport]:
+        g = model.graph
+        index = GraphIndex(model)
+        readers = {p.tensor: list(index.consumers.get(p.tensor, [])) for p in self.points}
+        new_nodes: dict[str, list[onnx.NodeProto]] = {}
+        report = QdqReport()
+        for p in self.points:
+            new_nodes[p.tensor], dq_out = _emit_point(g, p)
+            rename_inputs(readers[p.tensor], {p.tensor: dq_out})
+            report.points += 1
+            report.by_bits[str(p.qparams.bits)] = report.by_bits.get(str(p.qparams.bits), 0) + 1
+        insert_nodes(g, new_nodes)  # each Q/DQ group right after the producer of its tensor
+        return PassResult(model, report, modified=bool(self.points))
+
+
 def emit_qdq(model: onnx.ModelProto, points: list[QuantPoint]) -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` with a Q/DQ pair at every point; returns (model, report)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    index = GraphIndex(out)
-    readers = {p.tensor: list(index.consumers.get(p.tensor, [])) for p in points}
-    outputs = {o.name for o in g.output}
-    new_nodes: dict[str, list[onnx.NodeProto]] = {}
-    report = {"points": 0, "by_bits": {}}
-    for p in points:
-        if p.tensor in outputs:
-            raise ValueError(f"{p.tensor} is a graph output; quantize it in the KV-cache pass instead")
-        elem, clip = activation_container(p.qparams.bits)
-        prefix = f"{QDQ_PREFIX}{p.tag}"
-        scale = p.qparams.scale.astype(np.float32)
-        zp = p.qparams.zero_point
-        if p.per_tensor:
-            scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
-        g.initializer.append(numpy_helper.from_array(scale, f"{prefix}.scale"))
-        g.initializer.append(helper.make_tensor(f"{prefix}.zero_point", elem, list(np.shape(zp)),
-                                                np.asarray(zp).astype(np.int64).ravel().tolist()))
-        axis = {} if p.per_tensor else {"axis": 1 if p.heads else -1}
-        source, nodes, dq_out = p.tensor, [], p.dequantized()
-        if p.heads:
-            source, dq_out = f"{LAYOUT_PREFIX}{p.tag}.channels", f"{LAYOUT_PREFIX}{p.tag}.back"
-            nodes += _to_channels(g, p, source)
-        q_out = f"{prefix}.q"
-        nodes.append(helper.make_node("QuantizeLinear", [source, f"{prefix}.scale", f"{prefix}.zero_point"], [q_out],
-                                      name=f"{prefix}.quantize", **axis))
-        if clip:
-            g.initializer.append(numpy_helper.from_array(np.array(0, np.uint8), f"{prefix}.lo"))
-            g.initializer.append(numpy_helper.from_array(np.array(p.qparams.qmax, np.uint8), f"{prefix}.hi"))
-            nodes.append(helper.make_node("Clip", [q_out, f"{prefix}.lo", f"{prefix}.hi"], [f"{prefix}.qc"],
-                                          name=f"{prefix}.clip"))
-            q_out = f"{prefix}.qc"
-        nodes.append(helper.make_node("DequantizeLinear", [q_out, f"{prefix}.scale", f"{prefix}.zero_point"],
-                                      [p.dequantized()], name=f"{prefix}.dequantize", **axis))
-        if p.heads:
-            nodes += _from_channels(g, p, dq_out)
-        rename_inputs(readers[p.tensor], {p.tensor: dq_out})
-        new_nodes[p.tensor] = nodes
-        report["points"] += 1
-        report["by_bits"][str(p.qparams.bits)] = report["by_bits"].get(str(p.qparams.bits), 0) + 1
-    insert_nodes(g, new_nodes)  # each Q/DQ group right after the producer of its tensor
-    return out, report
+    result = EmitQdq(points).run(model)
+    return result.model, dataclasses.asdict(result.report)
+
+
+def _emit_point(g: onnx.GraphProto, p: QuantPoint) -> tuple[list[onnx.NodeProto], str]:
+    """Adds ``p``'s initializers to ``g``; returns its nodes and the tensor its readers now read."""
+    elem, clip = activation_container(p.qparams.bits)
+    prefix = f"{QDQ_PREFIX}{p.tag}"
+    scale = p.qparams.scale.astype(np.float32)
+    zp = p.qparams.zero_point
+    if p.per_tensor:
+        scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
+    g.initializer.append(numpy_helper.from_array(scale, f"{prefix}.scale"))
+    g.initializer.append(helper.make_tensor(f"{prefix}.zero_point", elem, list(np.shape(zp)),
+                                            np.asarray(zp).astype(np.int64).ravel().tolist()))
+    axis = {} if p.per_tensor else {"axis": 1 if p.heads else -1}
+    source, nodes, dq_out = p.tensor, [], p.dequantized()
+    if p.heads:
+        source, dq_out = f"{LAYOUT_PREFIX}{p.tag}.channels", f"{LAYOUT_PREFIX}{p.tag}.back"
+        nodes += _to_channels(g, p, source)
+    q_out = f"{prefix}.q"
+    nodes.append(helper.make_node("QuantizeLinear", [source, f"{prefix}.scale", f"{prefix}.zero_point"], [q_out],
+                                  name=f"{prefix}.quantize", **axis))
+    if clip:
+        g.initializer.append(numpy_helper.from_array(np.array(0, np.uint8), f"{prefix}.lo"))
+        g.initializer.append(numpy_helper.from_array(np.array(p.qparams.qmax, np.uint8), f"{prefix}.hi"))
+        nodes.append(helper.make_node("Clip", [q_out, f"{prefix}.lo", f"{prefix}.hi"], [f"{prefix}.qc"],
+                                      name=f"{prefix}.clip"))
+        q_out = f"{prefix}.qc"
+    nodes.append(helper.make_node("DequantizeLinear", [q_out, f"{prefix}.scale", f"{prefix}.zero_point"],
+                                  [p.dequantized()], name=f"{prefix}.dequantize", **axis))
+    if p.heads:
+        nodes += _from_channels(g, p, dq_out)
+    return nodes, dq_out
 
 
 def _to_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:

@@ -34,7 +34,8 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.anatomy import DecoderLayer, Linear, Norm, Rope
 from rptq_onnx.clustering import ClusterPlan
-from rptq_onnx.graph import GraphIndex
+from rptq_onnx.graph import GraphIndex, weights_loaded
+from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.vocabulary import REORDER_PREFIX
 
 
@@ -169,37 +170,56 @@ def folded_points(layer: DecoderLayer, layout: str, keep_weight_inputs: bool = F
     return (free | {"R1", "R2", "R4"}) if layout == "contiguous" else free
 
 
+class FoldReorder(Pass[FoldReport]):
+    """Fold each layer's clustered reorders into its initializers (edits in place)."""
+
+    name = "fold_reorder"
+
+    def __init__(self, layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]], layout: str = "zero-copy",
+                 keep_weight_inputs: bool = False):
+        self.layers, self.plans, self.layout, self.keep_weight_inputs = layers, plans, layout, keep_weight_inputs
+
+    def requires(self, model: onnx.ModelProto) -> str | None:
+        if not weights_loaded(model):
+            return "the model's weights are not loaded (it was read without its external data)"
+        if any(n.name.startswith(REORDER_PREFIX) for n in model.graph.node):
+            return "the model is already reordered; fold reorders into an uncompiled graph"
+        return None
+
+    def apply(self, model: onnx.ModelProto) -> PassResult[FoldReport]:
+        report = FoldReport(layout=self.layout)
+        inits = _Initializers(model, report)
+        for layer, plan in zip(self.layers, self.plans):
+            i, group = layer.index, layer.group
+            folded = folded_points(layer, self.layout, self.keep_weight_inputs)
+            mlp_in = [lin for lin in (layer.fc1, layer.up_proj) if lin is not None]
+            if "R2" in plan and "R2" in folded:
+                _permute_output(inits, layer.q_proj, plan["R2"].expand_heads(group).index)
+                _permute_output(inits, layer.k_proj, plan["R2"].index)
+                if layer.q_rope is not None:
+                    _permute_rope(inits, layer.q_rope, plan["R2"].expand_heads(group), f"L{i}.R2.q")
+                    _permute_rope(inits, layer.k_rope, plan["R2"], f"L{i}.R2.k")
+            if "R3" in plan and "R3" in folded:
+                _permute_output(inits, layer.v_proj, plan["R3"].index)
+                _permute_input(inits, layer.out_proj, plan["R3"].expand_heads(group).index)
+            if "R5" in plan and "R5" in folded:
+                for lin in mlp_in:
+                    _permute_output(inits, lin, plan["R5"].index)
+                _permute_input(inits, layer.fc2, plan["R5"].index)
+            if "R1" in plan and "R1" in folded:
+                _permute_norm(inits, layer.attn_norm, plan["R1"].index, f"L{i}.R1")
+                for lin in (layer.q_proj, layer.k_proj, layer.v_proj):
+                    _permute_input(inits, lin, plan["R1"].index)
+            if "R4" in plan and "R4" in folded:
+                _permute_norm(inits, layer.final_norm, plan["R4"].index, f"L{i}.R4")
+                for lin in mlp_in:
+                    _permute_input(inits, lin, plan["R4"].index)
+        return PassResult(model, report, modified=bool(report.permuted_initializers or report.gathers))
+
+
 def fold_reorder(model: onnx.ModelProto, layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],
                  layout: str = "zero-copy", keep_weight_inputs: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
     """A reordered copy of ``model`` computing the same function; ``model`` is not modified.
     ``keep_weight_inputs``: see ``folded_points``."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    report = FoldReport(layout=layout)
-    inits = _Initializers(out, report)
-    for layer, plan in zip(layers, plans):
-        i, group = layer.index, layer.group
-        folded = folded_points(layer, layout, keep_weight_inputs)
-        mlp_in = [lin for lin in (layer.fc1, layer.up_proj) if lin is not None]
-        if "R2" in plan and "R2" in folded:
-            _permute_output(inits, layer.q_proj, plan["R2"].expand_heads(group).index)
-            _permute_output(inits, layer.k_proj, plan["R2"].index)
-            if layer.q_rope is not None:
-                _permute_rope(inits, layer.q_rope, plan["R2"].expand_heads(group), f"L{i}.R2.q")
-                _permute_rope(inits, layer.k_rope, plan["R2"], f"L{i}.R2.k")
-        if "R3" in plan and "R3" in folded:
-            _permute_output(inits, layer.v_proj, plan["R3"].index)
-            _permute_input(inits, layer.out_proj, plan["R3"].expand_heads(group).index)
-        if "R5" in plan and "R5" in folded:
-            for lin in mlp_in:
-                _permute_output(inits, lin, plan["R5"].index)
-            _permute_input(inits, layer.fc2, plan["R5"].index)
-        if "R1" in plan and "R1" in folded:
-            _permute_norm(inits, layer.attn_norm, plan["R1"].index, f"L{i}.R1")
-            for lin in (layer.q_proj, layer.k_proj, layer.v_proj):
-                _permute_input(inits, lin, plan["R1"].index)
-        if "R4" in plan and "R4" in folded:
-            _permute_norm(inits, layer.final_norm, plan["R4"].index, f"L{i}.R4")
-            for lin in mlp_in:
-                _permute_input(inits, lin, plan["R4"].index)
-    return out, report
+    result = FoldReorder(layers, plans, layout, keep_weight_inputs).run(model)
+    return result.model, result.report

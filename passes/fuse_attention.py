@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 from rptq_onnx.anatomy import DecoderLayer, Linear, find_layers
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, prune_dead_nodes, rename_inputs, topological_order
+from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.quant import dequantized_weight
 from rptq_onnx.vocabulary import ATTENTION_PREFIX, QDQ_PREFIX, storage_bits
 
@@ -69,30 +70,45 @@ def fusable(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def fuse_attention(model: onnx.ModelProto, layers: list[DecoderLayer] | None = None,
-                   cache_bits: int | None = None) -> tuple[onnx.ModelProto, dict]:
-    """``model`` with every layer's attention as one GQA node (edited in place); returns (model, report).
+class FuseAttention(Pass[FuseReport]):
+    """Every layer's attention as one GQA node (edits in place).
 
     ``cache_bits``: the K/V points' bit width (a low-bit cache), or None for a float cache.
     """
-    why = fusable(model)
-    if why:
-        raise RptqError(f"--attention fused cannot apply: {why}; use --attention eager")
-    layers = layers if layers is not None else find_layers(model)
-    report = FuseReport(cache="float" if cache_bits is None else f"int{storage_bits(cache_bits)}")
-    g = model.graph
-    seqlens, total = _sequence_lengths(g)
-    for layer in layers:
-        index = GraphIndex(model)
-        _fuse_layer(model, index, layer, cache_bits, seqlens, total, report)
-        report.layers += 1
-    prune_dead_nodes(model)
-    order = topological_order(g.node, [i.name for i in g.input])
-    del g.node[:]
-    g.node.extend(order)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return model, report.as_dict()
+
+    name = "fuse_attention"
+
+    def __init__(self, layers: list[DecoderLayer] | None = None, cache_bits: int | None = None):
+        self.layers, self.cache_bits = layers, cache_bits
+
+    def requires(self, model: onnx.ModelProto) -> str | None:
+        why = fusable(model)
+        return f"--attention fused cannot apply: {why}; use --attention eager" if why else None
+
+    def apply(self, model: onnx.ModelProto) -> PassResult[FuseReport]:
+        layers = self.layers if self.layers is not None else find_layers(model)
+        report = FuseReport(cache="float" if self.cache_bits is None else f"int{storage_bits(self.cache_bits)}")
+        g = model.graph
+        seqlens, total = _sequence_lengths(g)
+        for layer in layers:
+            index = GraphIndex(model)
+            _fuse_layer(model, index, layer, self.cache_bits, seqlens, total, report)
+            report.layers += 1
+        prune_dead_nodes(model)
+        order = topological_order(g.node, [i.name for i in g.input])
+        del g.node[:]
+        g.node.extend(order)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return PassResult(model, report)
+
+
+def fuse_attention(model: onnx.ModelProto, layers: list[DecoderLayer] | None = None,
+                   cache_bits: int | None = None) -> tuple[onnx.ModelProto, dict]:
+    """A copy of ``model`` with every layer's attention as one GQA node (``FuseAttention``); returns
+    (model, report)."""
+    result = FuseAttention(layers, cache_bits).run(model)
+    return result.model, result.report.as_dict()
 
 
 def _sequence_lengths(g: onnx.GraphProto) -> tuple[str, str]:

@@ -33,7 +33,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from rptq_onnx.anatomy import DecoderLayer
-from rptq_onnx.graph import GraphIndex
+from rptq_onnx.graph import GraphIndex, keep_initializers
+from rptq_onnx.passes.base import Pass, PassResult, copy_model
 from rptq_onnx.vocabulary import HESSIAN_TAPS, TAP_PREFIX
 
 
@@ -74,57 +75,80 @@ def plan_taps(layers: list[DecoderLayer], model: onnx.ModelProto) -> list[Tap]:
     return taps
 
 
+@dataclass
+class TapReport:
+    taps: list[Tap]  # in the order of their graph outputs
+
+
+class InsertTaps(Pass[TapReport]):
+    """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums); functional."""
+
+    name = "insert_taps"
+    in_place = False  # calibration taps a skeleton that compile goes on to fold
+
+    def __init__(self, layers: list[DecoderLayer], batch_source: str = "input_ids", hessians: bool = False):
+        self.layers, self.batch_source, self.hessians = layers, batch_source, hessians
+
+    def requires(self, model: onnx.ModelProto) -> str | None:
+        if self.batch_source not in {i.name for i in model.graph.input}:
+            return f"the graph has no input {self.batch_source} to read the batch size from"
+        return None
+
+    def apply(self, model: onnx.ModelProto) -> PassResult[TapReport]:
+        taps = plan_taps(self.layers, model)
+        out = copy_model(model)
+        g = out.graph
+        nodes, inits = [], []
+
+        def const(name: str, value) -> str:
+            inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
+            return name
+
+        const(f"{TAP_PREFIX}axes1", [1])
+        const(f"{TAP_PREFIX}axes2", [2])
+        const(f"{TAP_PREFIX}axes3", [3])
+        const(f"{TAP_PREFIX}flat2", [0, -1])
+        batch = f"{TAP_PREFIX}batch"
+        nodes.append(helper.make_node("Shape", [self.batch_source], [batch], start=0, end=1, name=batch))
+        del g.output[:]
+        for tap in taps:
+            src, axes = tap.tensor, f"{TAP_PREFIX}axes1"
+            prefix = f"{TAP_PREFIX}L{tap.layer}.{tap.name}"
+            if tap.layout == "flat":  # [B·S, C] (or already [B, S, C]) → [B, S, C]
+                shape = f"{prefix}.shape"
+                tail = const(f"{prefix}.tail", [-1, tap.channels])
+                nodes.append(helper.make_node("Concat", [batch, tail], [shape], axis=0, name=shape))
+                nodes.append(helper.make_node("Reshape", [src, shape], [f"{prefix}.bsc"], name=f"{prefix}.bsc"))
+                src = f"{prefix}.bsc"
+            elif tap.layout in ("bhsd", "bhdt"):
+                axes = f"{TAP_PREFIX}axes2" if tap.layout == "bhsd" else f"{TAP_PREFIX}axes3"
+            for stat, op in (("max", "ReduceMax"), ("min", "ReduceMin")):
+                reduced = tap.output(stat) if tap.layout in ("bsc", "flat") else f"{prefix}.{stat}.bhd"
+                nodes.append(helper.make_node(op, [src, axes], [reduced], keepdims=0, name=reduced))
+                if tap.layout in ("bhsd", "bhdt"):  # [B, H, D] → [B, H·D] (channel h·D + d)
+                    nodes.append(helper.make_node("Reshape", [reduced, f"{TAP_PREFIX}flat2"], [tap.output(stat)],
+                                                  name=tap.output(stat)))
+                g.output.append(helper.make_tensor_value_info(tap.output(stat), onnx.TensorProto.FLOAT, None))
+            if self.hessians and tap.name in HESSIAN_TAPS:
+                flat = const(f"{prefix}.flat", [-1, tap.channels])
+                nodes += [helper.make_node("Reshape", [tap.tensor, flat], [f"{prefix}.x2d"], name=f"{prefix}.x2d"),
+                          helper.make_node("Transpose", [f"{prefix}.x2d"], [f"{prefix}.xt"], perm=[1, 0], name=f"{prefix}.xt"),
+                          helper.make_node("MatMul", [f"{prefix}.xt", f"{prefix}.x2d"], [tap.output("xtx")],
+                                           name=tap.output("xtx"))]
+                g.output.append(helper.make_tensor_value_info(tap.output("xtx"), onnx.TensorProto.FLOAT, None))
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        _prune(out)
+        return PassResult(out, TapReport(taps))
+
+
 def insert_taps(model: onnx.ModelProto, layers: list[DecoderLayer], batch_source: str = "input_ids",
                 hessians: bool = False) -> tuple[onnx.ModelProto, list[Tap]]:
     """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums).
 
     ``model`` is not modified."""
-    taps = plan_taps(layers, model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    nodes, inits = [], []
-
-    def const(name: str, value) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
-        return name
-
-    const(f"{TAP_PREFIX}axes1", [1])
-    const(f"{TAP_PREFIX}axes2", [2])
-    const(f"{TAP_PREFIX}axes3", [3])
-    const(f"{TAP_PREFIX}flat2", [0, -1])
-    batch = f"{TAP_PREFIX}batch"
-    nodes.append(helper.make_node("Shape", [batch_source], [batch], start=0, end=1, name=batch))
-    del g.output[:]
-    for tap in taps:
-        src, axes = tap.tensor, f"{TAP_PREFIX}axes1"
-        prefix = f"{TAP_PREFIX}L{tap.layer}.{tap.name}"
-        if tap.layout == "flat":  # [B·S, C] (or already [B, S, C]) → [B, S, C]
-            shape = f"{prefix}.shape"
-            tail = const(f"{prefix}.tail", [-1, tap.channels])
-            nodes.append(helper.make_node("Concat", [batch, tail], [shape], axis=0, name=shape))
-            nodes.append(helper.make_node("Reshape", [src, shape], [f"{prefix}.bsc"], name=f"{prefix}.bsc"))
-            src = f"{prefix}.bsc"
-        elif tap.layout in ("bhsd", "bhdt"):
-            axes = f"{TAP_PREFIX}axes2" if tap.layout == "bhsd" else f"{TAP_PREFIX}axes3"
-        for stat, op in (("max", "ReduceMax"), ("min", "ReduceMin")):
-            reduced = tap.output(stat) if tap.layout in ("bsc", "flat") else f"{prefix}.{stat}.bhd"
-            nodes.append(helper.make_node(op, [src, axes], [reduced], keepdims=0, name=reduced))
-            if tap.layout in ("bhsd", "bhdt"):  # [B, H, D] → [B, H·D] (channel h·D + d)
-                nodes.append(helper.make_node("Reshape", [reduced, f"{TAP_PREFIX}flat2"], [tap.output(stat)],
-                                              name=tap.output(stat)))
-            g.output.append(helper.make_tensor_value_info(tap.output(stat), onnx.TensorProto.FLOAT, None))
-        if hessians and tap.name in HESSIAN_TAPS:
-            flat = const(f"{prefix}.flat", [-1, tap.channels])
-            nodes += [helper.make_node("Reshape", [tap.tensor, flat], [f"{prefix}.x2d"], name=f"{prefix}.x2d"),
-                      helper.make_node("Transpose", [f"{prefix}.x2d"], [f"{prefix}.xt"], perm=[1, 0], name=f"{prefix}.xt"),
-                      helper.make_node("MatMul", [f"{prefix}.xt", f"{prefix}.x2d"], [tap.output("xtx")],
-                                       name=tap.output("xtx"))]
-            g.output.append(helper.make_tensor_value_info(tap.output("xtx"), onnx.TensorProto.FLOAT, None))
-    g.node.extend(nodes)
-    g.initializer.extend(inits)
-    _prune(out)
-    return out, taps
+    result = InsertTaps(layers, batch_source, hessians).run(model)
+    return result.model, result.report.taps
 
 
 def _prune(model: onnx.ModelProto) -> None:
@@ -139,7 +163,4 @@ def _prune(model: onnx.ModelProto) -> None:
     keep.reverse()
     del g.node[:]
     g.node.extend(keep)
-    used = needed
-    kept_inits = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept_inits)
+    keep_initializers(g, needed)

@@ -22,6 +22,7 @@ measured cost of each choice.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ from onnx import helper, numpy_helper
 from rptq_onnx.config import HEAD_BITS
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, node_attr, prune_dead_nodes
+from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.passes.quantize_weights import INT8_ACCURACY_LEVEL
 from rptq_onnx.quant import pack_uint4, quantize_rtn
 from rptq_onnx.vocabulary import EMBEDDING_PREFIX, HEAD_PREFIX
@@ -102,57 +104,88 @@ def check_block(hidden: int, block: int) -> None:
         raise RptqError(f"--head-bits: block {block} must be a power of two ≥ 16 dividing the hidden size {hidden}")
 
 
+@dataclass
+class HeadReport:
+    bits: int
+    block_size: int | None = None
+    vocab: int | None = None
+    hidden: int | None = None
+    tied: bool | None = None  # the embedding and the head read one table
+    head: str | None = None  # the head's kernel
+    embedding: str | None = None  # the embedding's kernel; None: no embedding Gather found
+
+    def as_dict(self) -> dict:
+        return {"bits": 16} if self.bits == 16 else dataclasses.asdict(self)
+
+
+class QuantizeHead(Pass[HeadReport]):
+    """The LM head (and token embedding) as ``bits``-bit codes, edited in place; 16: unchanged."""
+
+    name = "quantize_head"
+
+    def __init__(self, bits: int, block_size: int = DEFAULT_BLOCK):
+        self.bits, self.block_size = bits, block_size
+
+    def requires(self, model: onnx.ModelProto) -> str | None:
+        return None if self.bits in HEAD_BITS else f"--head-bits {self.bits} is not supported; use 4, 8 or 16 (float)"
+
+    def apply(self, model: onnx.ModelProto) -> PassResult[HeadReport]:
+        bits, block_size = self.bits, self.block_size
+        if bits == 16:
+            return PassResult(model, HeadReport(bits=16), modified=False)
+        g = model.graph
+        tables = find_vocab_tables(model)
+        inits = {t.name: t for t in g.initializer}
+        new_inits: list[onnx.TensorProto] = []
+        replaced: dict[str, onnx.NodeProto] = {}
+
+        def quantized(name: str, transposed: bool):
+            table = numpy_helper.to_array(inits[name]).astype(np.float32)
+            table = table if transposed else table.T  # [vocab, hidden]
+            check_block(table.shape[1], block_size)
+            return table.shape, _codes(table, bits, block_size)
+
+        (vocab, hidden), (codes, scale, zp) = quantized(tables.head_weight, tables.head_transposed)
+        blocks = hidden // block_size
+        p = HEAD_PREFIX
+        new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes.reshape(vocab, blocks, -1)), f"{p}B"),
+                      numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{p}scales"),
+                      numpy_helper.from_array(np.ascontiguousarray(zp), f"{p}zero_points")]
+        attrs = dict(K=hidden, N=vocab, bits=bits, block_size=block_size)
+        if bits == 8:
+            attrs["accuracy_level"] = INT8_ACCURACY_LEVEL
+        head = tables.head
+        replaced[head.name] = helper.make_node("MatMulNBits", [head.input[0], f"{p}B", f"{p}scales", f"{p}zero_points"],
+                                               [head.output[0]], name=f"{p}matmulnbits", domain="com.microsoft", **attrs)
+        report = HeadReport(bits=bits, block_size=block_size, vocab=vocab, hidden=hidden, tied=tables.tied,
+                            head="MatMulNBits")
+        if tables.embedding is not None:
+            e = EMBEDDING_PREFIX
+            if not tables.tied:
+                _, (codes, scale, zp) = quantized(tables.embedding_weight, True)
+            new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes), f"{e}data"),
+                          numpy_helper.from_array(np.ascontiguousarray(scale), f"{e}scales"),
+                          numpy_helper.from_array(np.ascontiguousarray(zp), f"{e}zero_points")]
+            emb = tables.embedding
+            replaced[emb.name] = helper.make_node(
+                "GatherBlockQuantized", [f"{e}data", emb.input[1], f"{e}scales", f"{e}zero_points"], [emb.output[0]],
+                name=f"{e}gather", domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block_size,
+                bits=bits)
+            report.embedding = "GatherBlockQuantized"
+        nodes = [replaced.get(n.name, n) for n in g.node]
+        del g.node[:]
+        g.node.extend(nodes)
+        g.initializer.extend(new_inits)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        prune_dead_nodes(model)  # the float table and its Transpose
+        return PassResult(model, report)
+
+
 def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_BLOCK) -> tuple[onnx.ModelProto, dict]:
-    """A copy of ``model`` with its LM head (and token embedding) as ``bits``-bit codes; 16: unchanged."""
-    if bits not in HEAD_BITS:
-        raise RptqError(f"--head-bits {bits} is not supported; use 4, 8 or 16 (float)")
+    """A copy of ``model`` with its LM head (and token embedding) as ``bits``-bit codes (``QuantizeHead``);
+    returns (model, report); 16: ``model`` itself."""
     if bits == 16:
-        return model, {"bits": 16}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    tables = find_vocab_tables(out)
-    inits = {t.name: t for t in g.initializer}
-    new_inits: list[onnx.TensorProto] = []
-    replaced: dict[str, onnx.NodeProto] = {}
-
-    def quantized(name: str, transposed: bool):
-        table = numpy_helper.to_array(inits[name]).astype(np.float32)
-        table = table if transposed else table.T  # [vocab, hidden]
-        check_block(table.shape[1], block_size)
-        return table.shape, _codes(table, bits, block_size)
-
-    (vocab, hidden), (codes, scale, zp) = quantized(tables.head_weight, tables.head_transposed)
-    blocks = hidden // block_size
-    p = HEAD_PREFIX
-    new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes.reshape(vocab, blocks, -1)), f"{p}B"),
-                  numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{p}scales"),
-                  numpy_helper.from_array(np.ascontiguousarray(zp), f"{p}zero_points")]
-    attrs = dict(K=hidden, N=vocab, bits=bits, block_size=block_size)
-    if bits == 8:
-        attrs["accuracy_level"] = INT8_ACCURACY_LEVEL
-    head = tables.head
-    replaced[head.name] = helper.make_node("MatMulNBits", [head.input[0], f"{p}B", f"{p}scales", f"{p}zero_points"],
-                                           [head.output[0]], name=f"{p}matmulnbits", domain="com.microsoft", **attrs)
-    report = {"bits": bits, "block_size": block_size, "vocab": vocab, "hidden": hidden, "tied": tables.tied,
-              "head": "MatMulNBits", "embedding": None}
-    if tables.embedding is not None:
-        e = EMBEDDING_PREFIX
-        if not tables.tied:
-            _, (codes, scale, zp) = quantized(tables.embedding_weight, True)
-        new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes), f"{e}data"),
-                      numpy_helper.from_array(np.ascontiguousarray(scale), f"{e}scales"),
-                      numpy_helper.from_array(np.ascontiguousarray(zp), f"{e}zero_points")]
-        emb = tables.embedding
-        replaced[emb.name] = helper.make_node(
-            "GatherBlockQuantized", [f"{e}data", emb.input[1], f"{e}scales", f"{e}zero_points"], [emb.output[0]],
-            name=f"{e}gather", domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
-        report["embedding"] = "GatherBlockQuantized"
-    nodes = [replaced.get(n.name, n) for n in g.node]
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(new_inits)
-    if not any(o.domain == "com.microsoft" for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    prune_dead_nodes(out)  # the float table and its Transpose
-    return out, report
+        return model, HeadReport(bits=16).as_dict()
+    result = QuantizeHead(bits, block_size).run(model)
+    return result.model, result.report.as_dict()

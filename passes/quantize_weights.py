@@ -25,11 +25,16 @@ creates a session, so the ``dq`` form is low-bit in the file only; ``matmulnbits
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from rptq_onnx.anatomy import Linear
+from rptq_onnx.graph import keep_initializers
+from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.quant import QuantizedWeight, pack_uint4
 from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX, uint_container
 from rptq_onnx.vocabulary import storage_bits as nbits_kernel_bits  # MatMulNBits' bits attribute: 4 or 8
@@ -140,53 +145,71 @@ def _offset_term(g: onnx.GraphProto, x: str, offset: np.ndarray, k: int, bs: int
                             name=f"{prefix}.offset_term")
 
 
-def quantize_weights(model: onnx.ModelProto, weights: dict[str, tuple[Linear, QuantizedWeight]],
-                     form: str = "dq", accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict]:
-    """Replace each linear's float weight (``weights``: node name → (Linear, QuantizedWeight)).
+@dataclass
+class WeightsReport:
+    dq: int = 0  # linears in the DequantizeLinear form
+    matmulnbits: int = 0  # linears as MatMulNBits
+    kept_source_grid: int = 0  # of those, codes kept from the source's grid (with an offset term)
+
+
+class QuantizeWeights(Pass[WeightsReport]):
+    """Replace each linear's float weight (``weights``: node name → (Linear, QuantizedWeight)); edits in place.
     ``accuracy_level``: of the 4-bit MatMulNBits (8-bit ones always take 4).
 
     Codes with an ``offset`` (kept from a source grid) need the ``matmulnbits`` form."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    report = {"dq": 0, "matmulnbits": 0, "kept_source_grid": 0}
-    replaced: dict[str, list[onnx.NodeProto]] = {}
-    before: dict[str, list[onnx.NodeProto]] = {}
-    nodes = {n.name: n for n in g.node}
-    block_sums: dict[tuple[str, int], onnx.NodeProto] = {}
-    for name, (lin, qw) in weights.items():
-        node = nodes[name]
-        prefix = f"{WEIGHT_PREFIX}{name}"
-        if form == "matmulnbits" and matmulnbits_ok(qw):
-            replaced[name] = _matmulnbits_form(node, lin, qw, prefix, g, block_sums, accuracy_level)
-            if qw.offset is not None:
-                before[name] = [block_sums[(node.input[0], matmulnbits_block(qw))]]
-            report["matmulnbits"] += 1
-            report["kept_source_grid"] += qw.offset is not None
-        elif qw.offset is not None:
-            raise ValueError(f"{name}: codes with a float offset need the matmulnbits form")
-        else:
-            before[name] = [_dq_form(g, node, lin, qw, prefix)]
-            report["dq"] += 1
-    ordered, made = [], set()
-    for node in g.node:
-        for extra in before.get(node.name, []):  # a block sum shared by several linears: made once
-            if extra.name not in made:
-                made.add(extra.name)
-                ordered.append(extra)
-        ordered.extend(replaced.get(node.name, [node]))
-    del g.node[:]
-    g.node.extend(ordered)
-    if report["matmulnbits"] and not any(o.domain == "com.microsoft" for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _drop_unused_initializers(out)
-    return out, report
+
+    name = "quantize_weights"
+
+    def __init__(self, weights: dict[str, tuple[Linear, QuantizedWeight]], form: str = "dq", accuracy_level: int = 0):
+        self.weights, self.form, self.accuracy_level = weights, form, accuracy_level
+
+    def requires(self, model: onnx.ModelProto) -> str | None:
+        nodes = {n.name for n in model.graph.node}
+        missing = next((name for name in self.weights if name not in nodes), None)
+        return f"no node {missing} in the graph" if missing else None
+
+    def apply(self, model: onnx.ModelProto) -> PassResult[WeightsReport]:
+        g = model.graph
+        report = WeightsReport()
+        replaced: dict[str, list[onnx.NodeProto]] = {}
+        before: dict[str, list[onnx.NodeProto]] = {}
+        nodes = {n.name: n for n in g.node}
+        block_sums: dict[tuple[str, int], onnx.NodeProto] = {}
+        for name, (lin, qw) in self.weights.items():
+            node = nodes[name]
+            prefix = f"{WEIGHT_PREFIX}{name}"
+            if self.form == "matmulnbits" and matmulnbits_ok(qw):
+                replaced[name] = _matmulnbits_form(node, lin, qw, prefix, g, block_sums, self.accuracy_level)
+                if qw.offset is not None:
+                    before[name] = [block_sums[(node.input[0], matmulnbits_block(qw))]]
+                report.matmulnbits += 1
+                report.kept_source_grid += qw.offset is not None
+            elif qw.offset is not None:
+                raise ValueError(f"{name}: codes with a float offset need the matmulnbits form")
+            else:
+                before[name] = [_dq_form(g, node, lin, qw, prefix)]
+                report.dq += 1
+        ordered, made = [], set()
+        for node in g.node:
+            for extra in before.get(node.name, []):  # a block sum shared by several linears: made once
+                if extra.name not in made:
+                    made.add(extra.name)
+                    ordered.append(extra)
+            ordered.extend(replaced.get(node.name, [node]))
+        del g.node[:]
+        g.node.extend(ordered)
+        if report.matmulnbits and not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        _drop_unused_initializers(model)
+        return PassResult(model, report, modified=bool(self.weights))
+
+
+def quantize_weights(model: onnx.ModelProto, weights: dict[str, tuple[Linear, QuantizedWeight]],
+                     form: str = "dq", accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict]:
+    """A copy of ``model`` with low-bit weights (``QuantizeWeights``); returns (model, report)."""
+    result = QuantizeWeights(weights, form, accuracy_level).run(model)
+    return result.model, dataclasses.asdict(result.report)
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-
+    keep_initializers(model.graph, {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output})

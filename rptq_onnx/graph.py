@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -335,8 +335,11 @@ def prune_dead_nodes(model: onnx.ModelProto) -> int:
     removed = len(g.node) - len(kept)
     del g.node[:]
     g.node.extend(reversed(kept))
-    inits = [t for t in g.initializer if t.name in live]
-    if len(inits) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(inits)
+    keep_initializers(g, live)
     return removed
+
+
+def keep_initializers(graph: onnx.GraphProto, names: Container[str]) -> None:
+    """Remove the initializers not in ``names``, in place (re-adding the kept ones would copy them)."""
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name not in names]):
+        del graph.initializer[i]
