@@ -141,9 +141,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print("note: calibrated on random token ids (--calib random): a smoke run; pass --calib FILE for real "
               "statistics", file=sys.stderr)
     rep = result.report
-    print(f"compiled {rep['layers']} layers ({config.preset} = {config.name}, clusters {config.clusters}, layout {rep['layout']}, attention {rep['config']['attention']}, "
-          f"{rep['gathers_added']} Gather(s) added) → {result.model_path}  [{rep['timings_s']['total']:.1f} s]")
-    kept = ((rep["quantization"].get("weights") or {}).get("kept_source_grid") or 0)
+    print(f"compiled {rep.layers} layers ({config.preset} = {config.name}, clusters {config.clusters}, layout {rep.layout}, attention {rep.config.attention}, "
+          f"{rep.gathers_added} Gather(s) added) → {result.model_path}  [{rep.timings_s['total']:.1f} s]")
+    weights = rep.quantization.weights
+    kept = weights.kept_source_grid if weights else 0
     if kept:
         print(f"{kept} linear(s) kept their source's {config.quant.wbits}-bit grid exactly (--source-grid keep)")
     if args.report:

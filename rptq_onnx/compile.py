@@ -13,7 +13,6 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from rptq_onnx.anatomy import DecoderLayer, find_layers
 from rptq_onnx.artifacts import CLUSTERS_NAME, OWNED_FILES, RANGES_NAME, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, model_limits
 from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
+from rptq_onnx.compile_report import CalibrationSummary, CompileReport, QuantizationReport
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.genai import write_genai_config
@@ -34,10 +34,12 @@ from rptq_onnx.observers import ChannelStats
 from rptq_onnx.onnx_source import resolve_onnx_source
 from rptq_onnx import quantize
 from rptq_onnx.outdir import check_writable, claim_output, input_bytes, work_dir
-from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder, folded_points
-from rptq_onnx.passes.fuse_attention import fuse_attention
-from rptq_onnx.passes.quantize_head import quantize_head
+from rptq_onnx.passes.base import copy_model
+from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport, folded_points
+from rptq_onnx.passes.fuse_attention import FuseAttention
+from rptq_onnx.passes.quantize_head import QuantizeHead
 from rptq_onnx.ranges import save_ranges
+from rptq_onnx.stages import StageRunner
 from rptq_onnx.text import has_tokenizer, read_text
 from rptq_onnx.vocabulary import CLUSTERS_KEY, CONFIG_KEY, RPTQ_PREFIX, VERSION_KEY
 
@@ -46,23 +48,7 @@ from rptq_onnx.vocabulary import CLUSTERS_KEY, CONFIG_KEY, RPTQ_PREFIX, VERSION_
 @dataclass(frozen=True)
 class CompileResult:
     model_path: Path
-    report: dict
-
-
-class _Timer:
-    """Stage timings; ``log(name)``, when given, is called as each stage starts (progress lines)."""
-
-    def __init__(self, log: Callable[[str], None] | None = None):
-        self.timings: dict[str, float] = {}
-        self.log = log
-
-    @contextmanager
-    def stage(self, name: str):
-        if self.log:
-            self.log(name)
-        t0 = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - t0, 3)
+    report: CompileReport
 
 
 def check_calibration_text(model: str, source: str) -> None:
@@ -175,7 +161,7 @@ class Compiled:
     model: onnx.ModelProto
     plans: list[dict[str, ClusterPlan]]
     fold: FoldReport
-    quant: dict
+    quant: QuantizationReport
     calibration: Calibration
     config: CompileConfig  # as compiled: ``attention="auto"`` resolved
 
@@ -204,10 +190,24 @@ def _check_uncompiled(graph: onnx.ModelProto, model_path: Path | None) -> None:
                         "(or the checkpoint) instead")
 
 
+def _check_fused(config: CompileConfig, layers: list[DecoderLayer]) -> None:
+    if config.attention == "fused" and not all(layer.past_key and layer.present_key for layer in layers):
+        raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); export with "
+                        "--with-past, or use --attention eager")
+    if config.attention == "fused" and not fused_head_dim_ok(layers):
+        raise RptqError(f"--attention fused: head_dim {layers[0].head_dim} is not a multiple of 8, which ONNX Runtime's "
+                        "GroupQueryAttention needs; use --attention eager")
+
+
+def _own_copy(graph: onnx.ModelProto, model_path: Path | None) -> onnx.ModelProto:
+    """The graph with its weights, as compile's own copy: every pass after calibration edits it in place."""
+    return copy_model(graph) if weights_loaded(graph) else load_model(model_path)
+
+
 def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, config: CompileConfig,
-                  timer: _Timer | None = None, progress: bool = False, model_path: Path | None = None,
+                  runner: StageRunner | None = None, progress: bool = False, model_path: Path | None = None,
                   calibration: Calibration | None = None) -> Compiled:
-    """Calibrate on ``windows``, cluster, fold the reorders, quantize.
+    """Calibrate on ``windows``, cluster, fold the reorders, quantize; ``graph`` is not modified.
 
     ``graph`` may be a skeleton without its external weights (from ``model_path``): it is
     calibrated as is, and the weights are loaded only for folding. ``calibration``: statistics
@@ -216,45 +216,35 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     """
     _check_uncompiled(graph, model_path)
     config = resolve_attention(config, layers)
-    if config.attention == "fused" and not all(layer.past_key and layer.present_key for layer in layers):
-        raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); export with "
-                        "--with-past, or use --attention eager")
-    if config.attention == "fused" and not fused_head_dim_ok(layers):
-        raise RptqError(f"--attention fused: head_dim {layers[0].head_dim} is not a multiple of 8, which ONNX Runtime's "
-                        "GroupQueryAttention needs; use --attention eager")
-    timer = timer or _Timer()
+    _check_fused(config, layers)
+    runner = runner or StageRunner()
     config, on_grid = quantize.resolve_source_grid(config, graph, layers, str(model_path.parent) if model_path else "")
     q = config.quant
     # GPTQ needs Hessians unless every weight keeps its source grid (judged on the first layer)
     hessians = q.quantizes_weights and q.weight_quant == "gptq" and not (on_grid and all(on_grid.values()))
-    with timer.stage("calibrate"):
+    with runner.stage("calibrate"):
         calib = calibration
         if calib is None or (hessians and not calib.xtx):
             calib = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
                               model_dir=model_path.parent if model_path else None, hessians=hessians)
-    with timer.stage("cluster"):
+    with runner.stage("cluster"):
         plans = [plan_layer(layer, calib.stats, config)
                  for layer in tqdm(layers, desc="clustering", unit="layer", disable=not progress or None, leave=False)]
-    with timer.stage("fold"):
-        if not weights_loaded(graph):
-            graph = load_model(model_path)
-        clustered = [{p: plan for p, plan in lp.items() if plan.clustered} for lp in plans]  # identities: nothing to fold
-        folded, fold_report = fold_reorder(graph, layers, clustered, layout=config.layout,
-                                           keep_weight_inputs=quantize.keeps_source_grid(config))
-        del graph
-    quant_report: dict = {}
+    clustered = [{p: plan for p, plan in lp.items() if plan.clustered} for lp in plans]  # identities: nothing to fold
+    with runner.stage("fold"):
+        model = _own_copy(graph, model_path)
+        fold = runner.apply("fold", FoldReorder(layers, clustered, config.layout, quantize.keeps_source_grid(config)),
+                            model).report
+    quant = QuantizationReport(name=config.name)
     if q.quantizes_weights or q.quantizes_activations:
-        with timer.stage("quantize"):
-            folded_layers = find_layers(folded)
-            folded, quant_report = quantize.quantize_graph(folded, layers, folded_layers, plans, calib, config, progress)
+        with runner.stage("quantize"):
+            model, quant = quantize.quantize_graph(model, layers, find_layers(model), plans, calib, config, progress,
+                                                   owned=True)
     if config.attention == "fused":
-        with timer.stage("fuse"):
-            folded, quant_report["attention"] = fuse_attention(folded, cache_bits=config.fused_cache_bits)
+        quant.attention = runner.run("fuse", FuseAttention(cache_bits=config.fused_cache_bits), model).report
     if q.head_bits < 16:
-        with timer.stage("head"):
-            folded, quant_report["head"] = quantize_head(folded, q.head_bits)
-    return Compiled(model=folded, plans=plans, fold=fold_report, quant=quant_report, calibration=calib,
-                    config=config)
+        quant.head = runner.run("head", QuantizeHead(q.head_bits), model).report
+    return Compiled(model=model, plans=plans, fold=fold, quant=quant, calibration=calib, config=config)
 
 
 def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig, with_past: bool = True,
@@ -264,46 +254,30 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
 
     ``calibration``: see ``compile_graph`` (it must come from the same model and ``config.calib``).
     ``log(stage)``: called as each stage (export, load, calibrate, cluster, fold, quantize, save) starts."""
-    timer = _Timer(log)
+    runner = StageRunner(log)
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     with claim_output(out_dir, model), work_dir("compile") as tmp:
         # a lower bound for the output: the input's weights at the new width (weights are fp32 in an export)
         check_writable(out_dir, input_bytes(model) * config.quant.wbits // 32)
         check_calibration_text(model, config.calib.source)
-        onnx_path = resolve_onnx_source(model, tmp, with_past, timer)
-        with timer.stage("load"):
+        onnx_path = resolve_onnx_source(model, tmp, with_past, runner)
+        with runner.stage("load"):
             graph = load_model(onnx_path, load_weights=False)  # external weights stay on disk
             layers = find_layers(graph)
             check_cluster_counts(config, layers)
             vocab, max_pos = model_limits(onnx_path, graph)
             windows = calibration_windows(config.calib, onnx_path.parent, vocab, max_pos)
-        compiled = compile_graph(graph, layers, windows, config, timer=timer, progress=progress, model_path=onnx_path,
-                                 calibration=calibration)
+        compiled = compile_graph(graph, layers, windows, config, runner=runner, progress=progress,
+                                 model_path=onnx_path, calibration=calibration)
         del graph
-        folded, plans, fold_report, config = compiled.model, compiled.plans, compiled.fold, compiled.config
+        folded, plans, config = compiled.model, compiled.plans, compiled.config
         _stamp(folded, config)
-        report = {
-            "rptq_onnx": __version__,
-            "source": str(model),
-            "config": json.loads(config.to_json()),
-            "layers": len(layers),
-            "calibration": {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
-                            "tokens": int(windows.size), "source": config.calib.source},
-            # null: a point not clustered (unclustered_points)
-            "clusters": [{p: plan.num_clusters if plan.clustered else None for p, plan in lp.items()} for lp in plans],
-            "cluster_sizes": [{p: [min(plan.cluster_sizes()), max(plan.cluster_sizes())] if plan.clustered else None
-                               for p, plan in lp.items()} for lp in plans],
-            "layout": fold_report.layout,
-            "gathers_added": fold_report.gathers,
-            "permuted_initializers": fold_report.permuted_initializers,
-            "copied_shared_initializers": sorted(set(fold_report.copied_shared)),
-            "quantization": {"name": config.name, **compiled.quant},
-        }
+        report = _report(model, compiled, windows)
         clusters = {"format": "rptq-onnx clusters", "version": 1, "layout": config.layout,
                     "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}
         with staged_output(out_dir, owns=OWNED_FILES) as stage:
-            with timer.stage("save"):
+            with runner.stage("save"):
                 save_model(folded, stage / "model.onnx")
                 for name in (*TOKENIZER_FILES, RECORD_NAME):
                     if (onnx_path.parent / name).is_file():
@@ -311,14 +285,29 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
                 (stage / CLUSTERS_NAME).write_text(json.dumps(clusters) + "\n")
                 write_genai_config(folded, stage)  # where onnxruntime-genai can hold the cache (rptq_onnx.genai)
                 save_ranges(stage / RANGES_NAME, compiled.calibration.stats, len(layers))
-            report["timings_s"] = {**timer.timings, "total": round(time.perf_counter() - t_start, 3)}
-            report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-            (stage / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+            report.timings_s = {**runner.timings, "total": round(time.perf_counter() - t_start, 3)}
+            report.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            (stage / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
             if write_report:
                 from rptq_onnx.report import write_report as write_markdown
 
                 write_markdown(stage, report, windows[:2])
     return CompileResult(model_path=out_dir / "model.onnx", report=report)
+
+
+def _report(source: str, compiled: Compiled, windows: np.ndarray) -> CompileReport:
+    """``report.json`` but for the timings and peak RSS, known only after saving."""
+    config, plans, fold = compiled.config, compiled.plans, compiled.fold
+    return CompileReport(
+        rptq_onnx=__version__, source=str(source), config=config, layers=len(plans),
+        calibration=CalibrationSummary(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]),
+                                       tokens=int(windows.size), source=config.calib.source),
+        # None: a point not clustered (unclustered_points)
+        clusters=[{p: plan.num_clusters if plan.clustered else None for p, plan in lp.items()} for lp in plans],
+        cluster_sizes=[{p: [min(plan.cluster_sizes()), max(plan.cluster_sizes())] if plan.clustered else None
+                        for p, plan in lp.items()} for lp in plans],
+        layout=fold.layout, gathers_added=fold.gathers, permuted_initializers=fold.permuted_initializers,
+        copied_shared_initializers=sorted(set(fold.copied_shared)), quantization=compiled.quant)
 
 
 def _stamp(model: onnx.ModelProto, config: CompileConfig) -> None:

@@ -14,7 +14,7 @@ from rptq_onnx.export_cache import cached_export
 def resolve_onnx_source(model: str, workdir: Path, with_past: bool, timer=None) -> Path:
     """An .onnx path for ``model``: used as is, or exported first from an HF dir / hub id.
 
-    ``timer``: compile's stage timer (``timer.stage("export")`` times the export), or None."""
+    ``timer``: compile's stage runner (``timer.stage("export")`` times the export), or None."""
     path = Path(model)
     if path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file()):
         if not path.exists():

@@ -28,10 +28,12 @@ from rptq_onnx.anatomy import DecoderLayer, Linear
 from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.config import MIN_GROUP, CompileConfig
-from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
+from rptq_onnx.compile_report import ActivationQuantization, QuantizationReport, WeightQuantization
+from rptq_onnx.passes.base import copy_model
+from rptq_onnx.passes.emit_qdq import EmitQdq, QuantPoint
 from rptq_onnx.passes.fold_reorder import folded_points
-from rptq_onnx.passes.quantize_kv_cache import CacheTensor, quantize_kv_cache
-from rptq_onnx.passes.quantize_weights import quantize_weights
+from rptq_onnx.passes.quantize_kv_cache import CacheTensor, QuantizeKvCache
+from rptq_onnx.passes.quantize_weights import QuantizeWeights
 from rptq_onnx.quant import (QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn,
                              symmetric_activation_qparams)
 from rptq_onnx.source_grid import weight_on_grid
@@ -169,27 +171,28 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
 
 def quantize_graph(folded: onnx.ModelProto, layers: list[DecoderLayer], folded_layers: list[DecoderLayer],
                    plans: list[dict[str, ClusterPlan]], calib: Calibration, config: CompileConfig,
-                   progress: bool = False) -> tuple[onnx.ModelProto, dict]:
-    """Weights, then activation Q/DQ, on the folded graph. Returns (model, report)."""
-    report: dict = {"weights": None, "activations": None}
+                   progress: bool = False, owned: bool = False) -> tuple[onnx.ModelProto, QuantizationReport]:
+    """Weights, then activation Q/DQ, then the KV cache, on the folded graph; ``owned``: the passes edit
+    ``folded`` itself (else a copy). Returns (model, report)."""
+    report = QuantizationReport(name=config.name, quantized=True)
     q = config.quant
-    model = folded
+    model = folded if owned else copy_model(folded)
     if q.quantizes_weights:
-        weights = quantized_weights(folded, folded_layers, plans, calib, config, progress)
+        weights = quantized_weights(model, folded_layers, plans, calib, config, progress)
         form = "matmulnbits" if q.matmulnbits else "dq"
-        model, report["weights"] = quantize_weights(model, weights, form=form, accuracy_level=q.accuracy_level)
+        counts = QuantizeWeights(weights, form=form, accuracy_level=q.accuracy_level).run(model, owned=True).report
         used = sorted({qw.group_size or 0 for _, qw in weights.values()})  # 0: per output channel
-        report["weights"].update({"algorithm": q.weight_quant, "bits": q.wbits, "group_size": q.group_size,
-                                  "group_sizes_used": used, "source_grid": q.source_grid,
-                                  "accuracy_level": q.accuracy_level})
+        report.weights = WeightQuantization(**dataclasses.asdict(counts), algorithm=q.weight_quant, bits=q.wbits,
+                                            group_size=q.group_size, group_sizes_used=used,
+                                            source_grid=q.source_grid, accuracy_level=q.accuracy_level)
     points = activation_points(layers, folded_layers, plans, calib, config)
     if points:
-        model, report["activations"] = emit_qdq(model, points)
-        report["activations"]["scale_range"] = [float(min(p.qparams.scale.min() for p in points)),
-                                                float(max(p.qparams.scale.max() for p in points))]
+        qdq = EmitQdq(points).run(model, owned=True).report
+        report.activations = ActivationQuantization(**dataclasses.asdict(qdq), scale_range=[
+            float(min(p.qparams.scale.min() for p in points)), float(max(p.qparams.scale.max() for p in points))])
         caches = cache_tensors(folded_layers, points)
         if caches and not q.float_cache and config.attention == "eager":  # fused: the kernel keeps the cache
-            model, report["kv_cache"] = quantize_kv_cache(model, caches)
+            report.kv_cache = QuantizeKvCache(caches).run(model, owned=True).report
     return model, report
 
 

@@ -13,29 +13,28 @@ from pathlib import Path
 import numpy as np
 
 from rptq_onnx.artifacts import MARKDOWN_NAME, REPORT_DIR
+from rptq_onnx.compile_report import CompileReport
 from rptq_onnx.errors import RptqError
 from rptq_onnx.vocabulary import POINTS
 
-def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
+def write_report(model_dir: Path, report: CompileReport, windows: np.ndarray) -> Path:
     from rptq_onnx.memory import format_memory_table, resolve_shape
     from rptq_onnx.point_error import format_errors, plot_errors, point_errors, qdq_points
     from rptq_onnx.ranges import plot_ranges
 
     figs = model_dir / REPORT_DIR
     figs.mkdir(exist_ok=True)
-    cfg = report["config"]
-    q = report["quantization"]
-    lines = [f"# rptq-onnx compile report: {q['name']} ({cfg['preset']})", "",
-             f"- source: `{report['source']}`; {report['layers']} layers; layout {report['layout']}, "
-             f"{report['gathers_added']} Gather(s) added",
-             f"- calibration: {report['calibration']['windows']} × {report['calibration']['seqlen']} tokens from "
-             f"`{report['calibration']['source']}`",
-             "- timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()),
-             f"- peak RSS {report['peak_rss_mb']} MB", "",
-             "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", "",
+    q, calib = report.quantization, report.calibration
+    lines = [f"# rptq-onnx compile report: {q.name} ({report.config.preset})", "",
+             f"- source: `{report.source}`; {report.layers} layers; layout {report.layout}, "
+             f"{report.gathers_added} Gather(s) added",
+             f"- calibration: {calib.windows} × {calib.seqlen} tokens from `{calib.source}`",
+             "- timings (s): " + ", ".join(f"{k} {v}" for k, v in report.timings_s.items()),
+             f"- peak RSS {report.peak_rss_mb} MB", "",
+             "## Configuration", "", "```json", json.dumps(json.loads(report.config.to_json()), indent=2), "```", "",
              "## Cluster plan (clusters per point; smallest–largest cluster)", "",
              "| layer | R1 | R2 | R3 | R4 | R5 |", "|---:|---|---|---|---|---|"]
-    for i, (k, sizes) in enumerate(zip(report["clusters"], report["cluster_sizes"])):
+    for i, (k, sizes) in enumerate(zip(report.clusters, report.cluster_sizes)):
         lines.append(f"| {i} | " + " | ".join(f"{k[p]} ({sizes[p][0]}–{sizes[p][1]})" if k[p] else "not clustered"
                                                for p in POINTS) + " |")
     lines += ["", "## Channel ranges", ""]
@@ -53,14 +52,14 @@ def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
     else:
         lines += ["## Per-point error", "", "No activation is quantized in this preset.", ""]
 
-    if q.get("kv_cache"):
-        kv = q["kv_cache"]
-        lines += ["## KV cache", "", f"Stored between decode steps as {', '.join(kv['containers'])} codes "
-                  f"({', '.join(map(str, kv['bits']))}-bit) in layout {kv['layout']}: real low-bit storage.", ""]
+    if q.kv_cache is not None:
+        kv = q.kv_cache
+        lines += ["## KV cache", "", f"Stored between decode steps as {', '.join(kv.containers)} codes "
+                  f"({', '.join(map(str, kv.bits))}-bit) in layout {kv.layout}: real low-bit storage.", ""]
     try:
         shape = resolve_shape(str(model_dir))
         lines += ["## Memory (formula, batch 1, full context)", "",
-                  format_memory_table(report["source"], shape, 1, shape.positions), ""]
+                  format_memory_table(report.source, shape, 1, shape.positions), ""]
     except RptqError:  # a model without an OPT config record: no memory table
         pass
     lines += ["Activation Q/DQ runs as simulated quantization on ONNX Runtime's CPU and CUDA providers; "

@@ -149,7 +149,7 @@ def test_external_weights_are_calibrated_from_disk(exported, tmp_path):
     a = compile_model(str(src), tmp_path / "a", config, progress=False)
     b = compile_model(str(ext_dir / "model.onnx"), tmp_path / "b", config, progress=False)
     assert (tmp_path / "a" / "clusters.json").read_text() == (tmp_path / "b" / "clusters.json").read_text()
-    assert a.report["clusters"] == b.report["clusters"]
+    assert a.report.clusters == b.report.clusters
     assert sorted(p.name for p in ext_dir.iterdir()) == ["export.json", "model.onnx", "model.onnx.data"]
 
 
@@ -172,8 +172,8 @@ def test_kv_only_preset_clusters_only_k_and_v(exported, tmp_path, monkeypatch):
     src = str(exported("tiny"))
     kv = compile_model(src, tmp_path / "kv", config(), progress=False)
     assert all(c["R1"] is None and c["R4"] is None and c["R5"] is None and c["R2"] and c["R3"]
-               for c in kv.report["clusters"])
-    assert kv.report["cluster_sizes"][0]["R5"] is None
+               for c in kv.report.clusters)
+    assert kv.report.cluster_sizes[0]["R5"] is None
     plans = load_cluster_plans(tmp_path / "kv")
     assert not plans[0]["R5"].clustered and plans[0]["R2"].clustered
     np.testing.assert_array_equal(plans[0]["R5"].index, np.arange(plans[0]["R5"].channels))
@@ -183,12 +183,12 @@ def test_kv_only_preset_clusters_only_k_and_v(exported, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r5.json").read_text())["layers"][0]["clustered"] is False
 
     contiguous = compile_model(src, tmp_path / "contiguous", config("contiguous"), progress=False)
-    assert all(contiguous.report["clusters"][0].values())  # the layout reorders R1/R4: every point clustered
+    assert all(contiguous.report.clusters[0].values())  # the layout reorders R1/R4: every point clustered
 
     monkeypatch.setattr(compile_module, "unclustered_points", lambda config: frozenset())
     full = compile_model(src, tmp_path / "full", config(), progress=False)
-    assert full.report["clusters"][0]["R5"] == 8
-    assert kv.report["permuted_initializers"] < full.report["permuted_initializers"]
+    assert full.report.clusters[0]["R5"] == 8
+    assert kv.report.permuted_initializers < full.report.permuted_initializers
     ids = np.random.default_rng(0).integers(0, 512, (2, 16))
     logits = []
     for out in (kv, full):

@@ -68,7 +68,7 @@ def test_fused_equals_eager_opt(text_opt, tmp_path, preset, abits, cache):
     ops = [n.op_type for n in onnx.load(result.model_path).graph.node]
     assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
     if preset.endswith("KV"):  # V and K offsets folded into the biases (OPT has them all)
-        assert result.report["quantization"]["attention"]["offsets_folded"] == 4
+        assert result.report.quantization.attention.offsets_folded == 4
     _assert_same(eager, fused)
 
 
@@ -78,7 +78,7 @@ def test_fused_equals_eager_llama_over_a_symmetric_key(text_llama, tmp_path, mon
     result = _compile(text_llama, tmp_path / "fused", "W4A4KV", "fused")
     fused, cache_type = _run(result.model_path.parent, ids, mask)
     assert cache_type == "tensor(uint8)"
-    assert result.report["quantization"]["attention"]["bias_adds"] == 2 * 2  # no v_proj / o_proj biases in Llama
+    assert result.report.quantization.attention.bias_adds == 2 * 2  # no v_proj / o_proj biases in Llama
     monkeypatch.setattr(quantize, "symmetric_key", lambda layer, config: layer.q_rope is not None)
     eager, _ = _run(_compile(text_llama, tmp_path / "eager", "W4A4KV", "eager").model_path.parent, ids, mask)
     _assert_same(eager, fused)

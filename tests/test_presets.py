@@ -35,13 +35,13 @@ def test_every_preset_compiles_checks_and_runs(exported, tmp_path, preset):
     layers = find_layers(onnx.load(str(result.model_path)))
     logits = _logits(str(result.model_path), np.random.default_rng(0).integers(0, 512, (2, 12)), layers)
     assert logits.shape == (2, 12, 512) and np.isfinite(logits).all()
-    q = result.report["quantization"]
+    q = result.report.quantization
     wbits, abits, kv_only = PRESETS[preset]
-    assert q["name"] == f"W{wbits}A{abits}" + ("KV" if kv_only else "")
+    assert q.name == f"W{wbits}A{abits}" + ("KV" if kv_only else "")
     if abits < 16:
-        assert q["activations"]["points"] == (2 if kv_only else 8) * len(layers)
+        assert q.activations.points == (2 if kv_only else 8) * len(layers)
     if wbits < 16:
-        assert q["weights"]["dq"] + q["weights"]["matmulnbits"] == 6 * len(layers)
+        assert q.weights.dq + q.weights.matmulnbits == 6 * len(layers)
 
 
 def test_opt125m_shapes_w4a4_and_w4a16(opt125m, text_opt, tmp_path):
@@ -55,7 +55,7 @@ def test_opt125m_shapes_w4a4_and_w4a16(opt125m, text_opt, tmp_path):
         logits = _logits(str(result.model_path), np.random.default_rng(0).integers(0, 50272, (1, 16)), layers)
         assert np.isfinite(logits).all()
         if preset == "W4A16":
-            assert result.report["quantization"]["weights"]["matmulnbits"] == 72
+            assert result.report.quantization.weights.matmulnbits == 72
         else:  # 32-token prompt, 32 greedy steps: the cache holds 4 bits per element
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(text_opt / f, result.model_path.parent / f)

@@ -113,7 +113,7 @@ def test_a_q4_1_model_compiles_to_w4_without_weight_loss(family):
         cfg = CompileConfig(quant=QuantSpec(wbits=4, abits=16, weight_quant="rtn", group_size=32, source_grid=grid),
                             calib=calib)
         compiled = compile_graph(graph, layers, ids, cfg)
-        assert compiled.quant["weights"]["kept_source_grid"] == (len(layers) * len(layers[0].linears()) if grid == "keep" else 0)
+        assert compiled.quant.weights.kept_source_grid == (len(layers) * len(layers[0].linears()) if grid == "keep" else 0)
         err[grid] = float(np.abs(_logits(compiled.model, ids, layers) - ref).max())
     assert err["keep"] < 1e-3 * np.abs(ref).max() and err["requantize"] > 20 * err["keep"], err
 
@@ -121,12 +121,12 @@ def test_a_q4_1_model_compiles_to_w4_without_weight_loss(family):
                         clusters=ClusterCounts(R1=4, R4=4, R5=4))
     compiled = compile_graph(graph, layers, ids, cfg)
     assert compiled.config.quant.source_grid == "keep" and not compiled.calibration.xtx  # no Hessians needed
-    assert compiled.quant["weights"]["kept_source_grid"] == len(layers) * len(layers[0].linears())
+    assert compiled.quant.weights.kept_source_grid == len(layers) * len(layers[0].linears())
     assert compiled.fold.permuted_initializers == (4 * len(layers) if family == "opt" else 0)  # OPT: q/k out + bias
     rows = classify(compiled.model)  # inspect --placement's verdicts, from the graph
     assert all(r["kind"] == "real" for r in rows if r["op"] == "MatMulNBits")
     small = [r for r in rows if "source grid" in r["verdict"]]  # an offset term per linear, block sums per input
-    assert len(small) == compiled.quant["weights"]["kept_source_grid"] + 4 * len(layers)
+    assert len(small) == compiled.quant.weights.kept_source_grid + 4 * len(layers)
 
 
 def test_a_grid_through_zero_takes_an_integer_zero_point_and_no_offset():

@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             secs = time.perf_counter() - t0
             onnx.checker.check_model(str(result.model_path), full_check=True)
             out = logits(result.model_path)
-            w = result.report["quantization"].get("weights") or {}
+            w = result.report.quantization.weights
             size = sum(f.stat().st_size for f in result.model_path.parent.glob("model.onnx*"))
             rows.append({"config": f"{name} ({quant.weight_quant if quant.wbits < 16 else 'fp'} weights"
                                    f"{', g' + str(quant.group_size) if quant.group_size else ''})",
                          "compile_s": round(secs, 1), "file_mb": round(size / 2**20, 1),
-                         "matmulnbits": w.get("matmulnbits", 0),
+                         "matmulnbits": w.matmulnbits if w else 0,
                          "logits_mse": float(np.mean((out - ref) ** 2)),
                          "top1_agree": float(np.mean(out.argmax(-1) == ref.argmax(-1)))})
     fp_size = sum(f.stat().st_size for f in model.parent.glob("model.onnx*")) / 2**20

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                        calib=CalibConfig(source=args.calib, nsamples=4, seqlen=128))
                 out = Path(tmp) / f"{preset}-head{head}"
                 result = compile_model(str(args.export), out, config, progress=False)
-                rows.append((f"{preset} ({result.report['config']['attention']} attention, "
+                rows.append((f"{preset} ({result.report.config.attention} attention, "
                              f"{_head(quant.head_bits)})", out / "model.onnx"))
         rows += [(str(d), d / "model.onnx") for d in args.compiled]
         results = [(name, peak_rss_mb(path, args.tokens), *_linears(path)) for name, path in rows]
