@@ -38,6 +38,7 @@ from rptq_onnx.passes.fold_reorder import FoldReport, fold_reorder, folded_point
 from rptq_onnx.passes.fuse_attention import fuse_attention
 from rptq_onnx.passes.quantize_head import quantize_head
 from rptq_onnx.ranges import save_ranges
+from rptq_onnx.recipes import point_choices
 from rptq_onnx.text import has_tokenizer, read_text
 from rptq_onnx.vocabulary import CLUSTERS_KEY, CONFIG_KEY, RPTQ_PREFIX, VERSION_KEY
 
@@ -163,10 +164,10 @@ def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], 
 
 
 def amplitude_key(layer: DecoderLayer, config: CompileConfig) -> bool:
-    """R2 clustered on K's amplitude max(|max|, |min|), freely: K's grid is symmetric (fused attention,
+    """R2 clustered on K's amplitude max(|max|, |min|), freely (not in the paper recipe): K's grid is symmetric (fused attention,
     K after RoPE: GQA's cache has no zero point) and the layout folds nothing of R2, so RoPE pairs
     need not stay together."""
-    return quantize.symmetric_key(layer, config) and \
+    return config.recipe != "paper" and quantize.symmetric_key(layer, config) and \
         "R2" not in folded_points(layer, config.layout, quantize.keeps_source_grid(config))
 
 
@@ -299,6 +300,11 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
             "permuted_initializers": fold_report.permuted_initializers,
             "copied_shared_initializers": sorted(set(fold_report.copied_shared)),
             "quantization": {"name": config.name, **compiled.quant},
+            "recipe": {"name": config.recipe,
+                       "choices": point_choices(config, rope=layers[0].q_rope is not None,
+                                                amplitude_key=amplitude_key(layers[0], config),
+                                                skipped=unclustered_points(config),
+                                                keeps_grid=quantize.keeps_source_grid(config))},
         }
         clusters = {"format": "rptq-onnx clusters", "version": 1, "layout": config.layout,
                     "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}

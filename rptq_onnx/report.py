@@ -32,6 +32,8 @@ def write_report(model_dir: Path, report: dict, windows: np.ndarray) -> Path:
              f"`{report['calibration']['source']}`",
              "- timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()),
              f"- peak RSS {report['peak_rss_mb']} MB", "",
+             f"## Recipe `{report['recipe']['name']}` (rptq_onnx/recipes.py)", "", "| point | choice |", "|---|---|",
+             *(f"| {p} | {c} |" for p, c in report["recipe"]["choices"].items()), "",
              "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", "",
              "## Cluster plan (clusters per point; smallest–largest cluster)", "",
              "| layer | R1 | R2 | R3 | R4 | R5 |", "|---:|---|---|---|---|---|"]
