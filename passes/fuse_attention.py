@@ -41,7 +41,7 @@ from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, prune_dead_nodes, rename_inputs, topological_order
 from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.quant import dequantized_weight
-from rptq_onnx.vocabulary import ATTENTION_PREFIX, QDQ_PREFIX, storage_bits
+from rptq_onnx.vocabulary import ATTENTION_PREFIX, LAYOUT_PREFIX, QDQ_PREFIX, storage_bits
 
 HEADS_TO_TOKENS = [0, 2, 1, 3]  # [B, H, S, D] ↔ [B, S, H, D]
 
@@ -52,6 +52,7 @@ class FuseReport:
     cache: str = "float"  # float, int8 or int4 (the kernel's cache storage)
     offsets_folded: int = 0  # K/V points whose zero point moved into biases
     bias_adds: int = 0  # Add nodes inserted where a linear had no bias to take an offset
+    kv_qdq_dropped: int = 0  # K/V points whose Q/DQ the kernel's own quantization replaces
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -150,19 +151,23 @@ def _fuse_layer(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, 
 
     scale, bias = _scale_and_mask(index, qk, fail)
     new_nodes: list[onnx.NodeProto] = []
-    query = _tokens_major(g, index, qk.input[0], layer.num_heads, f"{p}.q", new_nodes)
-    key = _tokens_major(g, index, cat_k.input[1], layer.num_kv_heads, f"{p}.k", new_nodes)
-    value = _tokens_major(g, index, cat_v.input[1], layer.num_kv_heads, f"{p}.v", new_nodes)
-    attn = _merged_output(index, pv, fail)
-
     attrs = {"num_heads": layer.num_heads, "kv_num_heads": layer.num_kv_heads, "scale": float(scale)}
     scales = ["", ""]
-    if cache_bits is not None:
+    if cache_bits is not None:  # first: an offset moved out of V may add a node in front of its Q/DQ
         k_scale = _symmetric_point(model, index, layer, "k", fold=layer.q_rope is None, report=report)
         v_scale = _symmetric_point(model, index, layer, "v", fold=True, report=report)
         scales = [k_scale, v_scale]
         attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=storage_bits(cache_bits))
         _retype_cache(g, layer, storage_bits(cache_bits))
+    query = _tokens_major(g, index, qk.input[0], layer.num_heads, f"{p}.q", new_nodes)
+    # at the kernel's own width, its quantization of the new K/V is the K/V point's (symmetric, per channel,
+    # the same scales): the point's Q/DQ before it would round twice onto one grid, so GQA takes the float
+    # K/V; 3-bit codes keep it (they use half of the 4-bit kernel's grid)
+    own = _before_point if cache_bits is not None and storage_bits(cache_bits) == cache_bits else (lambda _, t: t)
+    key = own(index, _tokens_major(g, index, own(index, cat_k.input[1]), layer.num_kv_heads, f"{p}.k", new_nodes))
+    value = own(index, _tokens_major(g, index, own(index, cat_v.input[1]), layer.num_kv_heads, f"{p}.v", new_nodes))
+    report.kv_qdq_dropped += 2 * (own is _before_point)
+    attn = _merged_output(index, pv, fail)
     gqa = helper.make_node(
         "GroupQueryAttention",
         [query, key, value, layer.past_key, layer.past_value, seqlens, total, "", "", "", bias or "", "", *scales],
@@ -171,6 +176,13 @@ def _fuse_layer(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, 
     for node in (cat_k, cat_v, index.producer[attn]):
         g.node.remove(node)
     g.node.extend([*new_nodes, gqa])
+
+
+def _before_point(index: GraphIndex, tensor: str) -> str:
+    """The float tensor behind an activation point's Q/DQ (and the head-layout reshapes around it)."""
+    while (node := index.producer.get(tensor)) is not None and node.name.startswith((QDQ_PREFIX, LAYOUT_PREFIX)):
+        tensor = node.input[0]
+    return tensor
 
 
 def _scale_and_mask(index: GraphIndex, qk: onnx.NodeProto, fail) -> tuple[float, str | None]:

@@ -114,15 +114,20 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         flag = "--with-past" if args.with_past else "--no-past"
         raise RptqError(f"{flag} applies only when compile exports first; {args.model} is already ONNX, its cache "
                         "inputs were fixed by `rptq-onnx export` (export again with the flag)")
+    from rptq_onnx.recipes import recipe_flags
+
+    r = recipe_flags(args.recipe, {k: getattr(args, k) for k in ("observer", "clusters", "weight_quant", "group_size",
+                                                                 "source_grid", "head_bits", "attention")})
+    args.attention = r["attention"]
     calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         batch_size=args.batch_size)
     quant = QuantSpec.for_preset(args.preset, wbits=args.wbits, abits=args.abits, kv_only=args.kv_only,
-                                 weight_quant=args.weight_quant, group_size=args.group_size, observer=args.observer,
+                                 weight_quant=r["weight_quant"], group_size=r["group_size"], observer=r["observer"],
                                  matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache,
-                                 head_bits=args.head_bits, source_grid=args.source_grid,
+                                 head_bits=r["head_bits"], source_grid=r["source_grid"],
                                  accuracy_level=args.accuracy_level)
-    config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(args.clusters), calib=calib,
-                           layout=args.layout, quant=quant, attention=args.attention)
+    config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(r["clusters"]), calib=calib,
+                           layout=args.layout, quant=quant, attention=args.attention, recipe=args.recipe)
     if args.attention == "fused" and args.with_past is False:  # auto falls back to eager there
         raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); drop "
                         "--no-past, or use --attention eager")
@@ -341,12 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wbits", type=int, default=None, help="override the preset's weight bits (3, 4, 8, 16)")
     p.add_argument("--abits", type=int, default=None, help="override the preset's activation bits (3–8, 16)")
     p.add_argument("--kv-only", action="store_true", default=None, help="quantize only K and V activations")
-    p.add_argument("--weight-quant", default="gptq", choices=("gptq", "rtn"), help="weight algorithm (default gptq)")
+    p.add_argument("--recipe", default="default", choices=("default", "paper"),
+                   help="default: rptq-onnx's measured choices; paper: the reference implementation's (EMA ranges, "
+                        "clusters 32/4/4/32/32, R2 on q/k (max, min) in RoPE pairs, per-channel GPTQ weights "
+                        "quantized again, float vocabulary table, eager attention), which fixes the flags it "
+                        "sets; see rptq_onnx/recipes.py")
+    p.add_argument("--weight-quant", default=None, choices=("gptq", "rtn"), help="weight algorithm (default gptq)")
     p.add_argument("--group-size", type=int, default=None,
                    help="weight group size along the input (default: per output channel; 128 for weight-only 4-bit, "
                         "which MatMulNBits needs; 0 = per channel); a linear whose input size it does not divide "
                         "takes the largest power of two ≥ 16 that does")
-    p.add_argument("--observer", default="ema", choices=("ema", "minmax"),
+    p.add_argument("--observer", default=None, choices=("ema", "minmax"),
                    help="activation ranges: the reference's EMA min/max (default) or plain min/max")
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
@@ -360,12 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "each linear's input to int8 per block inside the kernel and multiplies in integers, as "
                         "GenAI's builder does on the CPU (SmolLM2 W4A4KV: decoding 21 %% faster, +0.2 %% perplexity, "
                         "+16 %% peak RSS; docs/genai.md). 8-bit weights always use 4")
-    p.add_argument("--source-grid", default="keep", choices=("keep", "requantize"),
+    p.add_argument("--source-grid", default=None, choices=("keep", "requantize"),
                    help="keep (default): a linear whose float weights already sit on a wbits-bit block grid (a GGUF "
                         "Q4_0/Q4_1 dequantized on load, a GPTQ/AWQ checkpoint) keeps those exact codes as "
                         "MatMulNBits plus a per-block offset term, without GPTQ; float weights are quantized as usual. "
                         "requantize: quantize every weight again")
-    p.add_argument("--attention", default="auto", choices=("auto", "eager", "fused"),
+    p.add_argument("--attention", default=None, choices=("auto", "eager", "fused"),
                    help="fused: each layer's attention and KV cache as one com.microsoft:GroupQueryAttention, a real "
                         "int4/int8 cache kernel (KV presets, and presets that quantize no activations); eager: the "
                         "exported MatMul/Softmax attention, every activation point visible; auto (default): fused "

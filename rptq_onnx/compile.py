@@ -25,7 +25,7 @@ from rptq_onnx.anatomy import DecoderLayer, find_layers
 from rptq_onnx.artifacts import CLUSTERS_NAME, OWNED_FILES, RANGES_NAME, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, model_limits
 from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
 from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
-from rptq_onnx.compile_report import CalibrationSummary, CompileReport, QuantizationReport
+from rptq_onnx.compile_report import CalibrationSummary, CompileReport, QuantizationReport, RecipeChoices
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.genai import write_genai_config
@@ -39,6 +39,7 @@ from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport, folded_points
 from rptq_onnx.passes.fuse_attention import FuseAttention
 from rptq_onnx.passes.quantize_head import QuantizeHead
 from rptq_onnx.ranges import save_ranges
+from rptq_onnx.recipes import point_choices
 from rptq_onnx.stages import StageRunner
 from rptq_onnx.text import has_tokenizer, read_text
 from rptq_onnx.vocabulary import CLUSTERS_KEY, CONFIG_KEY, RPTQ_PREFIX, VERSION_KEY
@@ -149,10 +150,10 @@ def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], 
 
 
 def amplitude_key(layer: DecoderLayer, config: CompileConfig) -> bool:
-    """R2 clustered on K's amplitude max(|max|, |min|), freely: K's grid is symmetric (fused attention,
+    """R2 clustered on K's amplitude max(|max|, |min|), freely (not in the paper recipe): K's grid is symmetric (fused attention,
     K after RoPE: GQA's cache has no zero point) and the layout folds nothing of R2, so RoPE pairs
     need not stay together."""
-    return quantize.symmetric_key(layer, config) and \
+    return config.recipe != "paper" and quantize.symmetric_key(layer, config) and \
         "R2" not in folded_points(layer, config.layout, quantize.keeps_source_grid(config))
 
 
@@ -273,7 +274,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
         del graph
         folded, plans, config = compiled.model, compiled.plans, compiled.config
         _stamp(folded, config)
-        report = _report(model, compiled, windows)
+        report = _report(model, compiled, windows, layers)
         clusters = {"format": "rptq-onnx clusters", "version": 1, "layout": config.layout,
                     "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}
         with staged_output(out_dir, owns=OWNED_FILES) as stage:
@@ -295,7 +296,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
     return CompileResult(model_path=out_dir / "model.onnx", report=report)
 
 
-def _report(source: str, compiled: Compiled, windows: np.ndarray) -> CompileReport:
+def _report(source: str, compiled: Compiled, windows: np.ndarray, layers: list[DecoderLayer]) -> CompileReport:
     """``report.json`` but for the timings and peak RSS, known only after saving."""
     config, plans, fold = compiled.config, compiled.plans, compiled.fold
     return CompileReport(
@@ -307,7 +308,10 @@ def _report(source: str, compiled: Compiled, windows: np.ndarray) -> CompileRepo
         cluster_sizes=[{p: [min(plan.cluster_sizes()), max(plan.cluster_sizes())] if plan.clustered else None
                         for p, plan in lp.items()} for lp in plans],
         layout=fold.layout, gathers_added=fold.gathers, permuted_initializers=fold.permuted_initializers,
-        copied_shared_initializers=sorted(set(fold.copied_shared)), quantization=compiled.quant)
+        copied_shared_initializers=sorted(set(fold.copied_shared)), quantization=compiled.quant,
+        recipe=RecipeChoices(name=config.recipe, choices=point_choices(
+            config, rope=layers[0].q_rope is not None, amplitude_key=amplitude_key(layers[0], config),
+            skipped=unclustered_points(config), keeps_grid=quantize.keeps_source_grid(config))))
 
 
 def _stamp(model: onnx.ModelProto, config: CompileConfig) -> None:

@@ -64,6 +64,12 @@ class CalibrationSummary:
 
 
 @dataclass
+class RecipeChoices:
+    name: str  # rptq_onnx/recipes.py
+    choices: dict[str, str]  # point (and "P", "weights") → what the recipe chose there, in words
+
+
+@dataclass
 class CompileReport:
     rptq_onnx: str  # the version that compiled
     source: str
@@ -77,13 +83,14 @@ class CompileReport:
     permuted_initializers: int
     copied_shared_initializers: list[str]
     quantization: QuantizationReport
+    recipe: RecipeChoices
     timings_s: dict[str, float] = field(default_factory=dict)  # per stage, and "total"
     peak_rss_mb: float = 0.0
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out.update(config=json.loads(self.config.to_json()), calibration=dataclasses.asdict(self.calibration),
-                   quantization=self.quantization.to_json())
+                   quantization=self.quantization.to_json(), recipe=dataclasses.asdict(self.recipe))
         return out
 
 

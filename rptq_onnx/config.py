@@ -28,6 +28,7 @@ WEIGHT_QUANT = ("gptq", "rtn")
 OBSERVERS = ("ema", "minmax")
 LAYOUTS = ("zero-copy", "contiguous")
 SOURCE_GRID = ("keep", "requantize")
+RECIPES = ("default", "paper")  # rptq_onnx/recipes.py
 # fused: one com.microsoft:GroupQueryAttention per layer over the (low-bit) cache; auto: fused for the KV
 # presets on graphs with a cache, else eager (compile.resolve_attention)
 ATTENTION = ("eager", "fused", "auto")
@@ -213,12 +214,15 @@ class CompileConfig:
     layout: str = "zero-copy"
     quant: QuantSpec = field(default_factory=QuantSpec)
     attention: str = "eager"
+    recipe: str = "default"  # rptq_onnx/recipes.py
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise RptqError(f"--preset {self.preset} is not available; choose one of {', '.join(PRESETS)}")
         if self.layout not in LAYOUTS:
             raise RptqError(f"--layout {self.layout} is unknown; choose one of {', '.join(LAYOUTS)}")
+        if self.recipe not in RECIPES:
+            raise RptqError(f"--recipe {self.recipe} is unknown; use {' or '.join(RECIPES)}")
         if self.attention not in ATTENTION:
             raise RptqError(f"--attention {self.attention} is unknown; choose one of {', '.join(ATTENTION)}")
         q = self.quant
@@ -245,4 +249,5 @@ class CompileConfig:
     def from_json(cls, text: str) -> CompileConfig:
         d = json.loads(text)
         return cls(preset=d["preset"], clusters=ClusterCounts.from_dict(d["clusters"]), calib=CalibConfig(**d["calib"]),
-                   layout=d["layout"], quant=QuantSpec(**d.get("quant", {})), attention=d.get("attention", "eager"))
+                   layout=d["layout"], quant=QuantSpec(**d.get("quant", {})), attention=d.get("attention", "eager"),
+                   recipe=d.get("recipe", "default"))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from rptq_onnx.artifacts import REPORT_NAME
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model, rename_inputs, replaced_atomically
 from rptq_onnx.vocabulary import QDQ_LABELS, QDQ_PREFIX
@@ -108,7 +109,16 @@ def point_errors(model_path: str | os.PathLike, windows: np.ndarray) -> dict:
             for (layer, tap), a in sorted(sums.items(), key=lambda kv: (kv[0][0], list(QDQ_LABELS).index(kv[0][1])
                                                                          if kv[0][1] in QDQ_LABELS else 99))]
     return {"model": str(path), "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "rows": rows,
-            "logits": {"kl_per_token": kl_total / tokens, "top1_agreement": agree / tokens}}
+            "logits": {"kl_per_token": kl_total / tokens, "top1_agreement": agree / tokens},
+            "recipe": _recipe(path.parent)}
+
+
+def _recipe(folder: Path) -> dict | None:
+    """The recipe and its choices per point, from the report.json `compile` wrote beside the model."""
+    try:
+        return json.loads((folder / REPORT_NAME).read_text()).get("recipe")
+    except (OSError, ValueError):
+        return None
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -131,6 +141,9 @@ def format_errors(report: dict) -> str:
               f"{100 * lg['top1_agreement']:.1f} %"]
     worst = min(report["rows"], key=lambda r: r["local_sqnr_db"])
     lines.append(f"lowest local SQNR: layer {worst['layer']} {worst['label']} ({worst['local_sqnr_db']:.1f} dB)")
+    if report.get("recipe"):
+        lines += ["", f"recipe {report['recipe']['name']}:"]
+        lines += [f"  {point}: {choice}" for point, choice in report["recipe"]["choices"].items()]
     return "\n".join(lines)
 
 

@@ -31,6 +31,8 @@ def write_report(model_dir: Path, report: CompileReport, windows: np.ndarray) ->
              f"- calibration: {calib.windows} × {calib.seqlen} tokens from `{calib.source}`",
              "- timings (s): " + ", ".join(f"{k} {v}" for k, v in report.timings_s.items()),
              f"- peak RSS {report.peak_rss_mb} MB", "",
+             f"## Recipe `{report.recipe.name}` (rptq_onnx/recipes.py)", "", "| point | choice |", "|---|---|",
+             *(f"| {p} | {c} |" for p, c in report.recipe.choices.items()), "",
              "## Configuration", "", "```json", json.dumps(json.loads(report.config.to_json()), indent=2), "```", "",
              "## Cluster plan (clusters per point; smallest–largest cluster)", "",
              "| layer | R1 | R2 | R3 | R4 | R5 |", "|---:|---|---|---|---|---|"]

@@ -40,37 +40,27 @@ class LayerWalker:
 
     def back_to(self, tensor: str, predicate, max_depth: int = 10) -> tuple[onnx.NodeProto, str] | None:
         """Walk producers along data inputs until ``predicate(node)``; return (node, tensor)."""
-        frontier = [(tensor, 0)]
-        seen = set()
-        while frontier:
-            name, depth = frontier.pop(0)
-            if name in seen or depth > max_depth:
-                continue
-            seen.add(name)
+        def step(name):
             node = self.g.producer.get(name)
             if node is None:
-                continue
+                return None, []
             if predicate(node):
-                return node, name
-            if node.op_type in DATA_PATH_OPS or node.op_type in ("Where", "Max", "Min"):
-                frontier.extend((t, depth + 1) for t in self.data_inputs(node))
-        return None
+                return (node, name), []
+            walk_on = node.op_type in DATA_PATH_OPS or node.op_type in ("Where", "Max", "Min")
+            return None, self.data_inputs(node) if walk_on else []
+        return _breadth_first(tensor, step, max_depth)
 
     def forward_to(self, tensor: str, predicate, through: set[str], max_depth: int = 10) -> tuple[onnx.NodeProto, int] | None:
         """Walk consumers through ``through`` ops until ``predicate(node)``; return (node, input index)."""
-        frontier = [(tensor, 0)]
-        seen = set()
-        while frontier:
-            name, depth = frontier.pop(0)
-            if name in seen or depth > max_depth:
-                continue
-            seen.add(name)
+        def step(name):
+            ahead = []
             for node in self.g.consumers.get(name, []):
                 if predicate(node):
-                    return node, list(node.input).index(name)
+                    return (node, list(node.input).index(name)), []
                 if node.op_type in through:
-                    frontier.extend((o, depth + 1) for o in node.output if o)
-        return None
+                    ahead += [o for o in node.output if o]
+            return None, ahead
+        return _breadth_first(tensor, step, max_depth)
 
     def is_dynamic_matmul(self, node: onnx.NodeProto) -> bool:
         return node.op_type == "MatMul" and len(self.g.dynamic_inputs(node)) == 2
@@ -176,3 +166,17 @@ class LayerWalker:
             tensor = producer.input[0]
         return tensor
 
+
+def _breadth_first(start: str, step, max_depth: int):
+    """Visit tensors breadth first from ``start``: ``step(tensor)`` gives (a hit or None, next tensors)."""
+    frontier, seen = [(start, 0)], set()
+    while frontier:
+        name, depth = frontier.pop(0)
+        if name in seen or depth > max_depth:
+            continue
+        seen.add(name)
+        hit, ahead = step(name)
+        if hit is not None:
+            return hit
+        frontier.extend((t, depth + 1) for t in ahead)
+    return None

@@ -1,0 +1,85 @@
+"""Recipes: named sets of quantization choices, so that a result can be asked for by name.
+
+- ``paper`` — the reference implementation's choices (RPTQ4LLM; parity with it is checked against
+  this recipe): EMA min/max ranges, clusters R1=32 R2=4 R3=4 R4=32 R5=32, R2 clustered on the
+  (max, min) of q and k (RoPE pairs kept together), softmax output at a fixed 1/255, weights by
+  GPTQ per output channel and quantized again even where the source already sits on a grid, a
+  float vocabulary table, and eager attention (the reference has no fused kernel, and fusing makes
+  K symmetric).
+- ``default`` — rptq-onnx's choices, each measured against ``paper`` (README): weights that sit on
+  a grid keep it (``--source-grid keep``), weight-only 4-bit in groups of 128, an 8-bit vocabulary
+  table wherever weights are quantized, and under fused attention (the KV presets' default) a
+  symmetric K clustered freely on its amplitude.
+
+Where ``paper`` still differs from the reference (README, *Quality on the demo model*): R2's q
+features are taken after the 1/√d scaling, weight scales are per output row rather than per (row ×
+input cluster), and calibration runs on float, not quantized, outputs of earlier layers.
+"""
+
+from __future__ import annotations
+
+from rptq_onnx.config import RECIPES, ClusterCounts
+from rptq_onnx.errors import RptqError
+
+# flag → (its value under the paper recipe, how the CLI spells that value)
+PAPER_FLAGS = {
+    "observer": ("ema", "ema"),
+    "clusters": (None, "R1=32,R2=4,R3=4,R4=32,R5=32"),
+    "weight_quant": ("gptq", "gptq"),
+    "group_size": (0, "0 (per output channel)"),
+    "source_grid": ("requantize", "requantize"),
+    "head_bits": (16, "16"),
+    "attention": ("eager", "eager"),
+}
+# the defaults of those flags under the default recipe (None: the preset decides)
+DEFAULT_FLAGS = {"observer": "ema", "clusters": None, "weight_quant": "gptq", "group_size": None,
+                 "source_grid": "keep", "head_bits": None, "attention": "auto"}
+
+
+def recipe_flags(recipe: str, given: dict[str, object]) -> dict[str, object]:
+    """The value of each recipe-governed flag (``given``: flag → value, None where not given).
+
+    Under ``paper`` a flag given with another value than the recipe's is refused in one line."""
+    if recipe not in RECIPES:
+        raise RptqError(f"--recipe {recipe} is unknown; use {' or '.join(RECIPES)}")
+    if recipe == "default":
+        return {k: DEFAULT_FLAGS[k] if given.get(k) is None else given[k] for k in DEFAULT_FLAGS}
+    out = {}
+    for flag, (value, spelled) in PAPER_FLAGS.items():
+        asked = given.get(flag)
+        if asked is not None and asked != value and not (flag == "clusters" and _reference_clusters(asked)):
+            cli = "--" + flag.replace("_", "-")
+            raise RptqError(f"--recipe paper fixes {cli} {spelled}; drop {cli} {asked}, or use --recipe default")
+        out[flag] = value
+    return out
+
+
+def _reference_clusters(text) -> bool:
+    return ClusterCounts.parse(str(text)) == ClusterCounts()
+
+
+def point_choices(config, rope: bool, amplitude_key: bool, skipped: frozenset[str], keeps_grid: bool) -> dict[str, str]:
+    """What the recipe chose at each point, in words (report.json, report.md, ``inspect --error``): ``rope``,
+    the layers rotate q/k; ``amplitude_key``, R2 is clustered on K's amplitude; ``skipped``, the points left
+    unclustered; ``keeps_grid``, weights on a source grid keep it."""
+    q, counts = config.quant, config.clusters.as_dict()
+    ranges = "EMA min/max" if q.observer == "ema" else "min/max"
+    out = {}
+    for point, k in counts.items():
+        per = " per K/V head" if point in ("R2", "R3") else ""
+        what = {"ch": "one cluster per channel", "tensor": "one scale per tensor"}.get(k, f"{k} clusters{per}")
+        if point in skipped:
+            out[point] = "not clustered (nothing quantized there)"
+        elif point == "R2" and amplitude_key:
+            out[point] = f"{what} on K's amplitude, symmetric K (fused attention), {ranges}"
+        elif point == "R2" and rope:
+            out[point] = f"{what} on (max, min) of q and k, RoPE pairs together, {ranges}"
+        else:
+            out[point] = f"{what} on (max, min), {ranges}"
+    if q.quantizes_activations and not q.kv_only:
+        out["P"] = "softmax output at a fixed scale 1/255"
+    if q.quantizes_weights:
+        group = f"groups of {q.group_size}" if q.group_size else "per output channel"
+        algo = f"{q.weight_quant.upper() if q.weight_quant == 'gptq' else 'RTN'} {group}"
+        out["weights"] = f"a source grid kept exactly where found, else {algo}" if keeps_grid else algo
+    return out

@@ -1,0 +1,60 @@
+"""Recipes: `--recipe paper` fixes the reference's choices and refuses a flag it overrides; default passes flags through."""
+
+from __future__ import annotations
+
+import pytest
+
+from rptq_onnx.config import ClusterCounts, CompileConfig, QuantSpec
+from rptq_onnx.errors import RptqError
+from rptq_onnx.recipes import point_choices, recipe_flags
+from test_cli import assert_one_line_error, run_cli
+
+NONE = dict.fromkeys(("observer", "clusters", "weight_quant", "group_size", "source_grid", "head_bits", "attention"))
+
+
+def test_default_recipe_keeps_what_was_given_and_fills_the_rest():
+    flags = recipe_flags("default", {**NONE, "observer": "minmax", "group_size": 32})
+    assert flags["observer"] == "minmax" and flags["group_size"] == 32
+    assert flags["source_grid"] == "keep" and flags["attention"] == "auto" and flags["weight_quant"] == "gptq"
+
+
+def test_paper_recipe_fixes_the_reference_choices():
+    flags = recipe_flags("paper", NONE)
+    assert flags == {"observer": "ema", "clusters": None, "weight_quant": "gptq", "group_size": 0,
+                     "source_grid": "requantize", "head_bits": 16, "attention": "eager"}
+    # the same value as the recipe's is no conflict
+    assert recipe_flags("paper", {**NONE, "observer": "ema", "clusters": "R2=4"}) == flags
+
+
+@pytest.mark.parametrize("flag,value,fragment", [("observer", "minmax", "--observer ema"),
+                                                  ("clusters", "R1=8", "--clusters R1=32"),
+                                                  ("attention", "fused", "--attention eager"),
+                                                  ("source_grid", "keep", "--source-grid requantize")])
+def test_paper_recipe_refuses_a_flag_it_overrides(flag, value, fragment):
+    with pytest.raises(RptqError, match=fragment):
+        recipe_flags("paper", {**NONE, flag: value})
+
+
+def test_unknown_recipe_is_refused():
+    with pytest.raises(RptqError, match="--recipe best is unknown"):
+        recipe_flags("best", NONE)
+    with pytest.raises(RptqError, match="--recipe"):
+        CompileConfig(recipe="best")
+
+
+def test_cli_refuses_a_recipe_flag_combined_with_one_it_overrides(tmp_path):
+    proc = run_cli("compile", "-o", tmp_path / "out", "--recipe", "paper", "--observer", "minmax", "--calib", "random")
+    assert_one_line_error(proc, "--recipe paper fixes --observer ema")
+    assert not (tmp_path / "out").exists()
+
+
+def test_point_choices_say_what_each_point_got():
+    config = CompileConfig(preset="W4A4KV", quant=QuantSpec.for_preset("W4A4KV"), clusters=ClusterCounts(R3="ch"))
+    choices = point_choices(config, rope=True, amplitude_key=True, skipped=frozenset({"R1", "R4", "R5"}), keeps_grid=True)
+    assert choices["R1"].startswith("not clustered")
+    assert "amplitude" in choices["R2"] and "one cluster per channel" in choices["R3"]
+    assert "source grid kept" in choices["weights"] and "P" not in choices  # KV-only: no softmax point
+    paper = CompileConfig(recipe="paper", preset="W4A4", quant=QuantSpec.for_preset("W4A4", group_size=0))
+    choices = point_choices(paper, rope=True, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
+    assert "RoPE pairs" in choices["R2"] and choices["P"].endswith("1/255")
+    assert choices["weights"] == "GPTQ per output channel"
