@@ -128,7 +128,6 @@ def resolve_source_grid(config: CompileConfig, model: onnx.ModelProto, layers: l
     return config, found
 
 
-
 def effective_group(in_features: int, group_size: int | None) -> int | None:
     """The group size used for a linear with ``in_features`` inputs: ``group_size`` halved until it
     divides them (SmolLM2's 576 inputs take groups of 64 under the default 128), or None
