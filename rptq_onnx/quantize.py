@@ -106,10 +106,18 @@ def keeps_source_grid(config: CompileConfig) -> bool:
     return config.quant.quantizes_weights and config.quant.source_grid == "keep"
 
 
+def kept_grid(w: np.ndarray, bits: int) -> QuantizedWeight | None:
+    """``w``'s own codes where it sits on a ``bits``-bit grid (rptq_onnx/source_grid.py) and keeping them pays:
+    always at ≤ 4 bits (quantizing Q4_1 values again costs SmolLM2 +26 % perplexity), above only without
+    a float offset (at 8 bits requantizing costs little, while offsets cost memory: README, *Quantization*)."""
+    found = weight_on_grid(w, bits)
+    return found if found is not None and (bits <= 4 or found.offset is None) else None
+
+
 def source_grid_roles(model: onnx.ModelProto, layer: DecoderLayer, bits: int, base_dir: str = "") -> dict[str, bool]:
-    """Per linear role of ``layer``: is its float weight on a ``bits``-bit grid (rptq_onnx/source_grid.py)?"""
+    """Per linear role of ``layer``: does it keep its source grid (``kept_grid``)?"""
     inits = {t.name: t for t in model.graph.initializer}
-    return {role: weight_on_grid(_weight_out_in(inits, lin, base_dir), bits) is not None
+    return {role: kept_grid(_weight_out_in(inits, lin, base_dir), bits) is not None
             for role, lin in layer.linears().items()}
 
 
@@ -152,7 +160,7 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
                                     disable=not progress or None):
         w = _weight_out_in(inits, lin)
         group = effective_group(w.shape[1], q.group_size)
-        kept = weight_on_grid(w, q.wbits) if keeps_source_grid(config) else None
+        kept = kept_grid(w, q.wbits) if keeps_source_grid(config) else None
         if kept is not None:  # already quantized: its own codes, exactly (GPTQ would only move them)
             qw = kept
         elif q.weight_quant == "gptq" and (fl.index, LINEAR_INPUT_TAP[role]) in calib.xtx:

@@ -27,15 +27,27 @@ SAMPLE_BLOCKS = 1024
 MOSTLY_ON_GRID = 0.5  # below this share of blocks on the widest grid, the weight is float: stop looking
 
 
-def _fit(blocks: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(step, codes, exact per block) for ``blocks`` [R, B] on a grid of ``levels`` steps from each block's min."""
-    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-    step = (hi - lo) / levels
-    safe = np.where(step > 0, step, 1.0)
-    codes = np.rint((blocks - lo[:, None]) / safe[:, None])
-    err = np.abs(codes * step[:, None] + lo[:, None] - blocks).max(axis=1)
-    slack = 4 * np.finfo(np.float32).eps * np.abs(blocks).max(axis=1)
-    return step, codes, err <= STEP_TOLERANCE * step + slack
+def _fit(blocks: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step, codes, exact) per block of ``blocks`` [R, B] on a grid from each block's min with codes ≤ ``top``.
+
+    Steps tried per block: span / top (a block using the whole grid, as llama.cpp's Q4_1 does), then g,
+    g/2, g/3 with g the smallest gap between distinct values (a block using part of the grid)."""
+    lo = blocks.min(axis=1)
+    slack = 8 * np.finfo(np.float32).eps * np.abs(blocks).max(axis=1)
+    gaps = np.diff(np.sort(blocks, axis=1), axis=1)
+    gap = np.where(gaps > slack[:, None], gaps, np.inf).min(axis=1)
+    step, codes = np.ones(len(blocks)), np.zeros_like(blocks)
+    exact = np.zeros(len(blocks), bool)
+    span = blocks.max(axis=1) - lo
+    for cand in (span / top, gap, gap / 2, gap / 3):
+        cand = np.where(np.isfinite(cand) & (cand > 0), cand, 1.0)  # a constant block: any step
+        c = np.rint((blocks - lo[:, None]) / cand[:, None])
+        cand = np.where(c.max(axis=1) > 0, span / np.maximum(c.max(axis=1), 1), cand)  # the step from the span
+        c = np.rint((blocks - lo[:, None]) / cand[:, None])
+        err = np.abs(c * cand[:, None] + lo[:, None] - blocks).max(axis=1)
+        take = (err <= STEP_TOLERANCE * cand + slack) & (c.max(axis=1) <= top) & ~exact
+        step[take], codes[take], exact[take] = cand[take], c[take], True
+    return step, codes, exact
 
 
 def find_grid(w: np.ndarray, bits: int, block: int) -> QuantizedWeight | None:
@@ -49,15 +61,6 @@ def find_grid(w: np.ndarray, bits: int, block: int) -> QuantizedWeight | None:
         return None  # a float weight: rejected on its first blocks
     flat = np.asarray(flat, np.float64)
     step, codes, exact = _fit(flat, top)
-    if exact.mean() < MOSTLY_ON_GRID:
-        return None
-    # a block using fewer steps than the grid has (say 0..13 of 0..15): try each narrower grid on it
-    for levels in range(top - 1, 0, -1):
-        todo = np.flatnonzero(~exact)
-        if not len(todo):
-            break
-        s, c, ok = _fit(flat[todo], levels)
-        step[todo[ok]], codes[todo[ok]], exact[todo[ok]] = s[ok], c[ok], True
     if not exact.all():
         return None
     lo = flat.min(axis=1)
