@@ -34,7 +34,7 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.anatomy import DecoderLayer, Linear, Norm, Rope
 from rptq_onnx.clustering import ClusterPlan
-from rptq_onnx.graph import GraphIndex, weights_loaded
+from rptq_onnx.graph import GraphIndex
 from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.vocabulary import REORDER_PREFIX
 
@@ -180,9 +180,13 @@ class FoldReorder(Pass[FoldReport]):
         self.layers, self.plans, self.layout, self.keep_weight_inputs = layers, plans, layout, keep_weight_inputs
 
     def requires(self, model: onnx.ModelProto) -> str | None:
-        if not weights_loaded(model):
+        """Its layers' weights loaded (others may stay on disk: a layer-wise compile folds one at a time),
+        and none of its layers reordered before."""
+        mine = {t for layer in self.layers for t in _layer_tensors(layer)}
+        if any(t.name in mine and t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
             return "the model's weights are not loaded (it was read without its external data)"
-        if any(n.name.startswith(REORDER_PREFIX) for n in model.graph.node):
+        tags = tuple(f"{REORDER_PREFIX}L{layer.index}." for layer in self.layers)
+        if any(n.name.startswith(tags) for n in model.graph.node):
             return "the model is already reordered; fold reorders into an uncompiled graph"
         return None
 
@@ -215,6 +219,12 @@ class FoldReorder(Pass[FoldReport]):
                 for lin in mlp_in:
                     _permute_input(inits, lin, plan["R4"].index)
         return PassResult(model, report, modified=bool(report.permuted_initializers or report.gathers))
+
+
+def _layer_tensors(layer: DecoderLayer) -> list[str]:
+    """The initializers a fold may permute: linear weights and biases, norm γ/β."""
+    out = [t for lin in layer.linears().values() for t in (lin.weight, lin.bias) if t]
+    return out + [t for norm in (layer.attn_norm, layer.final_norm) for t in (norm.weight, norm.bias) if t]
 
 
 def fold_reorder(model: onnx.ModelProto, layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],

@@ -115,6 +115,8 @@ def fuse_attention(model: onnx.ModelProto, layers: list[DecoderLayer] | None = N
 def _sequence_lengths(g: onnx.GraphProto) -> tuple[str, str]:
     """Nodes computing (seqlens_k int32 [B] = total − 1 for every row, total_sequence_length int32 scalar)."""
     p = f"{ATTENTION_PREFIX}lengths"
+    if any(n.name == f"{p}.shape" for n in g.node):  # made by an earlier run over other layers
+        return f"{p}.seqlens32", f"{p}.total32"
     g.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), f"{p}.zero"),
                           numpy_helper.from_array(np.array(1, np.int64), f"{p}.one"),
                           numpy_helper.from_array(np.array([0], np.int64), f"{p}.axis0")])

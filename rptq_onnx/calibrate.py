@@ -71,9 +71,7 @@ def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.nd
     they are): ONNX Runtime then reads the weights itself and Python never holds a copy.
     """
     tapped, taps = insert_taps(model, layers, hessians=hessians)
-    stats = {(t.layer, t.name): ChannelStats() for t in taps}
-    result = Calibration(stats={**stats, **{(t.layer, a): stats[(t.layer, t.name)] for t in taps for a in t.aliases}})
-    xtx_taps = [t for t in taps if hessians and t.name in HESSIAN_TAPS]
+    result = _empty_result(taps)
     with work_dir("calib") as tmp:
         if weights_loaded(tapped):
             session = make_session(save_model(tapped, tmp / "tapped.onnx"))
@@ -88,17 +86,74 @@ def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.nd
                           file=os.sys.stderr):
             batch = windows[start:start + batch_size]
             values = dict(zip(names, session.run(None, feeds_for(session, batch, layers))))
-            for tap in taps:
-                stats[(tap.layer, tap.name)].update(values[tap.output("max")], values[tap.output("min")])
-            for tap in xtx_taps:
-                key = (tap.layer, tap.name)
-                add = values[tap.output("xtx")].astype(np.float64)
-                result.xtx[key] = add if key not in result.xtx else result.xtx[key] + add
+            _absorb(result, taps, values, hessians)
             result.tokens += int(batch.size)
             del values
         del session
-    _check(taps, stats)
+    _check(taps, result.stats)
     return result
+
+
+def _empty_result(taps: list[Tap]) -> Calibration:
+    stats = {(t.layer, t.name): ChannelStats() for t in taps}
+    return Calibration(stats={**stats, **{(t.layer, a): stats[(t.layer, t.name)] for t in taps for a in t.aliases}})
+
+
+def _absorb(result: Calibration, taps: list[Tap], values: dict[str, np.ndarray], hessians: bool) -> None:
+    """One batch's tap outputs into the observers (and the XᵀX sums)."""
+    for tap in taps:
+        result.stats[(tap.layer, tap.name)].update(values[tap.output("max")], values[tap.output("min")])
+        if hessians and tap.name in HESSIAN_TAPS:
+            key = (tap.layer, tap.name)
+            add = values[tap.output("xtx")].astype(np.float64)
+            result.xtx[key] = add if key not in result.xtx else result.xtx[key] + add
+
+
+def tap_outputs(taps: list[Tap], hessians: bool) -> list[str]:
+    return [tap.output(stat) for tap in taps for stat in ("max", "min", "xtx")
+            if stat != "xtx" or (hessians and tap.name in HESSIAN_TAPS)]
+
+
+class LayerwiseCalibration:
+    """Calibration one decoder layer at a time (rptq_onnx/layerwise.py): ``layer(i)`` observes layer i
+    on the stream it is given and returns the float stream leaving it; the caller hands on that
+    stream or another (the quantized layer's) with ``stream.advance``. Statistics accumulate in
+    ``result``; a layer's XᵀX sums can be dropped once its weights are quantized."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int,
+                 model_dir: Path | None, hessians: bool = False):
+        from rptq_onnx.layerwise import LayerStream, find_cut
+
+        self.layers, self.hessians, self.model_dir = layers, hessians, model_dir
+        self.tapped, self.taps = insert_taps(model, layers, hessians=hessians)
+        self.cut = find_cut(model, layers)
+        self.stream = LayerStream(model, layers, self.cut, windows, batch_size, model_dir)
+        self.result = _empty_result(self.taps)
+        self.result.tokens = int(windows.size)
+
+    def layer(self, i: int) -> list[np.ndarray]:
+        if self.stream.layer != i:
+            raise ValueError(f"the stream is at layer {self.stream.layer}, not {i}")
+        taps = [t for t in self.taps if t.layer == i]
+        last = i == len(self.layers) - 1
+        wanted = tap_outputs(taps, self.hessians) + ([] if last else [self.cut.outputs[i]])
+        out = []
+        for _, values in self.stream.run(self.tapped, wanted):
+            _absorb(self.result, taps, values, self.hessians)
+            if not last:
+                out.append(values[self.cut.outputs[i]])
+        _check(taps, self.result.stats)
+        return out
+
+
+def calibrate_layerwise(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int = 4,
+                        model_dir: Path | None = None, hessians: bool = False) -> Calibration:
+    """``calibrate``'s statistics computed one layer at a time, each layer fed the float outputs of the one
+    before: the same numbers (up to float rounding across ONNX Runtime's fusions) at one layer's memory."""
+    run = LayerwiseCalibration(model, layers, windows, batch_size, model_dir, hessians)
+    for i in range(len(layers)):
+        run.stream.advance(run.layer(i))
+    return run.result
 
 
 def _check(taps: list[Tap], stats: dict) -> None:

@@ -127,7 +127,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                                  head_bits=r["head_bits"], source_grid=r["source_grid"],
                                  accuracy_level=args.accuracy_level)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(r["clusters"]), calib=calib,
-                           layout=args.layout, quant=quant, attention=args.attention, recipe=args.recipe)
+                           layout=args.layout, quant=quant, attention=args.attention, recipe=args.recipe,
+                           propagate=args.propagate)
     if args.attention == "fused" and args.with_past is False:  # auto falls back to eager there
         raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); drop "
                         "--no-past, or use --attention eager")
@@ -141,7 +142,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     result = compile_model(args.model, args.output, config, with_past=args.with_past is not False,
                            progress=not args.quiet and tty, write_report=args.report,
-                           log=None if args.quiet or tty else _stage_logger())
+                           log=None if args.quiet or tty else _stage_logger(), layer_wise=args.layer_wise)
     if args.calib == "random":
         print("note: calibrated on random token ids (--calib random): a smoke run; pass --calib FILE for real "
               "statistics", file=sys.stderr)
@@ -330,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch exporter: dynamo (default) or the legacy torchscript one")
     p.set_defaults(func=_cmd_export)
 
-    from rptq_onnx.config import LAYOUTS, PRESETS, CalibConfig
+    from rptq_onnx.config import LAYOUTS, PRESETS, PROPAGATION, CalibConfig
 
     d = CalibConfig()
     p = sub.add_parser("compile", help="calibrate, cluster, reorder and quantize (RPTQ) an OPT or Llama model",
@@ -380,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "int4/int8 cache kernel (KV presets, and presets that quantize no activations); eager: the "
                         "exported MatMul/Softmax attention, every activation point visible; auto (default): fused "
                         "for the KV presets on a graph with a cache, else eager")
+    p.add_argument("--layer-wise", action="store_true",
+                   help="compile one decoder layer at a time: calibrate it, cluster, fold and quantize it, write its "
+                        "weights out, go on; memory holds one layer (plus the calibration windows' hidden states), so "
+                        "models larger than RAM compile. With --propagate float the output equals the whole-graph "
+                        "compile's")
+    p.add_argument("--propagate", default="float", choices=PROPAGATION,
+                   help="what each layer is calibrated on in a layer-wise compile: the float outputs of the layers "
+                        "before (default) or their quantized outputs, as the reference does (implies --layer-wise)")
     p.add_argument("--float-cache", action="store_true",
                    help="with-past graphs: keep the KV cache in float (K/V still fake-quantized) instead of "
                         "uint4/uint8 codes between decode steps")

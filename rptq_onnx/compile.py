@@ -29,7 +29,8 @@ from rptq_onnx.compile_report import CalibrationSummary, CompileReport, Quantiza
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.genai import write_genai_config
-from rptq_onnx.graph import load_model, save_model, staged_output, weights_loaded
+from rptq_onnx.external_weights import WeightSink
+from rptq_onnx.graph import EXTERNAL_DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, load_model, save_model, staged_output, weights_loaded
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.onnx_source import resolve_onnx_source
 from rptq_onnx import quantize
@@ -205,6 +206,20 @@ def _own_copy(graph: onnx.ModelProto, model_path: Path | None) -> onnx.ModelProt
     return copy_model(graph) if weights_loaded(graph) else load_model(model_path)
 
 
+def prepare(graph: onnx.ModelProto, layers: list[DecoderLayer], config: CompileConfig,
+            model_path: Path | None) -> tuple[CompileConfig, bool]:
+    """Checks before compiling, and the config as compiled (attention and source grid resolved); returns it
+    and whether calibration gathers GPTQ's Hessians."""
+    _check_uncompiled(graph, model_path)
+    config = resolve_attention(config, layers)
+    _check_fused(config, layers)
+    config, on_grid = quantize.resolve_source_grid(config, graph, layers, str(model_path.parent) if model_path else "")
+    q = config.quant
+    # GPTQ needs Hessians unless every weight keeps its source grid (judged on the first layer)
+    hessians = q.quantizes_weights and q.weight_quant == "gptq" and not (on_grid and all(on_grid.values()))
+    return config, hessians
+
+
 def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, config: CompileConfig,
                   runner: StageRunner | None = None, progress: bool = False, model_path: Path | None = None,
                   calibration: Calibration | None = None) -> Compiled:
@@ -215,14 +230,9 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     of the same graph and windows from an earlier run (benchmarks compiling many variants),
     used instead of calibrating again (with Hessians when GPTQ needs them).
     """
-    _check_uncompiled(graph, model_path)
-    config = resolve_attention(config, layers)
-    _check_fused(config, layers)
-    runner = runner or StageRunner()
-    config, on_grid = quantize.resolve_source_grid(config, graph, layers, str(model_path.parent) if model_path else "")
+    config, hessians = prepare(graph, layers, config, model_path)
     q = config.quant
-    # GPTQ needs Hessians unless every weight keeps its source grid (judged on the first layer)
-    hessians = q.quantizes_weights and q.weight_quant == "gptq" and not (on_grid and all(on_grid.values()))
+    runner = runner or StageRunner()
     with runner.stage("calibrate"):
         calib = calibration
         if calib is None or (hessians and not calib.xtx):
@@ -250,11 +260,17 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
 
 def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig, with_past: bool = True,
                   progress: bool = True, write_report: bool = False,
-                  calibration: Calibration | None = None, log: Callable[[str], None] | None = None) -> CompileResult:
+                  calibration: Calibration | None = None, log: Callable[[str], None] | None = None,
+                  layer_wise: bool = False) -> CompileResult:
     """Compile ``model`` into ``out_dir`` (written atomically); ``write_report``: also report.md + PNGs.
 
     ``calibration``: see ``compile_graph`` (it must come from the same model and ``config.calib``).
-    ``log(stage)``: called as each stage (export, load, calibrate, cluster, fold, quantize, save) starts."""
+    ``log(stage)``: called as each stage (export, load, calibrate, cluster, fold, quantize, save) starts.
+    ``layer_wise``: one decoder layer in memory at a time (rptq_onnx/compile_layerwise.py); implied by
+    ``config.propagate == "quantized"``."""
+    layer_wise = layer_wise or config.propagate == "quantized"
+    if layer_wise and calibration is not None:
+        raise ValueError("a layer-wise compile calibrates as it goes; it cannot reuse a calibration")
     runner = StageRunner(log)
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -269,8 +285,15 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
             check_cluster_counts(config, layers)
             vocab, max_pos = model_limits(onnx_path, graph)
             windows = calibration_windows(config.calib, onnx_path.parent, vocab, max_pos)
-        compiled = compile_graph(graph, layers, windows, config, runner=runner, progress=progress,
-                                 model_path=onnx_path, calibration=calibration)
+        sink = WeightSink(tmp, "model.onnx" + EXTERNAL_DATA_SUFFIX) if layer_wise else None
+        if sink is not None:
+            from rptq_onnx.compile_layerwise import compile_layerwise
+
+            compiled = compile_layerwise(graph, layers, windows, config, onnx_path, sink, runner=runner,
+                                         progress=progress)
+        else:
+            compiled = compile_graph(graph, layers, windows, config, runner=runner, progress=progress,
+                                     model_path=onnx_path, calibration=calibration)
         del graph
         folded, plans, config = compiled.model, compiled.plans, compiled.config
         _stamp(folded, config)
@@ -279,7 +302,16 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
                     "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}
         with staged_output(out_dir, owns=OWNED_FILES) as stage:
             with runner.stage("save"):
-                save_model(folded, stage / "model.onnx")
+                if sink is None:
+                    save_model(folded, stage / "model.onnx")
+                else:  # the layers' tensors are in the sink's file already
+                    sink.finish(folded, onnx_path.parent)
+                    if sink.path.stat().st_size <= EXTERNAL_DATA_THRESHOLD:  # small: one file, as save_model writes
+                        sink.load_all(folded)
+                        save_model(folded, stage / "model.onnx")
+                    else:
+                        onnx.save_model(folded, str(stage / "model.onnx"))
+                        shutil.move(sink.path, stage / sink.name)
                 for name in (*TOKENIZER_FILES, RECORD_NAME):
                     if (onnx_path.parent / name).is_file():
                         shutil.copy2(onnx_path.parent / name, stage / name)

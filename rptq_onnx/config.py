@@ -32,6 +32,7 @@ RECIPES = ("default", "paper")  # rptq_onnx/recipes.py
 # fused: one com.microsoft:GroupQueryAttention per layer over the (low-bit) cache; auto: fused for the KV
 # presets on graphs with a cache, else eager (compile.resolve_attention)
 ATTENTION = ("eager", "fused", "auto")
+PROPAGATION = ("float", "quantized")  # rptq_onnx/compile_layerwise.py
 # A point's cluster spec: a KMeans cluster count (≥ 1), one cluster per channel, or one scale for the whole
 # tensor, across heads too. Written as such into report.json and the stamped config.
 PER_CHANNEL = "ch"  # --clusters R1=ch
@@ -215,6 +216,7 @@ class CompileConfig:
     quant: QuantSpec = field(default_factory=QuantSpec)
     attention: str = "eager"
     recipe: str = "default"  # rptq_onnx/recipes.py
+    propagate: str = "float"  # layer-wise compile: the next layer calibrates on the float or the quantized stream
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -223,6 +225,8 @@ class CompileConfig:
             raise RptqError(f"--layout {self.layout} is unknown; choose one of {', '.join(LAYOUTS)}")
         if self.recipe not in RECIPES:
             raise RptqError(f"--recipe {self.recipe} is unknown; use {' or '.join(RECIPES)}")
+        if self.propagate not in PROPAGATION:
+            raise RptqError(f"--propagate {self.propagate} is unknown; use {' or '.join(PROPAGATION)}")
         if self.attention not in ATTENTION:
             raise RptqError(f"--attention {self.attention} is unknown; choose one of {', '.join(ATTENTION)}")
         q = self.quant
@@ -250,4 +254,4 @@ class CompileConfig:
         d = json.loads(text)
         return cls(preset=d["preset"], clusters=ClusterCounts.from_dict(d["clusters"]), calib=CalibConfig(**d["calib"]),
                    layout=d["layout"], quant=QuantSpec(**d.get("quant", {})), attention=d.get("attention", "eager"),
-                   recipe=d.get("recipe", "default"))
+                   recipe=d.get("recipe", "default"), propagate=d.get("propagate", "float"))

@@ -44,3 +44,18 @@ def _copy_without_weights(model: onnx.ModelProto, dest: onnx.ModelProto) -> None
             g.initializer.append(init)
         else:
             g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+
+
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type (``TensorProto`` enum) of every tensor ONNX type inference can name, on a weight-free copy."""
+    light = onnx.ModelProto()
+    _copy_without_weights(model, light)
+    try:
+        inferred = shape_inference.infer_shapes(light)
+    except Exception:  # noqa: BLE001  (the declared types are what is left)
+        inferred = light
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
