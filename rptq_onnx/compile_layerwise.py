@@ -87,18 +87,19 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
                     stream = _quantized_stream(run, model, sink, i)
             for key in [k for k in calib.xtx if k[0] == i]:
                 del calib.xtx[key]  # this layer's Hessians are spent
-            sink.write_loaded(model, keep=resident)
+            model = _compact(model, sink, resident)
             run.stream.advance(stream)
     runner.timings.update({f"layers.{k}": round(v, 3) for k, v in spent.items()})
     quant.quantized = q.quantizes_weights or q.quantizes_activations
     if config.attention == "fused":
         with runner.stage("fuse"):
-            quant.attention = _fuse(model, sink, config)
+            model, quant.attention = _fuse(model, sink, config, layers, resident)
     if q.head_bits < 16:
         with runner.stage("head"):
             load_initializers(model, [t.name for t in model.graph.initializer
                                       if is_external(t) and t.name not in sink.sunk], source)
             quant.head = runner.apply("head", QuantizeHead(q.head_bits), model).report
+            model = _compact(model, sink, resident)
     return Compiled(model=model, plans=plans, fold=fold, quant=quant, calibration=calib, config=config)
 
 
@@ -112,23 +113,28 @@ def _quantized_stream(run: LayerwiseCalibration, model: onnx.ModelProto, sink: W
     return [values[out] for _, values in run.stream.run_layer_model(layer_model, [out])]
 
 
-def _fuse(model: onnx.ModelProto, sink: WeightSink, config: CompileConfig):
+def _fuse(model: onnx.ModelProto, sink: WeightSink, config: CompileConfig, layers: list[DecoderLayer],
+          resident: set[str]):
     """FuseAttention layer by layer, each with its attention's tensors read back from the sink (the V
-    offset folds through out_proj's weight)."""
+    offset folds through out_proj's weight). ``layers``: the records of the uncompiled graph."""
     report = None
-    for layer in find_layers(model):  # every layer is still eager here
-        nodes = {layer.k_proj.node, layer.v_proj.node, layer.out_proj.node, layer.k_proj.bias_node,
-                 layer.v_proj.bias_node, layer.out_proj.bias_node}
-        names = {t for n in model.graph.node if n.name in nodes or _about(n.name, layer) for t in n.input}
+    for layer, original in zip(find_layers(model), layers):  # every layer is still eager here
+        lins = [lin for pair in zip((layer.k_proj, layer.v_proj, layer.out_proj),
+                                    (original.k_proj, original.v_proj, original.out_proj)) for lin in pair]
+        nodes = {n for lin in lins for n in (lin.node, lin.bias_node) if n}
+        tags = (*nodes, f"L{layer.index}.k.", f"L{layer.index}.v.")  # low-bit forms and K/V Q/DQ points
+        names = {t for n in model.graph.node if n.name in nodes or any(tag in n.name for tag in tags) for t in n.input}
         with sink.borrowed(model, names):
             report = merged(report, FuseAttention([layer], cache_bits=config.fused_cache_bits).run(model, owned=True).report)
-    return report
+        model = _compact(model, sink, resident)
+    return model, report
 
 
-def _about(node: str, layer: DecoderLayer) -> bool:
-    """Nodes made for this layer's attention tensors: K/V Q/DQ points and the linears' low-bit forms."""
-    return f"L{layer.index}.k." in node or f"L{layer.index}.v." in node or any(
-        lin.node in node for lin in (layer.k_proj, layer.v_proj, layer.out_proj))
+def _compact(model: onnx.ModelProto, sink: WeightSink, resident: set[str]) -> onnx.ModelProto:
+    """Write what is held in memory to the sink and return a fresh copy of the (now small) model: protobuf's
+    arena keeps every byte ever set in a message, cleared fields included, until the message is freed."""
+    sink.write_loaded(model, keep=resident)
+    return copy_model(model)
 
 
 def merged(total, part):
