@@ -90,13 +90,17 @@ def embedding_gather(index: GraphIndex) -> onnx.NodeProto | None:
     return None
 
 
-def _codes(table: np.ndarray, bits: int, block: int):
-    """(codes as the kernels store them [vocab, hidden·bits/8], scales [vocab, blocks], zero points)."""
-    qw = quantize_rtn(table, bits, block)
-    codes, zp = qw.codes.astype(np.uint8), qw.zero_point.astype(np.uint8)
-    if bits == 4:
-        codes, zp = pack_uint4(codes), pack_uint4(zp)  # two per byte, low nibble first, per row
-    return codes, qw.scale.astype(np.float32), zp
+def _codes(table: np.ndarray, bits: int, block: int, rows: int = 4096):
+    """(codes as the kernels store them [vocab, hidden·bits/8], scales [vocab, blocks], zero points), made
+    ``rows`` rows at a time (rows are independent; the float temporaries stay small for a 50k vocabulary)."""
+    parts = []
+    for r in range(0, len(table), rows):
+        qw = quantize_rtn(table[r:r + rows], bits, block)
+        codes, zp = qw.codes.astype(np.uint8), qw.zero_point.astype(np.uint8)
+        if bits == 4:
+            codes, zp = pack_uint4(codes), pack_uint4(zp)  # two per byte, low nibble first, per row
+        parts.append((codes, qw.scale.astype(np.float32), zp))
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 def check_block(hidden: int, block: int) -> None:
@@ -140,7 +144,7 @@ class QuantizeHead(Pass[HeadReport]):
         replaced: dict[str, onnx.NodeProto] = {}
 
         def quantized(name: str, transposed: bool):
-            table = numpy_helper.to_array(inits[name]).astype(np.float32)
+            table = numpy_helper.to_array(inits[name]).astype(np.float32, copy=False)
             table = table if transposed else table.T  # [vocab, hidden]
             check_block(table.shape[1], block_size)
             return table.shape, _codes(table, bits, block_size)

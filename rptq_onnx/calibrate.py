@@ -52,15 +52,15 @@ def calibration_windows(calib: CalibConfig, model_dir: Path, vocab_size: int, ma
 
 @dataclass
 class Calibration:
-    """Range statistics per (layer, tap) and, when asked for, XᵀX sums of linear inputs."""
+    """Range statistics per (layer, tap) and, when asked for, XᵀX sums of linear inputs (float32)."""
 
     stats: dict[tuple[int, str], ChannelStats]
     xtx: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
     tokens: int = 0
 
     def hessian(self, layer: int, tap: str) -> np.ndarray:
-        """GPTQ's H = 2·XᵀX / tokens, in the original channel order."""
-        return 2.0 * self.xtx[(layer, tap)] / max(self.tokens, 1)
+        """GPTQ's H = 2·XᵀX / tokens in float32, in the original channel order."""
+        return self.xtx[(layer, tap)] * np.float32(2.0 / max(self.tokens, 1))
 
 
 def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int = 4,
@@ -105,8 +105,11 @@ def _absorb(result: Calibration, taps: list[Tap], values: dict[str, np.ndarray],
         result.stats[(tap.layer, tap.name)].update(values[tap.output("max")], values[tap.output("min")])
         if hessians and tap.name in HESSIAN_TAPS:
             key = (tap.layer, tap.name)
-            add = values[tap.output("xtx")].astype(np.float64)
-            result.xtx[key] = add if key not in result.xtx else result.xtx[key] + add
+            add = values[tap.output("xtx")]
+            if key in result.xtx:  # summed in float32 in place, as the reference: [C, C] is large (268 MB for C = 8192)
+                np.add(result.xtx[key], add, out=result.xtx[key])
+            else:
+                result.xtx[key] = add.copy()
 
 
 def tap_outputs(taps: list[Tap], hessians: bool) -> list[str]:

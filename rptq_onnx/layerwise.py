@@ -185,7 +185,7 @@ class LayerStream:
         return {**types, **self.types}
 
     def _session(self, model: onnx.ModelProto):
-        return make_session(model.SerializeToString(), external_data_dir=self.model_dir)
+        return make_session(model.SerializeToString(), external_data_dir=self.model_dir, arena=False)
 
     def _feeds(self, session, batch: np.ndarray, extra: dict[str, np.ndarray]) -> dict:
         wanted = {i.name for i in session.get_inputs()}
@@ -211,7 +211,7 @@ class LayerStream:
 
     def run_layer_model(self, layer_model: onnx.ModelProto, outputs: list[str], model_dir: Path | None = None):
         """As ``run``, for a layer model made by ``layer_model`` (maybe edited since)."""
-        session = make_session(layer_model.SerializeToString(),
+        session = make_session(layer_model.SerializeToString(), arena=False,
                                external_data_dir=model_dir if model_dir is not None else self.model_dir)
         stream_in = self.cut.inputs[self.layer]
         for b, batch in enumerate(self.batches):

@@ -164,7 +164,9 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     h[dead, dead] = 1.0
     w_t[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    h = torch.linalg.cholesky(h)  # one [C, C] float32 at a time: 268 MB for C = 8192
+    h = torch.cholesky_inverse(h)
+    u = torch.linalg.cholesky(h, upper=True)
     del h
 
     ng = _groups(cols, group_size)

@@ -41,14 +41,17 @@ def _cuda_device_present() -> bool:
 
 def make_session(model: str | os.PathLike | bytes, providers: list[str] | None = None, optimization: str = "all",
                  threads: int | None = None, external_data_dir: str | os.PathLike | None = None,
-                 profile_prefix: str | None = None) -> ort.InferenceSession:
+                 profile_prefix: str | None = None, arena: bool = True) -> ort.InferenceSession:
     """An InferenceSession with the QDQ guard; ``model`` is a path or serialized bytes.
 
     ``external_data_dir``: for serialized bytes whose initializers point to external data files,
     the directory those files are in (ORT reads them itself; Python holds no copy).
     ``profile_prefix``: enable ORT's profiler, writing ``{prefix}_*.json`` (``end_profiling()``).
+    ``arena``: False frees each buffer when done instead of keeping ORT's CPU arena at its peak (short
+    sessions that run a few large batches, as a layer-wise compile's).
     """
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
     if external_data_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
     opts.graph_optimization_level = LEVELS[optimization]
