@@ -22,7 +22,7 @@ genai_config.json), the same graph, without ever holding the model:
 4. **weights**: every float initializer with a dimension is drawn as ``models.random_opt`` draws
    it, by the op that reads it (LayerNorm γ 1 + 0.2·N(0, 1), β 0.1·N(0, 1), biases 0.05·N(0, 1),
    embeddings 0.1·N(0, 1), linear weights N(0, 1/fan_in)), from a generator seeded by (seed, the
-   initializer's name), and streamed to model.onnx.data in chunks of ≤ 64 MiB at 4 KiB-aligned
+   initializer's name), and streamed to model.onnx.data in chunks of ≤ 32 MiB at 4 KiB-aligned
    offsets. The template's small constants stay inline in model.onnx.
 
 Same seed, same bytes; a layer's weights do not depend on ``--layers`` (past 1). The peak memory is
@@ -33,6 +33,7 @@ cores: README "Large random models".
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import hashlib
 import json
@@ -51,7 +52,7 @@ from rptq_onnx.models import OPT_1_3B_SHAPES, OPT_6_7B_SHAPES, OPT_125M_SHAPES, 
 SHAPES = {"tiny": TINY_SHAPES, "opt-125m": OPT_125M_SHAPES, "opt-1.3b": OPT_1_3B_SHAPES, "opt-6.7b": OPT_6_7B_SHAPES}
 DATA_NAME = MODEL_FILES[1]  # model.onnx.data
 ALIGN = 4096  # tensor offsets in the .data file (ORT maps page-aligned tensors)
-CHUNK_BYTES = 64 << 20  # rows drawn and written at a time
+CHUNK_BYTES = 32 << 20  # rows drawn and written at a time
 TEMPLATE_LAYERS = 2
 _LAYER_1 = re.compile(r"(?<=layers\.)1(?!\d)|(?<=^past_key_values\.)1(?=\.)|(?<=^present\.)1(?=\.)")
 
@@ -92,7 +93,27 @@ def parameter_bytes(shapes: dict) -> int:
 
 
 def _template(shapes: dict):
-    """(HF config, generation config, ONNX export without weights) of a random OPT with ≤ 2 layers."""
+    """(HF config, generation config, ONNX export without weights) of a random OPT with ≤ 2 layers.
+
+    Exported in a child process: after ``to_onnx`` returns, onnxscript's rewrite rules still hold the
+    last graph they matched, and with it the torch model's parameters, until the process ends."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from transformers import GenerationConfig, OPTConfig
+
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            config, generation, model = child.submit(_export_template, shapes).result()
+    except BrokenProcessPool:
+        raise RptqError("the template export's process died (out of memory?); it holds the embedding and "
+                        f"{TEMPLATE_LAYERS} layers, about 3× their fp32 size") from None
+    return OPTConfig.from_dict(config), GenerationConfig.from_dict(generation), onnx.load_from_string(model)
+
+
+def _export_template(shapes: dict) -> tuple[dict, dict, bytes]:
+    """In the child: export the template and drop its weights (model.onnx.data placeholders)."""
     from rptq_onnx.export import to_onnx
     from rptq_onnx.models import random_opt
 
@@ -103,7 +124,7 @@ def _template(shapes: dict):
             init.ClearField("raw_data")
             del init.float_data[:]
             _point(init, 0, 0)  # offset and length once written
-    return hf_model.config, hf_model.generation_config, model
+    return hf_model.config.to_dict(), hf_model.generation_config.to_dict(), model.SerializeToString()
 
 
 def _is_parameter(init: onnx.TensorProto) -> bool:
@@ -238,16 +259,48 @@ def _check_unique(g: onnx.GraphProto) -> None:
 def write_weights(model: onnx.ModelProto, path: Path, seed: int) -> int:
     """Draw every external initializer of ``model`` into ``path`` and point it there; returns the file size."""
     readers = _readers(model.graph)
-    with open(path, "wb") as f:
+    with _BackgroundWriter(path) as out:
         for init in model.graph.initializer:
             if init.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             mean, std = _distribution(init, readers.get(init.name, []))
-            f.write(b"\0" * (-f.tell() % ALIGN))
-            offset = f.tell()
-            _draw(f, tuple(init.dims), mean, std, np.random.default_rng([seed, _name_key(init.name)]))
-            _point(init, offset, f.tell() - offset)
-        return f.tell()
+            out.write(bytes(-out.position % ALIGN))
+            offset = out.position
+            for chunk in _draw(tuple(init.dims), mean, std, np.random.default_rng([seed, _name_key(init.name)])):
+                out.write(chunk)
+            _point(init, offset, out.position - offset)
+    return out.position
+
+
+class _BackgroundWriter:
+    """A file written by one background thread, so drawing the next chunk overlaps writing this one
+    (NumPy's generators release the GIL); at most ``depth`` chunks wait in memory."""
+
+    def __init__(self, path: Path, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.file = open(path, "wb")
+        self.thread = ThreadPoolExecutor(1)
+        self.pending: collections.deque = collections.deque()
+        self.depth = depth
+        self.position = 0
+
+    def write(self, buffer) -> None:
+        self.pending.append(self.thread.submit(self.file.write, buffer))
+        self.position += memoryview(buffer).nbytes
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()  # a failed write (disk full) raises here
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.thread.shutdown(wait=True)
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.file.close()
 
 
 def _point(init: onnx.TensorProto, offset: int, length: int) -> None:
@@ -288,8 +341,8 @@ def _distribution(init: onnx.TensorProto, readers: list[tuple[onnx.NodeProto, in
     raise RptqError(f"the template's initializer {init.name} is read by {what}; no rule draws its values")
 
 
-def _draw(f, shape: tuple[int, ...], mean: float, std: float, rng: np.random.Generator) -> None:
-    """Write mean + std·N(0, 1) of ``shape`` (float32, little-endian) to ``f``, a chunk of rows at a time."""
+def _draw(shape: tuple[int, ...], mean: float, std: float, rng: np.random.Generator):
+    """mean + std·N(0, 1) of ``shape`` (float32, little-endian), a chunk of rows at a time."""
     rows, row = (shape[0], int(np.prod(shape[1:]))) if shape else (1, 1)
     step = max(1, CHUNK_BYTES // (4 * row))
     for start in range(0, rows, step):
@@ -297,7 +350,7 @@ def _draw(f, shape: tuple[int, ...], mean: float, std: float, rng: np.random.Gen
         chunk *= std
         if mean:
             chunk += mean
-        f.write(chunk.astype("<f4", copy=False).data)
+        yield chunk.astype("<f4", copy=False)
 
 
 def _name_key(name: str) -> int:
