@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import subprocess
 import sys
@@ -169,3 +170,19 @@ def test_compile_and_generate_run_on_it(written, tmp_path):
         proc = run_cli("generate", model, "--prompt", "The Congress", "--max-new-tokens", "4")
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith("The Congress")
+
+
+@pytest.mark.slow
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
+    draw = tool._draw
+
+    def disk_full_later(shape, *args):
+        if len(shape) == 2 and shape[0] == 256:  # fc1's weight: some tensors are written by then
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return draw(shape, *args)
+
+    monkeypatch.setattr(tool, "_draw", disk_full_later)
+    assert tool.main([str(tmp_path / "out"), "--onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "free some space" in err[0]
+    assert list(tmp_path.iterdir()) == []  # no OUT_DIR, staging directory or lock

@@ -111,7 +111,7 @@ def _template(shapes: dict):
             config, generation, model = child.submit(_export_template, shapes).result()
     except BrokenProcessPool:
         raise RptqError("the template export's process died (out of memory?); it holds the embedding and "
-                        f"{TEMPLATE_LAYERS} layers, about 3× their fp32 size") from None
+                        f"{TEMPLATE_LAYERS} layers, 2–3× their fp32 size") from None
     return OPTConfig.from_dict(config), GenerationConfig.from_dict(generation), onnx.load_from_string(model)
 
 
