@@ -176,22 +176,8 @@ def _export(model: str, source: ModelSource, out_dir: str | os.PathLike, with_pa
         other = next(e for e in EXPORTERS if e != exporter)
         raise RptqError(f"{model}: the {exporter} exporter failed ({_first_line(exc)}); try --exporter {other}, "
                         "or check that torch and transformers match pyproject's versions") from None
-    config_dict = json.loads(config.to_json_string(use_diff=False))
-    config_dict.pop("quantization_config", None)  # a GGUF source is dequantized to fp32 on load
-    record = {
-        "format": "rptq-onnx export",
-        "version": 1,
-        "source": str(model),
-        "model_type": config.model_type,
-        "family": family_of(config),
-        "config": config_dict,
-        "opset": opset,
-        "exporter": exporter,
-        "with_past": with_past,
-        "inputs": [_io_record(v) for v in onnx_model.graph.input if v.name not in {i.name for i in onnx_model.graph.initializer}],
-        "outputs": [_io_record(v) for v in onnx_model.graph.output],
-        "versions": _versions(),
-    }
+    record = export_record(str(model), config, onnx_model, opset, exporter, with_past)
+    config_dict = record["config"]
     with staged_output(out_dir, owns=OWNED_FILES) as stage:
         save_model(onnx_model, stage / "model.onnx")
         if source.gguf_file:
@@ -204,6 +190,27 @@ def _export(model: str, source: ModelSource, out_dir: str | os.PathLike, with_pa
         (stage / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
         write_genai_config(onnx_model, stage)  # with a cache: an onnxruntime-genai model folder (rptq_onnx.genai)
     return ExportResult(model_path=Path(out_dir) / "model.onnx", record=record)
+
+
+def export_record(source: str, config, onnx_model: onnx.ModelProto, opset: int, exporter: str, with_past: bool) -> dict:
+    """The ``export.json`` record of ``onnx_model``, exported from ``source`` with HF ``config``."""
+    config_dict = json.loads(config.to_json_string(use_diff=False))
+    config_dict.pop("quantization_config", None)  # a GGUF source is dequantized to fp32 on load
+    initializers = {i.name for i in onnx_model.graph.initializer}
+    return {
+        "format": "rptq-onnx export",
+        "version": 1,
+        "source": source,
+        "model_type": config.model_type,
+        "family": family_of(config),
+        "config": config_dict,
+        "opset": opset,
+        "exporter": exporter,
+        "with_past": with_past,
+        "inputs": [_io_record(v) for v in onnx_model.graph.input if v.name not in initializers],
+        "outputs": [_io_record(v) for v in onnx_model.graph.output],
+        "versions": _versions(),
+    }
 
 
 def _save_gguf_tokenizer(source: ModelSource, stage: Path) -> None:

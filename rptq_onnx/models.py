@@ -12,6 +12,10 @@ from pathlib import Path
 # The published opt-125m shapes (random weights here; no hub access needed).
 OPT_125M_SHAPES = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
                        max_position_embeddings=2048)
+OPT_1_3B_SHAPES = dict(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                       max_position_embeddings=2048)
+OPT_6_7B_SHAPES = dict(vocab_size=50272, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384,
+                       max_position_embeddings=2048)
 TINY_SHAPES = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
                    max_position_embeddings=256)
 # A tiny Llama with grouped-query attention (2 query heads per K/V head), RoPE and SwiGLU.
@@ -103,19 +107,23 @@ def save_random_llama(out_dir: str | os.PathLike, seed: int = 0, tokenizer: bool
 
 def _save(model, out_dir: str | os.PathLike, tokenizer: bool) -> Path:
     out_dir = Path(out_dir)
-    tok = None
-    if tokenizer:
-        from rptq_onnx.bundled import TEXTS
-
-        text = TEXTS["sotu-train"].read_text(encoding="utf-8")[:200_000]
-        tok = train_bpe_tokenizer([p for p in text.split("\n") if p.strip()],
-                                  vocab_size=min(512, model.config.vocab_size))
-        for cfg in (model.config, model.generation_config):  # special ids as the tokenizer has them
-            cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    tok = sotu_tokenizer(model.config, model.generation_config) if tokenizer else None
     model.save_pretrained(out_dir)
     if tok is not None:
         tok.save_pretrained(out_dir)
     return out_dir
+
+
+def sotu_tokenizer(config, generation_config):
+    """A byte-level BPE of ≤ 512 tokens trained on the bundled SOTU training text, for a model with
+    ``config`` and ``generation_config``: both get the tokenizer's special ids."""
+    from rptq_onnx.bundled import TEXTS
+
+    text = TEXTS["sotu-train"].read_text(encoding="utf-8")[:200_000]
+    tok = train_bpe_tokenizer([p for p in text.split("\n") if p.strip()], vocab_size=min(512, config.vocab_size))
+    for cfg in (config, generation_config):
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    return tok
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int = 512):
