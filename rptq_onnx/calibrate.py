@@ -68,17 +68,18 @@ def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.nd
     """Per-channel range statistics for every tap of every layer, keyed by (layer, tap name).
 
     ``model`` may be a skeleton loaded without its external weights (``model_dir`` is where
-    they are): ONNX Runtime then reads the weights itself and Python never holds a copy.
+    they are): ONNX Runtime then reads the weights itself and Python never holds a copy. The session
+    runs as the layer-wise compile's do (no arena, no prepacked weights), so both give the same numbers.
     """
     tapped, taps = insert_taps(model, layers, hessians=hessians)
     result = _empty_result(taps)
     with work_dir("calib") as tmp:
         if weights_loaded(tapped):
-            session = make_session(save_model(tapped, tmp / "tapped.onnx"))
+            session = make_session(save_model(tapped, tmp / "tapped.onnx"), arena=False)
         else:
             if model_dir is None:
                 raise ValueError("a model without loaded weights needs model_dir")
-            session = make_session(tapped.SerializeToString(), external_data_dir=model_dir)
+            session = make_session(tapped.SerializeToString(), external_data_dir=model_dir, arena=False)
         del tapped
         names = [o.name for o in session.get_outputs()]
         batches = range(0, len(windows), batch_size)

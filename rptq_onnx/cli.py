@@ -381,11 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "int4/int8 cache kernel (KV presets, and presets that quantize no activations); eager: the "
                         "exported MatMul/Softmax attention, every activation point visible; auto (default): fused "
                         "for the KV presets on a graph with a cache, else eager")
-    p.add_argument("--layer-wise", action="store_true",
-                   help="compile one decoder layer at a time: calibrate it, cluster, fold and quantize it, write its "
-                        "weights out, go on; memory holds one layer (plus the calibration windows' hidden states), so "
-                        "models larger than RAM compile. With --propagate float the output equals the whole-graph "
-                        "compile's")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--layer-wise", dest="layer_wise", action="store_true", default=None,
+                      help="compile one decoder layer at a time (the default where the graph can be cut into layers): "
+                           "calibrate it, cluster, fold and quantize it, write its weights out, go on; memory holds "
+                           "one layer plus the calibration windows' hidden states, so models larger than RAM compile. "
+                           "With --propagate float the output equals the whole-graph compile's")
+    mode.add_argument("--whole-graph", dest="layer_wise", action="store_false", default=None,
+                      help="calibrate the whole graph in one ONNX Runtime session, then fold and quantize it with "
+                           "every weight in memory")
     p.add_argument("--propagate", default="float", choices=PROPAGATION,
                    help="what each layer is calibrated on in a layer-wise compile: the float outputs of the layers "
                         "before (default) or their quantized outputs, as the reference does (implies --layer-wise)")

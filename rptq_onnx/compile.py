@@ -24,21 +24,23 @@ from rptq_onnx import __version__
 from rptq_onnx.anatomy import DecoderLayer, find_layers
 from rptq_onnx.artifacts import CLUSTERS_NAME, OWNED_FILES, RANGES_NAME, RECORD_NAME, REPORT_NAME, TOKENIZER_FILES, model_limits
 from rptq_onnx.calibrate import Calibration, calibrate, calibration_windows
-from rptq_onnx.clustering import ClusterPlan, group_features, plan_clusters, plan_pair_clusters, range_features
+from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.compile_report import CalibrationSummary, CompileReport, QuantizationReport, RecipeChoices
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.genai import write_genai_config
 from rptq_onnx.external_weights import WeightSink
 from rptq_onnx.graph import EXTERNAL_DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, load_model, save_model, staged_output, weights_loaded
-from rptq_onnx.observers import ChannelStats
 from rptq_onnx.onnx_source import resolve_onnx_source
 from rptq_onnx import quantize
 from rptq_onnx.outdir import check_writable, claim_output, input_bytes, work_dir
 from rptq_onnx.passes.base import copy_model
-from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport, folded_points
+from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport
 from rptq_onnx.passes.fuse_attention import FuseAttention
 from rptq_onnx.passes.quantize_head import QuantizeHead
+# cluster_counts, layer_features, plan_point: re-exported for the benchmarks (tools/bench_clustering.py)
+from rptq_onnx.planning import (amplitude_key, check_cluster_counts, cluster_counts, layer_features,  # noqa: F401
+                                plan_layer, plan_point, unclustered_points)
 from rptq_onnx.ranges import save_ranges
 from rptq_onnx.recipes import point_choices
 from rptq_onnx.stages import StageRunner
@@ -63,99 +65,6 @@ def check_calibration_text(model: str, source: str) -> None:
     if folder is not None and folder.is_dir() and not has_tokenizer(folder):
         raise RptqError(f"{folder}: no tokenizer files beside the model (tokenizer.json, vocab.json or "
                         "tokenizer_config.json), so --calib text cannot be tokenized; add them, or use --calib random")
-
-
-def check_cluster_counts(config: CompileConfig, layers: list[DecoderLayer]) -> None:
-    counts = config.clusters.kmeans_k()
-    layer = layers[0]
-    r2 = (layer.head_dim // 2, "RoPE channel pairs per head") if layer.qk_layout == "bhsd" else \
-        (layer.head_dim, "channels per head")
-    limits = {"R1": (layer.hidden_size, "hidden channels"), "R2": r2,
-              "R3": (layer.head_dim, "channels per head"), "R4": (layer.hidden_size, "hidden channels"),
-              "R5": (layer.ffn_dim, "fc1 channels")}
-    for point, k in counts.items():
-        limit, what = limits[point]
-        if k is not None and k > limit:
-            raise RptqError(f"--clusters {point}={k} exceeds the model's {limit} {what}; use {point}≤{limit}")
-
-
-def cluster_counts(layer: DecoderLayer, config: CompileConfig) -> dict[str, int]:
-    """KMeans k per point (per K/V head at R2/R3); ``ch`` resolved to one cluster per channel."""
-    k = config.clusters.kmeans_k()
-    c, d, f = layer.hidden_size, layer.head_dim, layer.ffn_dim
-    rope = layer.qk_layout == "bhsd"
-    return {"R1": k["R1"] or c, "R2": k["R2"] or (d // 2 if rope else d), "R3": k["R3"] or d, "R4": k["R4"] or c,
-            "R5": k["R5"] or f}
-
-
-def layer_features(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats]) -> dict[str, tuple[np.ndarray, int]]:
-    """Per point: (KMeans features [channels, F], heads it is clustered per), as the reference.
-
-    R2 and R3 are per K/V head (per head without GQA): features of the query heads that share a
-    K/V head sit side by side.
-    """
-    i, kv, group = layer.index, layer.num_kv_heads, layer.group
-
-    def rng(tap):
-        return stats[(i, tap)].minmax.range()
-
-    def grouped(tap):  # a query-head tensor's (max, min) as per-K/V-head features [kv·D, group] each
-        hi, lo = rng(tap)
-        return group_features(hi, kv, group), group_features(lo, kv, group)
-
-    q_hi, q_lo = grouped("q_attn")
-    k_hi, k_lo = rng("k_attn")
-    r2 = np.concatenate([q_hi, k_hi[:, None], q_lo, k_lo[:, None]], axis=1)  # [q max…, k max, q min…, k min]
-    return {"R1": (range_features(rng("attn_ln")), 1), "R2": (r2, kv),
-            "R3": (np.concatenate(grouped("out_in"), axis=1), kv),
-            "R4": (range_features(rng("ffn_ln")), 1), "R5": (range_features(rng("fc2_in")), 1)}
-
-
-def plan_point(layer: DecoderLayer, point: str, features: np.ndarray, heads: int, k: int) -> ClusterPlan:
-    """One point's plan; with RoPE (Llama), R2 clusters channel pairs (i, i + D/2)."""
-    rope = point == "R2" and layer.qk_layout == "bhsd"
-    return (plan_pair_clusters if rope else plan_clusters)(features, k, heads=heads, where=f"layer {layer.index} {point}")
-
-
-def unclustered_points(config: CompileConfig) -> frozenset[str]:
-    """Points left unclustered: no activation there is quantized and the layout does not reorder them.
-
-    KV-only presets quantize only K (R2) and V (R3). With the zero-copy layout R1 and R4 stay in
-    their order (their plans would only label Q/DQ points that do not exist here), and R5's
-    reorder would only permute fc1/fc2 rows and columns: the same function (with GPTQ, fc2 in
-    another column order, no better in principle). The contiguous layout reorders R1/R4 by
-    definition, so there every point is clustered.
-    """
-    q = config.quant
-    if q.kv_only and q.quantizes_activations and config.layout == "zero-copy":
-        return frozenset({"R1", "R4", "R5"})
-    return frozenset()
-
-
-def plan_layer(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats], config: CompileConfig) -> dict[str, ClusterPlan]:
-    """KMeans plans for R1..R5 of one layer from its min/max statistics (as the reference); the
-    points of ``unclustered_points`` get ``ClusterPlan.identity``."""
-    k, skip = cluster_counts(layer, config), unclustered_points(config)
-    features = layer_features(layer, stats)
-    plans = {}
-    for p, (feats, heads) in features.items():
-        if p in skip:
-            plans[p] = ClusterPlan.identity(len(feats))
-        elif p == "R2" and amplitude_key(layer, config):
-            k_hi, k_lo = stats[(layer.index, "k_attn")].minmax.range()
-            plans[p] = plan_clusters(np.maximum(np.abs(k_hi), np.abs(k_lo))[:, None], k[p], heads=heads,
-                                     where=f"layer {layer.index} R2")
-        else:
-            plans[p] = plan_point(layer, p, feats, heads, k[p])
-    return plans
-
-
-def amplitude_key(layer: DecoderLayer, config: CompileConfig) -> bool:
-    """R2 clustered on K's amplitude max(|max|, |min|), freely (not in the paper recipe): K's grid is symmetric (fused attention,
-    K after RoPE: GQA's cache has no zero point) and the layout folds nothing of R2, so RoPE pairs
-    need not stay together."""
-    return config.recipe != "paper" and quantize.symmetric_key(layer, config) and \
-        "R2" not in folded_points(layer, config.layout, quantize.keeps_source_grid(config))
 
 
 @dataclass
@@ -261,15 +170,18 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
 def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig, with_past: bool = True,
                   progress: bool = True, write_report: bool = False,
                   calibration: Calibration | None = None, log: Callable[[str], None] | None = None,
-                  layer_wise: bool = False) -> CompileResult:
+                  layer_wise: bool | None = None) -> CompileResult:
     """Compile ``model`` into ``out_dir`` (written atomically); ``write_report``: also report.md + PNGs.
 
     ``calibration``: see ``compile_graph`` (it must come from the same model and ``config.calib``).
     ``log(stage)``: called as each stage (export, load, calibrate, cluster, fold, quantize, save) starts.
-    ``layer_wise``: one decoder layer in memory at a time (rptq_onnx/compile_layerwise.py); implied by
-    ``config.propagate == "quantized"``."""
-    layer_wise = layer_wise or config.propagate == "quantized"
-    if layer_wise and calibration is not None:
+    ``layer_wise``: one decoder layer in memory at a time (rptq_onnx/compile_layerwise.py; the same
+    output as the whole graph with float propagation); None (default): layer-wise where the graph can be
+    cut into layers and no ``calibration`` is reused, else whole-graph. ``config.propagate ==
+    "quantized"`` needs it."""
+    if config.propagate == "quantized" and layer_wise is False:
+        raise RptqError("--propagate quantized calibrates layer by layer; drop --whole-graph")
+    if (layer_wise or config.propagate == "quantized") and calibration is not None:
         raise ValueError("a layer-wise compile calibrates as it goes; it cannot reuse a calibration")
     runner = StageRunner(log)
     t_start = time.perf_counter()
@@ -285,12 +197,15 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
             check_cluster_counts(config, layers)
             vocab, max_pos = model_limits(onnx_path, graph)
             windows = calibration_windows(config.calib, onnx_path.parent, vocab, max_pos)
+            if layer_wise is None:
+                layer_wise = config.propagate == "quantized" or (calibration is None and cuttable(graph, layers))
         sink = WeightSink(tmp, "model.onnx" + EXTERNAL_DATA_SUFFIX) if layer_wise else None
         if sink is not None:
             from rptq_onnx.compile_layerwise import compile_layerwise
 
-            compiled = compile_layerwise(graph, layers, windows, config, onnx_path, sink, runner=runner,
-                                         progress=progress)
+            config, hessians = prepare(graph, layers, config, onnx_path)
+            compiled = Compiled(*compile_layerwise(graph, layers, windows, config, hessians, onnx_path, sink,
+                                                   runner=runner, progress=progress), config=config)
         else:
             compiled = compile_graph(graph, layers, windows, config, runner=runner, progress=progress,
                                      model_path=onnx_path, calibration=calibration)
@@ -298,6 +213,7 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
         folded, plans, config = compiled.model, compiled.plans, compiled.config
         _stamp(folded, config)
         report = _report(model, compiled, windows, layers)
+        report.mode = "layer-wise" if sink is not None else "whole-graph"
         clusters = {"format": "rptq-onnx clusters", "version": 1, "layout": config.layout,
                     "layers": [{p: plan.to_dict() for p, plan in lp.items()} for lp in plans]}
         with staged_output(out_dir, owns=OWNED_FILES) as stage:
@@ -326,6 +242,17 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
 
                 write_markdown(stage, report, windows[:2])
     return CompileResult(model_path=out_dir / "model.onnx", report=report)
+
+
+def cuttable(graph: onnx.ModelProto, layers: list[DecoderLayer]) -> bool:
+    """Can ``graph`` be compiled layer by layer (``layerwise.find_cut``)?"""
+    from rptq_onnx.layerwise import find_cut
+
+    try:
+        find_cut(graph, layers)
+    except RptqError:
+        return False
+    return True
 
 
 def _report(source: str, compiled: Compiled, windows: np.ndarray, layers: list[DecoderLayer]) -> CompileReport:

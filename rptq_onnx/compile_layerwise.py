@@ -23,7 +23,6 @@ from tqdm import tqdm
 from rptq_onnx import quantize
 from rptq_onnx.anatomy import DecoderLayer, find_layers
 from rptq_onnx.calibrate import LayerwiseCalibration
-from rptq_onnx.compile import Compiled, plan_layer, prepare
 from rptq_onnx.compile_report import QuantizationReport
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.external_weights import WeightSink, is_external, load_initializers
@@ -31,6 +30,7 @@ from rptq_onnx.passes.base import copy_model
 from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport
 from rptq_onnx.passes.fuse_attention import FuseAttention
 from rptq_onnx.passes.quantize_head import QuantizeHead
+from rptq_onnx.planning import plan_layer
 from rptq_onnx.stages import StageRunner
 
 # report fields summed over layers, and those whose values are united
@@ -40,12 +40,13 @@ _UNITED = {"group_sizes_used", "bits", "containers"}
 
 
 def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, config: CompileConfig,
-                      model_path: Path, sink: WeightSink, runner: StageRunner | None = None,
-                      progress: bool = False) -> Compiled:
-    """``compile_graph``'s result, made one layer at a time from the skeleton ``graph`` (external weights in
-    ``model_path``'s folder, never all loaded). Layer tensors go to ``sink`` as they are finished; the
-    returned model references them there (``sink.finish`` writes the rest)."""
-    config, hessians = prepare(graph, layers, config, model_path)
+                      hessians: bool, model_path: Path, sink: WeightSink, runner: StageRunner | None = None,
+                      progress: bool = False) -> tuple:
+    """``compile_graph``'s result as (model, plans, fold report, quantization report, calibration), made one
+    layer at a time from the skeleton ``graph`` (external weights in ``model_path``'s folder, never all
+    loaded). ``config`` as ``compile.prepare`` resolved it; ``hessians``: gather GPTQ's. Layer tensors go
+    to ``sink`` as they are finished; the returned model references them there (``sink.finish`` writes
+    the rest)."""
     runner = runner or StageRunner()
     source = model_path.parent
     q = config.quant
@@ -100,7 +101,7 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
                                       if is_external(t) and t.name not in sink.sunk], source)
             quant.head = runner.apply("head", QuantizeHead(q.head_bits), model).report
             model = _compact(model, sink, resident)
-    return Compiled(model=model, plans=plans, fold=fold, quant=quant, calibration=calib, config=config)
+    return model, plans, fold, quant, calib
 
 
 def _quantized_stream(run: LayerwiseCalibration, model: onnx.ModelProto, sink: WeightSink, i: int) -> list[np.ndarray]:

@@ -84,6 +84,7 @@ class CompileReport:
     copied_shared_initializers: list[str]
     quantization: QuantizationReport
     recipe: RecipeChoices
+    mode: str = "layer-wise"  # or "whole-graph" (rptq_onnx/compile_layerwise.py)
     timings_s: dict[str, float] = field(default_factory=dict)  # per stage, and "total"
     peak_rss_mb: float = 0.0
 

@@ -43,7 +43,7 @@ def layer_output(index: GraphIndex, layer: DecoderLayer) -> str:
     adds = [n for n in index.value_readers(layer.fc2.output) if n.op_type == "Add"]
     if len(adds) != 1:
         raise RptqError(f"layer {layer.index}: no single residual Add after {layer.fc2.node}; "
-                        "compile this graph whole (without --layer-wise)")
+                        "compile this graph with --whole-graph")
     return adds[0].output[0]
 
 
@@ -62,7 +62,7 @@ def find_cut(model: onnx.ModelProto, layers: list[DecoderLayer]) -> LayerCut:
         for tensor in (t for t in boundary if t not in graph_inputs and t != inputs[i]):
             if tensor in downstream:
                 raise RptqError(f"layer {i} reads {tensor}, made by an earlier layer; "
-                                "compile this graph whole (without --layer-wise)")
+                                "compile this graph with --whole-graph")
             if tensor not in downstream and tensor not in side:
                 side.append(tensor)
     return LayerCut(inputs=inputs, outputs=outputs, side=tuple(side))
@@ -181,7 +181,7 @@ class LayerStream:
         missing = [t for t in self.cut.side if t not in types]
         if missing:
             raise RptqError(f"the element type of {missing[0]} is unknown (ONNX shape inference); "
-                            "compile this graph whole (without --layer-wise)")
+                            "compile this graph with --whole-graph")
         return {**types, **self.types}
 
     def _session(self, model: onnx.ModelProto):

@@ -143,7 +143,7 @@ def _weight_grid_t(w, bits: int):
 
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None = None,
-                  damp: float = 0.01, block: int = 128) -> QuantizedWeight:
+                  damp: float = 0.01, block: int = 128, overwrite_hessian: bool = False) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): quantize columns in order, compensating each column's error
     on the not-yet-quantized columns through the inverse Hessian (H = 2·XᵀX of the input).
 
@@ -152,14 +152,18 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     block's error applied to the remaining columns as one GEMM (``tools/bench_gptq.py``: 2048 ×
     8192 in ≈ 11 s on 2 busy cores, 4.6× the float64 NumPy version it replaced).
     Dampening: ``damp × mean(diag H)`` is added to the diagonal. Columns whose input was never
-    active (diag H = 0) are zeroed, as in the reference.
+    active (diag H = 0) are zeroed, as in the reference. ``overwrite_hessian``: a float32 ``hessian``
+    is used as scratch instead of copied (268 MB saved for 8,192 inputs).
     """
     import torch
 
     qmax = (1 << bits) - 1
     w_t = torch.tensor(np.asarray(w), dtype=torch.float32)
     out, cols = w_t.shape
-    h = torch.tensor(np.asarray(hessian), dtype=torch.float32)
+    scratch = overwrite_hessian and isinstance(hessian, np.ndarray) and hessian.dtype == np.float32 \
+        and hessian.flags.c_contiguous and hessian.flags.writeable
+    h = torch.from_numpy(hessian) if scratch else torch.tensor(np.asarray(hessian), dtype=torch.float32)
+    del hessian
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w_t[:, dead] = 0.0

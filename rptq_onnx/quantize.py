@@ -165,11 +165,11 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
             qw = kept
         elif q.weight_quant == "gptq" and (fl.index, LINEAR_INPUT_TAP[role]) in calib.xtx:
             tap = LINEAR_INPUT_TAP[role]
-            h = calib.hessian(fl.index, tap)
+            h = calib.hessian(fl.index, tap)  # a fresh array: GPTQ may use it as scratch
             index, _ = folded_order(fl, tap, plan, config)
             if index is not None:
-                h = h[np.ix_(index, index)]
-            qw = quantize_gptq(w, h, q.wbits, group)
+                h = np.ascontiguousarray(h[np.ix_(index, index)])
+            qw = quantize_gptq(w, h, q.wbits, group, overwrite_hessian=True)
         else:
             qw = quantize_rtn(w, q.wbits, group)
         out[lin.node] = (lin, qw)

@@ -47,11 +47,14 @@ def make_session(model: str | os.PathLike | bytes, providers: list[str] | None =
     ``external_data_dir``: for serialized bytes whose initializers point to external data files,
     the directory those files are in (ORT reads them itself; Python holds no copy).
     ``profile_prefix``: enable ORT's profiler, writing ``{prefix}_*.json`` (``end_profiling()``).
-    ``arena``: False frees each buffer when done instead of keeping ORT's CPU arena at its peak (short
-    sessions that run a few large batches, as a layer-wise compile's).
+    ``arena``: False frees each buffer when done instead of keeping ORT's CPU arena at its peak, and
+    keeps no prepacked copy of the weights (short sessions that run a few large batches, as a
+    layer-wise compile's).
     """
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
+    if not arena:  # nor a prepacked second copy of the weights
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if external_data_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
     opts.graph_optimization_level = LEVELS[optimization]

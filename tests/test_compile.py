@@ -159,6 +159,7 @@ def test_kv_only_preset_clusters_only_k_and_v(exported, tmp_path, monkeypatch):
     reported as not clustered, with nothing folded for them; the model computes what a compile that
     clusters every point computes (RTN per output channel does not see fc1/fc2's channel order)."""
     from rptq_onnx import compile as compile_module
+    from rptq_onnx import planning
     from rptq_onnx.artifacts import load_cluster_plans
     from rptq_onnx.compile import compile_model
     from rptq_onnx.runtime import feeds_for
@@ -185,7 +186,8 @@ def test_kv_only_preset_clusters_only_k_and_v(exported, tmp_path, monkeypatch):
     contiguous = compile_model(src, tmp_path / "contiguous", config("contiguous"), progress=False)
     assert all(contiguous.report.clusters[0].values())  # the layout reorders R1/R4: every point clustered
 
-    monkeypatch.setattr(compile_module, "unclustered_points", lambda config: frozenset())
+    for module in (planning, compile_module):  # the plans, and the report's list of choices
+        monkeypatch.setattr(module, "unclustered_points", lambda config: frozenset())
     full = compile_model(src, tmp_path / "full", config(), progress=False)
     assert full.report.clusters[0]["R5"] == 8
     assert kv.report.permuted_initializers < full.report.permuted_initializers

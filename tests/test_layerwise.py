@@ -79,8 +79,8 @@ def test_layerwise_compile_equals_whole_graph(source, tmp_path, preset, options)
     report as the whole-graph compile."""
     config = CompileConfig(preset=preset, quant=QuantSpec.for_preset(preset),
                            calib=CalibConfig(source="random", nsamples=4, seqlen=32), **options)
-    whole = compile_model(str(source), tmp_path / "whole", config, progress=False)
-    split = compile_model(str(source), tmp_path / "split", config, progress=False, layer_wise=True)
+    whole = compile_model(str(source), tmp_path / "whole", config, progress=False, layer_wise=False)
+    split = compile_model(str(source), tmp_path / "split", config, progress=False)  # layer-wise by default
     assert _nodes(whole.model_path) == _nodes(split.model_path)
     a, b = _initializers(whole.model_path), _initializers(split.model_path)
     assert a.keys() == b.keys()
@@ -90,6 +90,7 @@ def test_layerwise_compile_equals_whole_graph(source, tmp_path, preset, options)
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("whole", "split"))
     for key in ("clusters", "quantization", "permuted_initializers", "gathers_added", "recipe"):
         assert ra[key] == rb[key], key
+    assert (ra["mode"], rb["mode"]) == ("whole-graph", "layer-wise")
     assert "layers" in rb["timings_s"] and "calibrate" not in rb["timings_s"]
 
 
@@ -101,7 +102,7 @@ def test_quantized_propagation_is_deterministic_and_differs(exported, tmp_path):
     two = compile_model(str(src), tmp_path / "two", config, progress=False)
     assert one.model_path.read_bytes() == two.model_path.read_bytes()
     floated = compile_model(str(src), tmp_path / "float", CompileConfig(
-        preset="W4A4", quant=config.quant, calib=config.calib), progress=False)
+        preset="W4A4", quant=config.quant, calib=config.calib), progress=False, layer_wise=False)
     a, b = _initializers(one.model_path), _initializers(floated.model_path)
     assert a.keys() == b.keys()
     layer0 = [n for n in a if ".L0." in n or "layers.0." in n]
@@ -110,6 +111,12 @@ def test_quantized_propagation_is_deterministic_and_differs(exported, tmp_path):
     assert later  # later layers are calibrated on the quantized stream
 
 
-def test_bad_propagation_is_one_line():
+def test_bad_propagation_is_one_line(exported, tmp_path):
     with pytest.raises(RptqError, match="--propagate sideways is unknown"):
         CompileConfig(propagate="sideways")
+    from test_cli import assert_one_line_error, run_cli
+
+    result = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", "--calib", "random", "--nsamples", "2",
+                     "--seqlen", "16", "--propagate", "quantized", "--whole-graph")
+    assert_one_line_error(result, "--propagate quantized calibrates layer by layer; drop --whole-graph")
+    assert not (tmp_path / "out").exists()

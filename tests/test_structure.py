@@ -13,7 +13,7 @@ PACKAGES = {"rptq_onnx": "rptq_onnx", "passes": "rptq_onnx.passes", "tools": "rp
 COMPILE, CALIBRATE = "rptq_onnx.compile", "rptq_onnx.calibrate"
 # the compile pipeline itself, and the CLI that dispatches `compile` and `inspect --error` (which draws
 # calibration windows)
-PIPELINE = {COMPILE, CALIBRATE, "rptq_onnx.quantize", "rptq_onnx.cli"}
+PIPELINE = {COMPILE, CALIBRATE, "rptq_onnx.compile_layerwise", "rptq_onnx.quantize", "rptq_onnx.cli"}
 # what a benchmark (tools/) may take from them: compiling and calibrating, nothing else
 ENTRY_POINTS = {COMPILE: {"compile_model", "compile_graph", "plan_layer", "cluster_counts", "layer_features",
                           "plan_point"},
