@@ -117,7 +117,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from rptq_onnx.recipes import recipe_flags
 
     r = recipe_flags(args.recipe, {k: getattr(args, k) for k in ("observer", "clusters", "weight_quant", "group_size",
-                                                                 "source_grid", "head_bits", "attention")})
+                                                                 "source_grid", "head_bits", "attention",
+                                                                 "propagate")})
     args.attention = r["attention"]
     calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         batch_size=args.batch_size)
@@ -128,7 +129,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                                  accuracy_level=args.accuracy_level)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(r["clusters"]), calib=calib,
                            layout=args.layout, quant=quant, attention=args.attention, recipe=args.recipe,
-                           propagate=args.propagate)
+                           propagate=r["propagate"])
     if args.attention == "fused" and args.with_past is False:  # auto falls back to eager there
         raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); drop "
                         "--no-past, or use --attention eager")
@@ -390,9 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--whole-graph", dest="layer_wise", action="store_false", default=None,
                       help="calibrate the whole graph in one ONNX Runtime session, then fold and quantize it with "
                            "every weight in memory")
-    p.add_argument("--propagate", default="float", choices=PROPAGATION,
+    p.add_argument("--propagate", default=None, choices=PROPAGATION,
                    help="what each layer is calibrated on in a layer-wise compile: the float outputs of the layers "
-                        "before (default) or their quantized outputs, as the reference does (implies --layer-wise)")
+                        "before (default) or their quantized outputs, as the reference does (--recipe paper; "
+                        "needs the layer-wise compile)")
     p.add_argument("--float-cache", action="store_true",
                    help="with-past graphs: keep the KV cache in float (K/V still fake-quantized) instead of "
                         "uint4/uint8 codes between decode steps")

@@ -4,16 +4,17 @@
   this recipe): EMA min/max ranges, clusters R1=32 R2=4 R3=4 R4=32 R5=32, R2 clustered on the
   (max, min) of q and k (RoPE pairs kept together), softmax output at a fixed 1/255, weights by
   GPTQ per output channel and quantized again even where the source already sits on a grid, a
-  float vocabulary table, and eager attention (the reference has no fused kernel, and fusing makes
-  K symmetric).
+  float vocabulary table, eager attention (the reference has no fused kernel, and fusing makes
+  K symmetric), and each layer calibrated on the quantized outputs of the layers before it
+  (``--propagate quantized``, a layer-wise compile).
 - ``default`` — rptq-onnx's choices, each measured against ``paper`` (README): weights that sit on
   a grid keep it (``--source-grid keep``), weight-only 4-bit in groups of 128, an 8-bit vocabulary
   table wherever weights are quantized, and under fused attention (the KV presets' default) a
   symmetric K clustered freely on its amplitude.
 
 Where ``paper`` still differs from the reference (README, *Quality on the demo model*): R2's q
-features are taken after the 1/√d scaling, weight scales are per output row rather than per (row ×
-input cluster), and calibration runs on float, not quantized, outputs of earlier layers.
+features are taken after the 1/√d scaling, and weight scales are per output row rather than per (row ×
+input cluster).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ PAPER_FLAGS = {
     "source_grid": ("requantize", "requantize"),
     "head_bits": (16, "16"),
     "attention": ("eager", "eager"),
+    "propagate": ("quantized", "quantized"),
 }
 # the defaults of those flags under the default recipe (None: the preset decides)
 DEFAULT_FLAGS = {"observer": "ema", "clusters": None, "weight_quant": "gptq", "group_size": None,
-                 "source_grid": "keep", "head_bits": None, "attention": "auto"}
+                 "source_grid": "keep", "head_bits": None, "attention": "auto", "propagate": "float"}
 
 
 def recipe_flags(recipe: str, given: dict[str, object]) -> dict[str, object]:

@@ -21,7 +21,7 @@ def test_default_recipe_keeps_what_was_given_and_fills_the_rest():
 def test_paper_recipe_fixes_the_reference_choices():
     flags = recipe_flags("paper", NONE)
     assert flags == {"observer": "ema", "clusters": None, "weight_quant": "gptq", "group_size": 0,
-                     "source_grid": "requantize", "head_bits": 16, "attention": "eager"}
+                     "source_grid": "requantize", "head_bits": 16, "attention": "eager", "propagate": "quantized"}
     # the same value as the recipe's is no conflict
     assert recipe_flags("paper", {**NONE, "observer": "ema", "clusters": "R2=4"}) == flags
 
@@ -29,7 +29,8 @@ def test_paper_recipe_fixes_the_reference_choices():
 @pytest.mark.parametrize("flag,value,fragment", [("observer", "minmax", "--observer ema"),
                                                   ("clusters", "R1=8", "--clusters R1=32"),
                                                   ("attention", "fused", "--attention eager"),
-                                                  ("source_grid", "keep", "--source-grid requantize")])
+                                                  ("source_grid", "keep", "--source-grid requantize"),
+                                                  ("propagate", "float", "--propagate quantized")])
 def test_paper_recipe_refuses_a_flag_it_overrides(flag, value, fragment):
     with pytest.raises(RptqError, match=fragment):
         recipe_flags("paper", {**NONE, flag: value})
