@@ -135,17 +135,21 @@ class LayerwiseCalibration:
         self.result = _empty_result(self.taps)
         self.result.tokens = int(windows.size)
 
-    def layer(self, i: int) -> list[np.ndarray]:
+    def layer(self, i: int, keep_input: bool = True) -> list[np.ndarray]:
+        """Observe layer ``i``; returns the float stream leaving it. ``keep_input=False``: that stream replaces
+        the one entering the layer batch by batch (one stream in memory, not two)."""
         if self.stream.layer != i:
             raise ValueError(f"the stream is at layer {self.stream.layer}, not {i}")
         taps = [t for t in self.taps if t.layer == i]
         last = i == len(self.layers) - 1
         wanted = tap_outputs(taps, self.hessians) + ([] if last else [self.cut.outputs[i]])
-        out = []
-        for _, values in self.stream.run(self.tapped, wanted):
+        out = self.stream.stream if not keep_input else []
+        for b, (_, values) in enumerate(self.stream.run(self.tapped, wanted)):
             _absorb(self.result, taps, values, self.hessians)
-            if not last:
+            if not last and keep_input:
                 out.append(values[self.cut.outputs[i]])
+            elif not last:
+                out[b] = values[self.cut.outputs[i]]  # batch b's input is spent
         _check(taps, self.result.stats)
         return out
 
@@ -156,7 +160,7 @@ def calibrate_layerwise(model: onnx.ModelProto, layers: list[DecoderLayer], wind
     before: the same numbers (up to float rounding across ONNX Runtime's fusions) at one layer's memory."""
     run = LayerwiseCalibration(model, layers, windows, batch_size, model_dir, hessians)
     for i in range(len(layers)):
-        run.stream.advance(run.layer(i))
+        run.stream.advance(run.layer(i, keep_input=False))
     return run.result
 
 

@@ -68,7 +68,7 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
         for layer in tqdm(layers, desc="layers", unit="layer", disable=not progress or None):
             i = layer.index
             with timed("calibrate"):
-                stream = run.layer(i)
+                stream = run.layer(i, keep_input=config.propagate == "quantized")  # quantized: the input runs again
             with timed("cluster"):
                 plans.append(plan_layer(layer, calib.stats, config))
             clustered = {p: plan for p, plan in plans[-1].items() if plan.clustered}
