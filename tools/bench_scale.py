@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {mode} | failed: {row['error']} |")
             continue
         t = row["timings"]
-        phase = {p: t.get(p, t.get(f"layers.{p}", 0.0)) for p in ("calibrate", "cluster", "fold", "quantize")}
-        other = t["total"] - sum(phase.values())
+        phase = {p: t.get(p, 0.0) for p in ("calibrate", "cluster", "fold", "quantize")}
+        other = t["total"] - sum(phase.values()) - t.get("propagate", 0.0)
         print(f"| {mode} | {row['wall_s'] / 60:.1f} min | {row['peak_rss_mb'] / 1024:.2f} GB | "
               f"{row['peak_rss_mb'] * 2**20 / fp32:.2f} | " + " | ".join(f"{phase[p]:.0f} s" for p in phase) +
               f" | {other:.0f} s |", flush=True)
