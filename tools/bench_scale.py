@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = weight_bytes(args.model_dir)
     print(f"{args.model_dir}: {fp32 / 1e9:.2f} GB of weights; {args.preset}, {args.weight_quant}, "
           f"{args.nsamples} × {args.seqlen} random tokens")
-    print("| mode | wall | peak RSS | ÷ weights | calibrate | cluster | fold | quantize | other |")
+    print("| mode | wall | peak RSS (GiB) | ÷ weights | calibrate | cluster | fold | quantize | other |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         row = run_mode(args.model_dir, args.out / mode, mode, args)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         t = row["timings"]
         phase = {p: t.get(p, 0.0) for p in ("calibrate", "cluster", "fold", "quantize")}
         other = t["total"] - sum(phase.values()) - t.get("propagate", 0.0)
-        print(f"| {mode} | {row['wall_s'] / 60:.1f} min | {row['peak_rss_mb'] / 1024:.2f} GB | "
+        print(f"| {mode} | {row['wall_s'] / 60:.1f} min | {row['peak_rss_mb'] / 1024:.2f} | "
               f"{row['peak_rss_mb'] * 2**20 / fp32:.2f} | " + " | ".join(f"{phase[p]:.0f} s" for p in phase) +
               f" | {other:.0f} s |", flush=True)
     return 0
