@@ -65,8 +65,12 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
         spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - t0
 
     with runner.stage("layers"):
+        t0 = time.perf_counter()
         for layer in tqdm(layers, desc="layers", unit="layer", disable=not progress or None):
             i = layer.index
+            if runner.log and not progress:  # a log, not a terminal: one line per layer, with an estimate
+                left = (time.perf_counter() - t0) / i * (len(layers) - i) if i else None
+                runner.log(f"layer {i + 1}/{len(layers)}" + (f", about {left:.0f} s left" if left else ""))
             with timed("calibrate"):
                 stream = run.layer(i, keep_input=config.propagate == "quantized")  # quantized: the input runs again
             with timed("cluster"):

@@ -480,6 +480,10 @@ def test_generate_without_a_decode_step(compiled_text_opt):
 def test_compile_prints_stage_lines_when_not_a_terminal(tmp_path, exported):
     proc = run_cli("compile", exported("tiny"), "-o", tmp_path / "out", *QUICK[:-1])
     assert proc.returncode == 0, proc.stderr
-    stages = [ln.split()[1] for ln in proc.stderr.splitlines() if ln.startswith("rptq-onnx: ") and "…" in ln]
-    assert stages == ["calibrate", "cluster", "fold", "save"], proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("rptq-onnx: ") and "…" in ln]
+    assert [ln.split()[1].rstrip(",") for ln in lines] == ["prologue", "layers", "layer", "layer", "save"], proc.stderr
+    assert "layer 1/2 …" in lines[2] and "layer 2/2, about" in lines[3]  # one line per layer, with an estimate
     assert "\r" not in proc.stderr  # no progress bar in a log
+    whole = run_cli("compile", exported("tiny"), "-o", tmp_path / "whole", *QUICK[:-1], "--whole-graph")
+    stages = [ln.split()[1] for ln in whole.stderr.splitlines() if ln.startswith("rptq-onnx: ") and "…" in ln]
+    assert stages == ["calibrate", "cluster", "fold", "save"], whole.stderr
