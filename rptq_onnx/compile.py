@@ -38,9 +38,7 @@ from rptq_onnx.passes.base import copy_model
 from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport
 from rptq_onnx.passes.fuse_attention import FuseAttention
 from rptq_onnx.passes.quantize_head import QuantizeHead
-# cluster_counts, layer_features, plan_point: re-exported for the benchmarks (tools/bench_clustering.py)
-from rptq_onnx.planning import (amplitude_key, check_cluster_counts, cluster_counts, layer_features,  # noqa: F401
-                                plan_layer, plan_point, unclustered_points)
+from rptq_onnx.planning import amplitude_key, check_cluster_counts, plan_layer, unclustered_points
 from rptq_onnx.ranges import save_ranges
 from rptq_onnx.recipes import point_choices
 from rptq_onnx.stages import StageRunner

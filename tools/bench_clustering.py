@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from rptq_onnx import clustering
-from rptq_onnx.compile import cluster_counts, layer_features, plan_point
+from rptq_onnx.planning import cluster_counts, layer_features, plan_point
 from rptq_onnx.config import CompileConfig
 from rptq_onnx.observers import ChannelStats
 from rptq_onnx.vocabulary import POINTS
