@@ -85,13 +85,13 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
                 with timed("quantize"):
                     folded = find_layers(model)[i]
                     model, done = quantize.quantize_graph(model, [layer], [folded], [plans[-1]], calib, config,
-                                                          owned=True)
+                                                          owned=True, spend_hessians=True)
                     quant = merged(quant, done)
             if config.propagate == "quantized" and i < len(layers) - 1:
                 with timed("propagate"):
                     stream = _quantized_stream(run, model, sink, i)
             for key in [k for k in calib.xtx if k[0] == i]:
-                del calib.xtx[key]  # this layer's Hessians are spent
+                del calib.xtx[key]  # this layer's Hessians are spent (GPTQ used up most; RTN-only linears leave theirs)
             model = _compact(model, sink, resident)
             run.stream.advance(stream)
     runner.timings.update({k: round(v, 3) for k, v in spent.items()})  # the whole graph's stage names, summed

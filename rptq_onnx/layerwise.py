@@ -24,7 +24,7 @@ from onnx import helper
 from rptq_onnx.anatomy import DecoderLayer
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex
-from rptq_onnx.runtime import feeds_for, make_session
+from rptq_onnx.runtime import feeds_for, make_session, run_into
 
 
 @dataclass(frozen=True)
@@ -205,18 +205,21 @@ class LayerStream:
         nodes, _ = _ancestors(model, [self.cut.outputs[i], *extra_outputs], stop={self.cut.inputs[i], *self.cut.side})
         return {t for n in nodes for t in n.input}
 
-    def run(self, model: onnx.ModelProto, outputs: list[str], model_dir: Path | None = None):
-        """Yield ``(batch, {output: value})`` for layer ``self.layer`` of ``model`` over every batch."""
-        return self.run_layer_model(self.layer_model(model, self.layer, outputs), outputs, model_dir)
+    def run(self, model: onnx.ModelProto, outputs: list[str], model_dir: Path | None = None,
+            into: dict[str, np.ndarray] | None = None):
+        """Yield ``(batch, {output: value})`` for layer ``self.layer`` of ``model`` over every batch; outputs
+        named in ``into`` are written into those arrays, overwritten by each batch (``runtime.run_into``)."""
+        return self.run_layer_model(self.layer_model(model, self.layer, outputs), outputs, model_dir, into)
 
-    def run_layer_model(self, layer_model: onnx.ModelProto, outputs: list[str], model_dir: Path | None = None):
+    def run_layer_model(self, layer_model: onnx.ModelProto, outputs: list[str], model_dir: Path | None = None,
+                        into: dict[str, np.ndarray] | None = None):
         """As ``run``, for a layer model made by ``layer_model`` (maybe edited since)."""
         session = make_session(layer_model.SerializeToString(), arena=False,
                                external_data_dir=model_dir if model_dir is not None else self.model_dir)
         stream_in = self.cut.inputs[self.layer]
         for b, batch in enumerate(self.batches):
-            values = session.run(outputs, self._feeds(session, batch, {stream_in: self.stream[b], **self.side[b]}))
-            yield batch, dict(zip(outputs, values))
+            feed = self._feeds(session, batch, {stream_in: self.stream[b], **self.side[b]})
+            yield batch, dict(zip(outputs, run_into(session, outputs, feed, into or {})))
 
     def advance(self, stream: list[np.ndarray]) -> None:
         """Hand layer ``self.layer``'s output stream (one array per batch) to the next layer."""

@@ -153,7 +153,7 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     8192 in ≈ 11 s on 2 busy cores, 4.6× the float64 NumPy version it replaced).
     Dampening: ``damp × mean(diag H)`` is added to the diagonal. Columns whose input was never
     active (diag H = 0) are zeroed, as in the reference. ``overwrite_hessian``: a float32 ``hessian``
-    is used as scratch instead of copied (268 MB saved for 8,192 inputs).
+    is used as scratch (it ends holding H⁻¹'s factor) instead of copied (268 MB saved for 8,192 inputs).
     """
     import torch
 
@@ -168,10 +168,10 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     h[dead, dead] = 1.0
     w_t[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
-    h = torch.linalg.cholesky(h)  # one [C, C] float32 at a time: 268 MB for C = 8192
-    h = torch.cholesky_inverse(h)
-    u = torch.linalg.cholesky(h, upper=True)
-    del h
+    # H⁻¹'s upper Cholesky factor, each step in place: one [C, C] float32 in all (1 GiB for C = 16,384)
+    torch.linalg.cholesky(h, out=h)
+    torch.cholesky_inverse(h, out=h)
+    u = torch.linalg.cholesky(h, upper=True, out=h)
 
     ng = _groups(cols, group_size)
     g = cols // ng

@@ -149,13 +149,16 @@ def effective_group(in_features: int, group_size: int | None) -> int | None:
 
 
 def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer], plans: list[dict[str, ClusterPlan]],
-                      calib: Calibration, config: CompileConfig, progress: bool = False) -> dict[str, tuple[Linear, QuantizedWeight]]:
+                      calib: Calibration, config: CompileConfig, progress: bool = False,
+                      spend_hessians: bool = False) -> dict[str, tuple[Linear, QuantizedWeight]]:
     """Codes for the linears of every layer (weights and Hessians in folded order): kept from a source
-    grid where ``--source-grid keep`` applies, else GPTQ (RTN where calibration gathered no Hessian)."""
+    grid where ``--source-grid keep`` applies, else GPTQ (RTN where calibration gathered no Hessian).
+    ``spend_hessians``: each XᵀX sum is used up by its last linear (``calib`` cannot quantize again)."""
     q = config.quant
     inits = {t.name: t for t in folded.graph.initializer}
     out = {}
     todo = [(fl, plan, role, lin) for fl, plan in zip(folded_layers, plans) for role, lin in fl.linears().items()]
+    last_use = {(fl.index, LINEAR_INPUT_TAP[role]): lin.node for fl, _, role, lin in todo}
     for fl, plan, role, lin in tqdm(todo, desc=f"weights ({q.weight_quant}, {q.wbits}-bit)", unit="linear",
                                     disable=not progress or None):
         w = _weight_out_in(inits, lin)
@@ -165,7 +168,8 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
             qw = kept
         elif q.weight_quant == "gptq" and (fl.index, LINEAR_INPUT_TAP[role]) in calib.xtx:
             tap = LINEAR_INPUT_TAP[role]
-            h = calib.hessian(fl.index, tap)  # a fresh array: GPTQ may use it as scratch
+            key = (fl.index, tap)
+            h = calib.hessian(*key, spend=spend_hessians and last_use[key] == lin.node)  # GPTQ's scratch
             index, _ = folded_order(fl, tap, plan, config)
             if index is not None:
                 h = np.ascontiguousarray(h[np.ix_(index, index)])
@@ -178,14 +182,15 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
 
 def quantize_graph(folded: onnx.ModelProto, layers: list[DecoderLayer], folded_layers: list[DecoderLayer],
                    plans: list[dict[str, ClusterPlan]], calib: Calibration, config: CompileConfig,
-                   progress: bool = False, owned: bool = False) -> tuple[onnx.ModelProto, QuantizationReport]:
+                   progress: bool = False, owned: bool = False,
+                   spend_hessians: bool = False) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Weights, then activation Q/DQ, then the KV cache, on the folded graph; ``owned``: the passes edit
-    ``folded`` itself (else a copy). Returns (model, report)."""
+    ``folded`` itself (else a copy); ``spend_hessians``: see ``quantized_weights``. Returns (model, report)."""
     report = QuantizationReport(name=config.name, quantized=True)
     q = config.quant
     model = folded if owned else copy_model(folded)
     if q.quantizes_weights:
-        weights = quantized_weights(model, folded_layers, plans, calib, config, progress)
+        weights = quantized_weights(model, folded_layers, plans, calib, config, progress, spend_hessians)
         form = "matmulnbits" if q.matmulnbits else "dq"
         counts = QuantizeWeights(weights, form=form, accuracy_level=q.accuracy_level).run(model, owned=True).report
         used = sorted({qw.group_size or 0 for _, qw in weights.values()})  # 0: per output channel

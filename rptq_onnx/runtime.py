@@ -86,6 +86,26 @@ def as_ort_values(feed: dict) -> dict[str, ort.OrtValue]:
     return {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
 
 
+def run_into(session: ort.InferenceSession, outputs: list[str], feed: dict, into: dict[str, np.ndarray]) -> list:
+    """``session.run(outputs, feed)``, with each output named in ``into`` written by ONNX Runtime straight
+    into that preallocated array (shape and dtype must match). ``run`` hands back copies: a [C, C] XᵀX
+    output would exist twice per run (1 GiB each for C = 16,384), and again while the last batch's is held."""
+    if not into:
+        return session.run(outputs, feed)
+    binding = session.io_binding()
+    for name, value in feed.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name in outputs:
+        if name in into:
+            buf = into[name]
+            binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        else:
+            binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    got = binding.get_outputs()
+    return [into[name] if name in into else got[k].numpy() for k, name in enumerate(outputs)]
+
+
 def position_ids(attention_mask: np.ndarray, seq: int) -> np.ndarray:
     """Positions of the last ``seq`` tokens from the mask, as Hugging Face derives them for left
     padding: count of attended tokens before each one, 1 on padding (masked anyway)."""

@@ -271,10 +271,27 @@ sys.exit(main(sys.argv[1:]))
 QUICK = ("--calib", "random", "--nsamples", "2", "--seqlen", "16", "-q")
 
 
-def start_paused_compile(model, out, tmp_path, tmpdir):
+# The same pause after a layer-wise compile has written its first layer's tensors to the output's data file.
+PAUSED_LAYER = """
+import os, sys, time
+import rptq_onnx.compile_layerwise as c
+orig = c._compact
+def paused(*args):
+    out = orig(*args)
+    open(os.environ["RPTQ_TEST_SAVED"], "w").close()
+    while not os.path.exists(os.environ["RPTQ_TEST_GO"]):
+        time.sleep(0.05)
+    return out
+c._compact = paused
+from rptq_onnx.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_paused_compile(model, out, tmp_path, tmpdir, script=PAUSED_SAVE):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir), "RPTQ_TEST_SAVED": str(tmp_path / "saved"),
            "RPTQ_TEST_GO": str(tmp_path / "go")}
-    return subprocess.Popen([sys.executable, "-c", PAUSED_SAVE, "compile", str(model), "-o", str(out), *QUICK],
+    return subprocess.Popen([sys.executable, "-c", script, "compile", str(model), "-o", str(out), *QUICK],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -288,12 +305,12 @@ def wait_for(path: Path, proc, seconds=300):
         time.sleep(0.1)
 
 
-def compile_paused_at_save(model, tmp_path):
-    """A compile into tmp_path/out (TMPDIR tmp_path/tmp) that has written its staging and now waits:
-    (process, OUT_DIR, TMPDIR)."""
+def compile_paused_at_save(model, tmp_path, script=PAUSED_SAVE):
+    """A compile into tmp_path/out (TMPDIR tmp_path/tmp) that has written its staging (or, with
+    ``PAUSED_LAYER``, its first layer) and now waits: (process, OUT_DIR, TMPDIR)."""
     out, tmpdir = tmp_path / "out", tmp_path / "tmp"
     tmpdir.mkdir()
-    proc = start_paused_compile(model, out, tmp_path, tmpdir)
+    proc = start_paused_compile(model, out, tmp_path, tmpdir, script)
     wait_for(tmp_path / "saved", proc)
     return proc, out, tmpdir
 
@@ -305,29 +322,35 @@ def tiny_model(exported):
 
 
 @pytest.mark.slow
-def test_sigkill_during_save_then_rerun(tmp_path, tiny_model):
+@pytest.mark.parametrize("script", [PAUSED_SAVE, PAUSED_LAYER], ids=["save", "layer-wise-after-layer-0"])
+def test_sigkill_during_save_then_rerun(tmp_path, tiny_model, script):
     import signal
 
     model, before = tiny_model
-    proc, out, tmpdir = compile_paused_at_save(model, tmp_path)
+    proc, out, tmpdir = compile_paused_at_save(model, tmp_path, script)
     staging = [p for p in tmp_path.iterdir() if p.name.startswith(f".out.staging-{proc.pid}-")]
-    assert len(staging) == 1 and (staging[0] / "model.onnx").is_file()
-    assert ours_in(tmpdir)  # the killed run's work directory, which it cannot remove
+    work = [tmpdir / name for name in ours_in(tmpdir)]  # the killed run's work directory, which it cannot remove
+    assert len(work) == 1
+    if script is PAUSED_SAVE:
+        assert len(staging) == 1 and (staging[0] / "model.onnx").is_file()
+    else:  # no staging yet: layer 0's tensors are going to the data file in the work directory
+        assert staging == [] and (work[0] / "model.onnx.data").is_file()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     rerun = run_cli("compile", model, "-o", out, *QUICK, env_extra={"TMPDIR": str(tmpdir)})
     assert rerun.returncode == 0, rerun.stderr
-    assert f"removed {staging[0].name}" in rerun.stderr
+    assert all(f"removed {s.name}" in rerun.stderr for s in staging)
     assert leftovers(out) == ["out"] and (out / "model.onnx").is_file()
     assert ours_in(tmpdir) == [] and snapshot(model.parent) == before
 
 
 @pytest.mark.slow
-def test_sigterm_during_save_leaves_nothing(tmp_path, tiny_model):
+@pytest.mark.parametrize("script", [PAUSED_SAVE, PAUSED_LAYER], ids=["save", "layer-wise-after-layer-0"])
+def test_sigterm_during_save_leaves_nothing(tmp_path, tiny_model, script):
     import signal
 
     model, before = tiny_model
-    proc, out, tmpdir = compile_paused_at_save(model, tmp_path)
+    proc, out, tmpdir = compile_paused_at_save(model, tmp_path, script)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and stderr.strip() == "rptq-onnx: terminated", stderr

@@ -138,6 +138,22 @@ def test_taps_are_the_per_sample_channel_ranges():
                                                        "ffn_ln", "fc2_in"}
 
 
+def test_xtx_written_into_preallocated_arrays_equals_what_run_returns():
+    from rptq_onnx.runtime import run_into
+
+    model = inline_opt()
+    tapped, taps = insert_taps(model, find_layers(model), hessians=True)
+    session = make_session(tapped.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+    feed = {k: v for k, v in feeds(model, batch=2, seq=5).items() if k in {i.name for i in session.get_inputs()}}
+    into = {t.output("xtx"): np.full((t.channels, t.channels), np.nan, np.float32) for t in taps if t.name in HESSIAN_TAPS}
+    got = dict(zip(names, run_into(session, names, feed, into)))
+    for name, want in zip(names, session.run(names, feed)):
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+        if name in into:
+            assert got[name] is into[name]  # written in place, not copied
+
+
 # --- quantize_kv_cache -------------------------------------------------------------------------------------------
 
 def _cache_qparams(x: np.ndarray, bits: int) -> QParams:

@@ -98,6 +98,25 @@ def test_gptq_reduces_output_error_against_rtn_on_correlated_inputs():
         assert err_gptq < 0.8 * err_rtn
 
 
+def test_gptq_on_a_scratch_hessian_equals_gptq_on_a_copy_and_a_spent_hessian_leaves_the_calibration():
+    from rptq_onnx.calibrate import Calibration
+
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(512, 48)) @ rng.normal(size=(48, 48))).astype(np.float32)
+    w = rng.normal(size=(16, 48)).astype(np.float32)
+    calib = Calibration(stats={}, tokens=len(x), xtx={(0, "fc2_in"): x.T @ x})
+    fresh = calib.hessian(0, "fc2_in")
+    copied = quantize_gptq(w, fresh, 4, 16)
+    np.testing.assert_array_equal(fresh, calib.hessian(0, "fc2_in"))  # the copy path leaves H as it was
+    spent = calib.hessian(0, "fc2_in", spend=True)
+    assert not calib.xtx
+    np.testing.assert_array_equal(spent, fresh)
+    scratch = quantize_gptq(w, spent, 4, 16, overwrite_hessian=True)
+    assert not np.array_equal(spent, fresh)  # used as scratch, in place
+    np.testing.assert_array_equal(scratch.codes, copied.codes)
+    np.testing.assert_array_equal(scratch.scale, copied.scale)
+
+
 def _logits(model, ids, layers):
     sess = make_session(model.SerializeToString())
     return sess.run(None, feeds_for(sess, ids, layers))[0]
