@@ -7,7 +7,7 @@ A layer-wise compile calibrates each layer on the stream leaving the layer befor
 stream (``--propagate float``, the default: the same clusters and codes as a whole-graph compile)
 or the stream of the layer as compiled (``--propagate quantized``, as the RPTQ reference does).
 Each cell is ``rptq-onnx compile MODEL --preset P [--wbits 16] --propagate X`` with every other flag
-at its default (calibration on sotu-train, 32 × 512), then ``rptq-onnx eval --max-tokens N`` on
+at its default (calibration on ``--calib``, sotu-train: 32 × 512), then ``rptq-onnx eval --max-tokens N`` on
 sotu-test; ``W16…`` presets are ``--preset W…`` with ``--wbits 16``. The model is exported once.
 """
 
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--presets", default="W16A8,W16A4,W16A4KV,W4A4KV")
+    parser.add_argument("--calib", default="sotu-train")
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-propagation"))
     args = parser.parse_args(argv)
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (fp / "model.onnx").is_file():
         cli("export", args.model, "-o", str(fp))
     print(f"{args.model}: perplexity on the first {args.max_tokens:,} tokens of sotu-test, calibration on sotu-train")
-    print(f"FP32: {_ppl(fp, args.max_tokens):.3f}", flush=True)
+    fp_ppl = args.out / f"fp-perplexity-{args.max_tokens}.txt"  # kept between runs, as the export is
+    if not fp_ppl.is_file():
+        fp_ppl.write_text(f"{_ppl(fp, args.max_tokens):.3f}\n")
+    print(f"FP32: {fp_ppl.read_text().strip()}", flush=True)
     print("| preset | float | quantized | quantized ÷ float | compile s (float / quantized) | clustering, % of compile |")
     print("|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
@@ -58,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         for how in PROPAGATIONS:
             out = args.out / f"{preset}-{how}"
             t0 = time.perf_counter()
-            cli("compile", str(fp), "-o", str(out), *preset_flags(preset), "--propagate", how, "-q")
+            cli("compile", str(fp), "-o", str(out), *preset_flags(preset), "--calib", args.calib, "--propagate", how,
+                "-q")
             secs[how] = time.perf_counter() - t0
             timings = json.loads((out / "report.json").read_text())["timings_s"]
             share[how] = 100 * timings.get("cluster", 0.0) / timings["total"]
