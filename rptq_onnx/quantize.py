@@ -166,11 +166,9 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
         kept = kept_grid(w, q.wbits) if keeps_source_grid(config) else None
         if kept is not None:  # already quantized: its own codes, exactly (GPTQ would only move them)
             qw = kept
-        elif q.weight_quant == "gptq" and (fl.index, LINEAR_INPUT_TAP[role]) in calib.xtx:
-            tap = LINEAR_INPUT_TAP[role]
-            key = (fl.index, tap)
+        elif q.weight_quant == "gptq" and (key := (fl.index, LINEAR_INPUT_TAP[role])) in calib.xtx:
             h = calib.hessian(*key, spend=spend_hessians and last_use[key] == lin.node)  # GPTQ's scratch
-            index, _ = folded_order(fl, tap, plan, config)
+            index, _ = folded_order(fl, key[1], plan, config)
             if index is not None:
                 h = np.ascontiguousarray(h[np.ix_(index, index)])
             qw = quantize_gptq(w, h, q.wbits, group, overwrite_hessian=True)

@@ -249,43 +249,30 @@ def test_a_held_lock_refuses_a_second_run_at_once(tmp_path, junk_model):
 
 # --- faults during a real compile (slow: they export and compile a tiny model) -------------------------------
 
-# Runs the CLI with compile's save_model wrapped: after model.onnx is written into the staging directory it
-# touches $RPTQ_TEST_SAVED, then waits for $RPTQ_TEST_GO (or raises $RPTQ_TEST_ERRNO as an OSError).
-PAUSED_SAVE = """
-import errno, os, sys, time
-import rptq_onnx.compile as c
-orig = c.save_model
-def paused(model, path):
+# Runs the CLI with one function wrapped: after it returns it touches $RPTQ_TEST_SAVED, then waits for
+# $RPTQ_TEST_GO (or, before it runs, raises $RPTQ_TEST_ERRNO as an OSError naming its last argument).
+PAUSE = """
+import os, sys, time
+import {module} as c
+orig = c.{function}
+def paused(*args):
     if os.environ.get("RPTQ_TEST_ERRNO"):
         code = int(os.environ["RPTQ_TEST_ERRNO"])
-        raise OSError(code, os.strerror(code), str(path))
-    out = orig(model, path)
-    open(os.environ["RPTQ_TEST_SAVED"], "w").close()
-    while not os.path.exists(os.environ["RPTQ_TEST_GO"]):
-        time.sleep(0.05)
-    return out
-c.save_model = paused
-from rptq_onnx.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-QUICK = ("--calib", "random", "--nsamples", "2", "--seqlen", "16", "-q")
-
-
-# The same pause after a layer-wise compile has written its first layer's tensors to the output's data file.
-PAUSED_LAYER = """
-import os, sys, time
-import rptq_onnx.compile_layerwise as c
-orig = c._compact
-def paused(*args):
+        raise OSError(code, os.strerror(code), str(args[-1]))
     out = orig(*args)
     open(os.environ["RPTQ_TEST_SAVED"], "w").close()
     while not os.path.exists(os.environ["RPTQ_TEST_GO"]):
         time.sleep(0.05)
     return out
-c._compact = paused
+c.{function} = paused
 from rptq_onnx.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+# compile's save_model: model.onnx is written into the staging directory
+PAUSED_SAVE = PAUSE.format(module="rptq_onnx.compile", function="save_model")
+# a layer-wise compile has written its first layer's tensors to the output's data file
+PAUSED_LAYER = PAUSE.format(module="rptq_onnx.compile_layerwise", function="_compact")
+QUICK = ("--calib", "random", "--nsamples", "2", "--seqlen", "16", "-q")
 
 
 def start_paused_compile(model, out, tmp_path, tmpdir, script=PAUSED_SAVE):
