@@ -16,7 +16,8 @@ That replaces the float table, and in an FP graph the transposed float copy ONNX
 
 8-bit heads set MatMulNBits' ``accuracy_level`` 4 (the input is quantized to int8 per block on
 the fly, then an integer GEMM): level 0 of the 8-bit kernel dequantizes the whole table every
-call, ≈ 10× slower than a float MatMul. The README's *Low-bit weights in memory* gives the
+call, ≈ 10× slower than a float MatMul. 4-bit heads take the level of the 4-bit linears
+(``--accuracy-level``). The README's *Low-bit weights in memory* gives the
 measured cost of each choice.
 """
 
@@ -127,8 +128,8 @@ class QuantizeHead(Pass[HeadReport]):
 
     name = "quantize_head"
 
-    def __init__(self, bits: int, block_size: int = DEFAULT_BLOCK):
-        self.bits, self.block_size = bits, block_size
+    def __init__(self, bits: int, block_size: int = DEFAULT_BLOCK, accuracy_level: int = 0):
+        self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
 
     def requires(self, model: onnx.ModelProto) -> str | None:
         return None if self.bits in HEAD_BITS else f"--head-bits {self.bits} is not supported; use 4, 8 or 16 (float)"
@@ -156,8 +157,9 @@ class QuantizeHead(Pass[HeadReport]):
                       numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{p}scales"),
                       numpy_helper.from_array(np.ascontiguousarray(zp), f"{p}zero_points")]
         attrs = dict(K=hidden, N=vocab, bits=bits, block_size=block_size)
-        if bits == 8:
-            attrs["accuracy_level"] = INT8_ACCURACY_LEVEL
+        level = INT8_ACCURACY_LEVEL if bits == 8 else self.accuracy_level
+        if level:
+            attrs["accuracy_level"] = level
         head = tables.head
         replaced[head.name] = helper.make_node("MatMulNBits", [head.input[0], f"{p}B", f"{p}scales", f"{p}zero_points"],
                                                [head.output[0]], name=f"{p}matmulnbits", domain="com.microsoft", **attrs)
@@ -186,10 +188,11 @@ class QuantizeHead(Pass[HeadReport]):
         return PassResult(model, report)
 
 
-def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_BLOCK) -> tuple[onnx.ModelProto, dict]:
+def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_BLOCK,
+                  accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` with its LM head (and token embedding) as ``bits``-bit codes (``QuantizeHead``);
     returns (model, report); 16: ``model`` itself."""
     if bits == 16:
         return model, HeadReport(bits=16).as_dict()
-    result = QuantizeHead(bits, block_size).run(model)
+    result = QuantizeHead(bits, block_size, accuracy_level).run(model)
     return result.model, result.report.as_dict()

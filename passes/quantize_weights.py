@@ -101,20 +101,25 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
         scale, zp = np.repeat(scale, blocks, axis=1), np.repeat(zp, blocks, axis=1)
     bits = nbits_kernel_bits(qw.bits)
     codes = np.ascontiguousarray(qw.codes.reshape(n, blocks, bs).astype(np.uint8))
+    # every zero point at the kernel's default (2^(bits-1): a kept Q4_1 grid, symmetric codes): no input 3, which
+    # also puts the integer kernel (accuracy_level 4) on its symmetric path
+    default_zp = bool(np.all(zp == 1 << (bits - 1)))
     if bits == 4:
         codes, zp = pack_uint4(codes), pack_uint4(zp)  # [N, K/bs, bs/2], [N, ceil(K/bs / 2)]
     g.initializer.append(numpy_helper.from_array(codes, f"{prefix}.B"))
     g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scale.astype(np.float32).reshape(-1)),
                                                  f"{prefix}.scales"))
-    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(zp.astype(np.uint8)), f"{prefix}.zero_points"))
+    inputs = [node.input[0], f"{prefix}.B", f"{prefix}.scales"]
+    if not default_zp:
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(zp.astype(np.uint8)), f"{prefix}.zero_points"))
+        inputs.append(f"{prefix}.zero_points")
     out = node.output[0]
     steps = (["offset"] if qw.offset is not None else []) + (["bias"] if node.op_type == "Gemm" and lin.bias else [])
     result = out if not steps else f"{prefix}.matmul"
     level = INT8_ACCURACY_LEVEL if bits == 8 else accuracy_level
     attrs = {"accuracy_level": level} if level else {}
-    new = [helper.make_node("MatMulNBits", [node.input[0], f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"],
-                            [result], name=f"{prefix}.matmulnbits", domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=bs, **attrs)]
+    new = [helper.make_node("MatMulNBits", inputs, [result], name=f"{prefix}.matmulnbits", domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=bs, **attrs)]
     for i, step in enumerate(steps):
         last = i == len(steps) - 1
         if step == "offset":

@@ -161,7 +161,7 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     if config.attention == "fused":
         quant.attention = runner.run("fuse", FuseAttention(cache_bits=config.fused_cache_bits), model).report
     if q.head_bits < 16:
-        quant.head = runner.run("head", QuantizeHead(q.head_bits), model).report
+        quant.head = runner.run("head", QuantizeHead(q.head_bits, accuracy_level=q.accuracy_level), model).report
     return Compiled(model=model, plans=plans, fold=fold, quant=quant, calibration=calib, config=config)
 
 

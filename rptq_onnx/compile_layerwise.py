@@ -103,7 +103,7 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
         with runner.stage("head"):
             load_initializers(model, [t.name for t in model.graph.initializer
                                       if is_external(t) and t.name not in sink.sunk], source)
-            quant.head = runner.apply("head", QuantizeHead(q.head_bits), model).report
+            quant.head = runner.apply("head", QuantizeHead(q.head_bits, accuracy_level=q.accuracy_level), model).report
             model = _compact(model, sink, resident)
     return model, plans, fold, quant, calib
 

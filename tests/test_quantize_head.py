@@ -68,6 +68,18 @@ def test_four_bit_head_and_embedding_equal_the_dequantized_tables(tied):
     assert [n.op_type for n in model.graph.node].count("Gather") == 1
 
 
+def test_four_bit_head_takes_the_linears_accuracy_level():
+    """At level 4 the input is quantized to int8 per block inside the kernel: close to level 0, not equal."""
+    model, _, _ = lm(True)
+    exact, _ = quantize_head(model, 4, block_size=32)
+    fast, _ = quantize_head(model, 4, block_size=32, accuracy_level=4)
+    levels = [{a.name: helper.get_attribute_value(a) for a in n.attribute}.get("accuracy_level", 0)
+              for m in (exact, fast) for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert levels == [0, 4]
+    ref, got = run(exact, IDS), run(fast, IDS)
+    assert 0 < np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2
+
+
 def test_eight_bit_head_is_close_to_float():
     """8 bits at accuracy level 4 (the input quantized to int8 per block): within a fraction of a percent."""
     model, emb, _ = lm(True)

@@ -72,6 +72,8 @@ def test_offset_codes_run_as_matmulnbits_with_a_shared_block_sum(layout):
     onnx.checker.check_model(out, full_check=True)
     assert report["kept_source_grid"] == 2 and report["matmulnbits"] == 2
     assert sum(n.name.startswith("rptq.w.block_sums.") for n in out.graph.node) == 1
+    # every zp of a kept grid is the kernel's default 8: no zero-point input (the integer kernel's symmetric path)
+    assert all(len(n.input) == 3 for n in out.graph.node if n.op_type == "MatMulNBits")
     x = rng.normal(size=(3, k)).astype(np.float32)
     got = make_session(out.SerializeToString()).run(None, {"x": x})
     for i, w in enumerate(ws):
