@@ -25,6 +25,17 @@ the zero point leaves the grid exactly:
 - **K after RoPE (Llama)**: no offset is constant through the rotation; its Q/DQ point must
   already be symmetric per cluster (``quantize.py`` makes it so when attention is fused).
 
+**RoPE inside the kernel** (``rotary_positions``, Llama): GQA rotates q and k itself
+(``do_rotary``) from cos/sin caches [positions, D/2] evaluated from the graph's own rotary tables,
+so q and k enter straight from their linears and the rotation and head-layout nodes go. The kernel
+quantizes K after rotating it, onto the same per-channel scales, so the cache grid is unchanged.
+It applies where nothing sits between RoPE and attention (a 3-bit K keeps its Q/DQ there: explicit
+RoPE), the tables are the graph's (not permuted per head by a contiguous-layout reorder), and
+head_dim is a multiple of 16. The kernel takes positions from the sequence lengths (0… on a prompt,
+total − 1 when decoding): without padding those are the graph's ``position_ids``; a left-padded row
+is rotated shifted by its padding, which leaves q·k unchanged (RoPE is relative) up to the
+rounding of its 4-bit K codes.
+
 The fused graph computes the same function as the eager one over the same grid (tests).
 """
 
@@ -35,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from rptq_onnx.anatomy import DecoderLayer, Linear, find_layers
 from rptq_onnx.errors import RptqError
@@ -53,6 +65,8 @@ class FuseReport:
     offsets_folded: int = 0  # K/V points whose zero point moved into biases
     bias_adds: int = 0  # Add nodes inserted where a linear had no bias to take an offset
     kv_qdq_dropped: int = 0  # K/V points whose Q/DQ the kernel's own quantization replaces
+    rotary_in_kernel: int = 0  # layers whose RoPE GQA applies (do_rotary)
+    qkv_packed: int = 0  # layers whose q/k/v run as one MatMulNBits (passes/pack_qkv.py)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -79,8 +93,9 @@ class FuseAttention(Pass[FuseReport]):
 
     name = "fuse_attention"
 
-    def __init__(self, layers: list[DecoderLayer] | None = None, cache_bits: int | None = None):
-        self.layers, self.cache_bits = layers, cache_bits
+    def __init__(self, layers: list[DecoderLayer] | None = None, cache_bits: int | None = None,
+                 rotary_positions: int | None = None):
+        self.layers, self.cache_bits, self.rotary_positions = layers, cache_bits, rotary_positions
 
     def requires(self, model: onnx.ModelProto) -> str | None:
         why = fusable(model)
@@ -93,9 +108,10 @@ class FuseAttention(Pass[FuseReport]):
         seqlens, total = _sequence_lengths(g)
         for layer in layers:
             index = GraphIndex(model)
-            _fuse_layer(model, index, layer, self.cache_bits, seqlens, total, report)
+            _fuse_layer(model, index, layer, self.cache_bits, seqlens, total, self.rotary_positions, report)
             report.layers += 1
         prune_dead_nodes(model)
+        _drop_unread_positions(g)
         order = topological_order(g.node, [i.name for i in g.input])
         del g.node[:]
         g.node.extend(order)
@@ -105,10 +121,10 @@ class FuseAttention(Pass[FuseReport]):
 
 
 def fuse_attention(model: onnx.ModelProto, layers: list[DecoderLayer] | None = None,
-                   cache_bits: int | None = None) -> tuple[onnx.ModelProto, dict]:
+                   cache_bits: int | None = None, rotary_positions: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` with every layer's attention as one GQA node (``FuseAttention``); returns
     (model, report)."""
-    result = FuseAttention(layers, cache_bits).run(model)
+    result = FuseAttention(layers, cache_bits, rotary_positions).run(model)
     return result.model, result.report.as_dict()
 
 
@@ -134,7 +150,7 @@ def _sequence_lengths(g: onnx.GraphProto) -> tuple[str, str]:
 
 
 def _fuse_layer(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, cache_bits: int | None,
-                seqlens: str, total: str, report: FuseReport) -> None:
+                seqlens: str, total: str, rotary_positions: int | None, report: FuseReport) -> None:
     g = model.graph
     i = layer.index
     p = f"{ATTENTION_PREFIX}L{i}"
@@ -161,23 +177,112 @@ def _fuse_layer(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, 
         scales = [k_scale, v_scale]
         attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=storage_bits(cache_bits))
         _retype_cache(g, layer, storage_bits(cache_bits))
-    query = _tokens_major(g, index, qk.input[0], layer.num_heads, f"{p}.q", new_nodes)
     # at the kernel's own width, its quantization of the new K/V is the K/V point's (symmetric, per channel,
     # the same scales): the point's Q/DQ before it would round twice onto one grid, so GQA takes the float
     # K/V; 3-bit codes keep it (they use half of the 4-bit kernel's grid)
     own = _before_point if cache_bits is not None and storage_bits(cache_bits) == cache_bits else (lambda _, t: t)
-    key = own(index, _tokens_major(g, index, own(index, cat_k.input[1]), layer.num_kv_heads, f"{p}.k", new_nodes))
+    q_in, k_in = qk.input[0], own(index, cat_k.input[1])
+    rotary = _rotary_caches(model, index, layer, rotary_positions) if rotary_positions else None
+    if rotary and (q_in, k_in) == (layer.q_rope.output, layer.k_rope.output):  # nothing between RoPE and GQA
+        q_in, k_in = layer.q_rope.input, layer.k_rope.input
+        attrs.update(do_rotary=1, rotary_interleaved=0)
+        report.rotary_in_kernel += 1
+    else:
+        rotary = None
+    query = _tokens_major(g, index, q_in, layer.num_heads, f"{p}.q", new_nodes)
+    key = own(index, _tokens_major(g, index, k_in, layer.num_kv_heads, f"{p}.k", new_nodes))
     value = own(index, _tokens_major(g, index, own(index, cat_v.input[1]), layer.num_kv_heads, f"{p}.v", new_nodes))
     report.kv_qdq_dropped += 2 * (own is _before_point)
     attn = _merged_output(index, pv, fail)
     gqa = helper.make_node(
         "GroupQueryAttention",
-        [query, key, value, layer.past_key, layer.past_value, seqlens, total, "", "", "", bias or "", "", *scales],
+        [query, key, value, layer.past_key, layer.past_value, seqlens, total, *(rotary or ("", "")), "", bias or "", "",
+         *scales],
         [attn, layer.present_key, layer.present_value], name=f"{p}.gqa", domain="com.microsoft", **attrs)
     # the eager nodes that produced the tensors GQA now produces go; what fed only them is pruned
     for node in (cat_k, cat_v, index.producer[attn]):
         g.node.remove(node)
     g.node.extend([*new_nodes, gqa])
+
+
+def _rotary_caches(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer,
+                   positions: int) -> tuple[str, str] | None:
+    """GQA's (cos_cache, sin_cache) [positions, D/2] for ``layer``'s RoPE, evaluated from the graph's own
+    [B, 1, S, D] tables (shared by the layers reading the same tables), or None where the kernel cannot
+    rotate as the graph does: no RoPE, q and k on other tables, a head_dim the CPU kernel refuses, or
+    tables that are not D/2 frequencies repeated (HF's non-interleaved form; a per-head permuted table
+    is not)."""
+    q, k = layer.q_rope, layer.k_rope
+    if q is None or k is None or layer.head_dim % 16:
+        return None
+    tables = [index.node_by_name[q.cos_mul].input[q.cos_input], index.node_by_name[q.sin_mul].input[q.sin_input]]
+    if tables != [index.node_by_name[k.cos_mul].input[k.cos_input], index.node_by_name[k.sin_mul].input[k.sin_input]]:
+        return None
+    names = (f"{ATTENTION_PREFIX}{tables[0]}.cos_cache", f"{ATTENTION_PREFIX}{tables[1]}.sin_cache")
+    if all(name in index.initializers for name in names):  # made for an earlier layer
+        return names
+    values = _evaluate_tables(model, index, tables, positions)
+    if values is None:
+        return None
+    half = layer.head_dim // 2
+    caches = []
+    for value in values:
+        value = np.asarray(value, np.float32).reshape(positions, -1)
+        if value.shape[1] != layer.head_dim or not np.array_equal(value[:, :half], value[:, half:]):
+            return None
+        caches.append(np.ascontiguousarray(value[:, :half]))
+    model.graph.initializer.extend(numpy_helper.from_array(c, name) for c, name in zip(caches, names))
+    return names
+
+
+_TABLE_FEEDS = {"position_ids": lambda n: np.arange(n, dtype=np.int64)[None],
+                "input_ids": lambda n: np.zeros((1, n), np.int64), "attention_mask": lambda n: np.ones((1, n), np.int64)}
+
+
+def _evaluate_tables(model: onnx.ModelProto, index: GraphIndex, tensors: list[str], positions: int) -> list | None:
+    """``tensors`` for one row of ``positions`` tokens (positions 0…), computed by the part of the graph
+    that makes them (a small ONNX Runtime session); None if that part needs more than the token inputs,
+    an external weight or a subgraph."""
+    from rptq_onnx.runtime import make_session
+
+    graph_inputs = {i.name: i for i in model.graph.input}
+    nodes: dict[int, onnx.NodeProto] = {}
+    inputs, inits, stack, seen = set(), set(), list(tensors), set()
+    while stack:
+        tensor = stack.pop()
+        if not tensor or tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in graph_inputs:
+            inputs.add(tensor)
+        elif tensor in index.initializers:
+            inits.add(tensor)
+        elif (node := index.producer.get(tensor)) is not None:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                return None
+            nodes[id(node)] = node
+            stack.extend(node.input)
+        else:
+            return None
+    if not inputs <= set(_TABLE_FEEDS) or any(uses_external_data(index.initializers[t]) for t in inits):
+        return None
+    order = topological_order(nodes.values(), list(inputs))
+    graph = helper.make_graph(order, "rotary_tables", [graph_inputs[name] for name in sorted(inputs)],
+                              [onnx.ValueInfoProto(name=t) for t in tensors],
+                              [index.initializers[t] for t in sorted(inits)])
+    tables = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return make_session(tables.SerializeToString()).run(tensors, {n: _TABLE_FEEDS[n](positions) for n in inputs})
+
+
+def _drop_unread_positions(g: onnx.GraphProto) -> None:
+    """Remove the ``position_ids`` input once nothing reads it (RoPE inside every GQA): the runtimes feed
+    it only where the graph takes it."""
+    if any("position_ids" in n.input for n in g.node):
+        return
+    kept = [i for i in g.input if i.name != "position_ids"]
+    if len(kept) < len(g.input):
+        del g.input[:]
+        g.input.extend(kept)
 
 
 def _before_point(index: GraphIndex, tensor: str) -> str:

@@ -37,6 +37,7 @@ from rptq_onnx.outdir import check_writable, claim_output, input_bytes, work_dir
 from rptq_onnx.passes.base import copy_model
 from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport
 from rptq_onnx.passes.fuse_attention import FuseAttention
+from rptq_onnx.passes.pack_qkv import PackQKV
 from rptq_onnx.passes.quantize_head import QuantizeHead
 from rptq_onnx.planning import amplitude_key, check_cluster_counts, plan_layer, unclustered_points
 from rptq_onnx.ranges import save_ranges
@@ -129,13 +130,14 @@ def prepare(graph: onnx.ModelProto, layers: list[DecoderLayer], config: CompileC
 
 def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, config: CompileConfig,
                   runner: StageRunner | None = None, progress: bool = False, model_path: Path | None = None,
-                  calibration: Calibration | None = None) -> Compiled:
+                  calibration: Calibration | None = None, positions: int | None = None) -> Compiled:
     """Calibrate on ``windows``, cluster, fold the reorders, quantize; ``graph`` is not modified.
 
     ``graph`` may be a skeleton without its external weights (from ``model_path``): it is
     calibrated as is, and the weights are loaded only for folding. ``calibration``: statistics
     of the same graph and windows from an earlier run (benchmarks compiling many variants),
-    used instead of calibrating again (with Hessians when GPTQ needs them).
+    used instead of calibrating again (with Hessians when GPTQ needs them). ``positions``: the model's
+    maximum positions, for the rotary caches of fused attention (None: RoPE stays in the graph).
     """
     config, hessians = prepare(graph, layers, config, model_path)
     q = config.quant
@@ -159,7 +161,9 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
             model, quant = quantize.quantize_graph(model, layers, find_layers(model), plans, calib, config, progress,
                                                    owned=True)
     if config.attention == "fused":
-        quant.attention = runner.run("fuse", FuseAttention(cache_bits=config.fused_cache_bits), model).report
+        quant.attention = runner.run("fuse", FuseAttention(cache_bits=config.fused_cache_bits, rotary_positions=positions),
+                                     model).report
+        quant.attention.qkv_packed = runner.run("pack_qkv", PackQKV(), model).report.layers
     if q.head_bits < 16:
         quant.head = runner.run("head", QuantizeHead(q.head_bits, accuracy_level=q.accuracy_level), model).report
     return Compiled(model=model, plans=plans, fold=fold, quant=quant, calibration=calib, config=config)
@@ -203,10 +207,10 @@ def compile_model(model: str, out_dir: str | os.PathLike, config: CompileConfig,
 
             config, hessians = prepare(graph, layers, config, onnx_path)
             compiled = Compiled(*compile_layerwise(graph, layers, windows, config, hessians, onnx_path, sink,
-                                                   runner=runner, progress=progress), config=config)
+                                                   runner=runner, progress=progress, positions=max_pos), config=config)
         else:
             compiled = compile_graph(graph, layers, windows, config, runner=runner, progress=progress,
-                                     model_path=onnx_path, calibration=calibration)
+                                     model_path=onnx_path, calibration=calibration, positions=max_pos)
         del graph
         folded, plans, config = compiled.model, compiled.plans, compiled.config
         _stamp(folded, config)

@@ -29,24 +29,25 @@ from rptq_onnx.external_weights import WeightSink, is_external, load_initializer
 from rptq_onnx.passes.base import copy_model
 from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport
 from rptq_onnx.passes.fuse_attention import FuseAttention
+from rptq_onnx.passes.pack_qkv import PackQKV, initializers_read
 from rptq_onnx.passes.quantize_head import QuantizeHead
 from rptq_onnx.planning import plan_layer
 from rptq_onnx.stages import StageRunner
 
 # report fields summed over layers, and those whose values are united
 _SUMMED = {"gathers", "permuted_initializers", "dq", "matmulnbits", "kept_source_grid", "points", "tensors", "layers",
-           "offsets_folded", "bias_adds", "kv_qdq_dropped"}
+           "offsets_folded", "bias_adds", "kv_qdq_dropped", "rotary_in_kernel"}
 _UNITED = {"group_sizes_used", "bits", "containers"}
 
 
 def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, config: CompileConfig,
                       hessians: bool, model_path: Path, sink: WeightSink, runner: StageRunner | None = None,
-                      progress: bool = False) -> tuple:
+                      progress: bool = False, positions: int | None = None) -> tuple:
     """``compile_graph``'s result as (model, plans, fold report, quantization report, calibration), made one
     layer at a time from the skeleton ``graph`` (external weights in ``model_path``'s folder, never all
     loaded). ``config`` as ``compile.prepare`` resolved it; ``hessians``: gather GPTQ's. Layer tensors go
     to ``sink`` as they are finished; the returned model references them there (``sink.finish`` writes
-    the rest)."""
+    the rest). ``positions``: as for ``compile_graph``."""
     runner = runner or StageRunner()
     source = model_path.parent
     q = config.quant
@@ -98,7 +99,9 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
     quant.quantized = q.quantizes_weights or q.quantizes_activations
     if config.attention == "fused":
         with runner.stage("fuse"):
-            model, quant.attention = _fuse(model, sink, config, layers, resident)
+            model, quant.attention = _fuse(model, sink, config, layers, resident, positions)
+        with runner.stage("pack_qkv"):
+            model, quant.attention.qkv_packed = _pack_qkv(model, sink, resident)
     if q.head_bits < 16:
         with runner.stage("head"):
             load_initializers(model, [t.name for t in model.graph.initializer
@@ -106,6 +109,16 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
             quant.head = runner.apply("head", QuantizeHead(q.head_bits, accuracy_level=q.accuracy_level), model).report
             model = _compact(model, sink, resident)
     return model, plans, fold, quant, calib
+
+
+def _pack_qkv(model: onnx.ModelProto, sink: WeightSink, resident: set[str]) -> tuple[onnx.ModelProto, int]:
+    """PackQKV one attention at a time, with its q/k/v tensors read back from the sink."""
+    packed = 0
+    for gqa in [n.name for n in model.graph.node if n.op_type == "GroupQueryAttention"]:
+        with sink.borrowed(model, initializers_read(model, gqa)):
+            packed += PackQKV([gqa]).run(model, owned=True).report.layers
+        model = _compact(model, sink, resident)
+    return model, packed
 
 
 def _quantized_stream(run: LayerwiseCalibration, model: onnx.ModelProto, sink: WeightSink, i: int) -> list[np.ndarray]:
@@ -119,7 +132,7 @@ def _quantized_stream(run: LayerwiseCalibration, model: onnx.ModelProto, sink: W
 
 
 def _fuse(model: onnx.ModelProto, sink: WeightSink, config: CompileConfig, layers: list[DecoderLayer],
-          resident: set[str]):
+          resident: set[str], positions: int | None):
     """FuseAttention layer by layer, each with its attention's tensors read back from the sink (the V
     offset folds through out_proj's weight). ``layers``: the records of the uncompiled graph."""
     report = None
@@ -130,7 +143,8 @@ def _fuse(model: onnx.ModelProto, sink: WeightSink, config: CompileConfig, layer
         tags = (*nodes, f"L{layer.index}.k.", f"L{layer.index}.v.")  # low-bit forms and K/V Q/DQ points
         names = {t for n in model.graph.node if n.name in nodes or any(tag in n.name for tag in tags) for t in n.input}
         with sink.borrowed(model, names):
-            report = merged(report, FuseAttention([layer], cache_bits=config.fused_cache_bits).run(model, owned=True).report)
+            fuse = FuseAttention([layer], cache_bits=config.fused_cache_bits, rotary_positions=positions)
+            report = merged(report, fuse.run(model, owned=True).report)
         model = _compact(model, sink, resident)
     return model, report
 

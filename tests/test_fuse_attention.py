@@ -47,11 +47,12 @@ def _batch(vocab=500):
     return ids, mask
 
 
-def _assert_same(eager, fused):
+def _assert_same(eager, fused, rows=(0, 1)):
     for step, (a, b) in enumerate(zip(eager, fused)):
+        a, b = a[list(rows)], b[list(rows)]
         valid = np.ones(a.shape[:2], bool)
-        if step == 0:
-            valid[1, :5] = False  # padded positions: garbage in both
+        if step == 0 and 1 in rows:
+            valid[rows.index(1), :5] = False  # padded positions: garbage in both
         assert np.abs(a - b)[valid].max() <= 1e-4 * np.abs(a).max(), step
         assert (a[:, -1].argmax(-1) == b[:, -1].argmax(-1)).all()
 
@@ -67,20 +68,42 @@ def test_fused_equals_eager_opt(text_opt, tmp_path, preset, abits, cache):
     assert cache_type == cache
     ops = [n.op_type for n in onnx.load(result.model_path).graph.node]
     assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
+    assert result.report.quantization.attention.qkv_packed == 2  # q/k/v as one MatMulNBits per layer
+    assert ops.count("MatMulNBits") == 2 * 4 + 1  # qkv, out_proj, fc1, fc2 per layer, and the 8-bit head
     if preset.endswith("KV"):  # V and K offsets folded into the biases (OPT has them all)
         assert result.report.quantization.attention.offsets_folded == 4
     _assert_same(eager, fused)
 
 
 def test_fused_equals_eager_llama_over_a_symmetric_key(text_llama, tmp_path, monkeypatch):
-    """Llama's K after RoPE is symmetric when fused; the eager graph over that same grid gives the same logits."""
+    """Llama's K after RoPE is symmetric when fused; the eager graph over that same grid gives the same logits.
+
+    GQA applies RoPE itself, at positions from the sequence lengths: the left-padded row is rotated
+    shifted by its padding, so its 4-bit K codes differ and only the unpadded row is compared."""
     ids, mask = _batch()
     result = _compile(text_llama, tmp_path / "fused", "W4A4KV", "fused")
     fused, cache_type = _run(result.model_path.parent, ids, mask)
     assert cache_type == "tensor(uint8)"
-    assert result.report.quantization.attention.bias_adds == 2 * 2  # no v_proj / o_proj biases in Llama
+    attention = result.report.quantization.attention
+    assert attention.bias_adds == 2 * 2  # no v_proj / o_proj biases in Llama
+    assert attention.rotary_in_kernel == 2 and attention.qkv_packed == 2
+    graph = onnx.load(result.model_path)
+    ops = [n.op_type for n in graph.graph.node]
+    assert "Neg" not in ops and "Transpose" not in ops, "RoPE and the head layout are inside GQA"
+    assert "position_ids" not in {i.name for i in graph.graph.input}
     monkeypatch.setattr(quantize, "symmetric_key", lambda layer, config: layer.q_rope is not None)
     eager, _ = _run(_compile(text_llama, tmp_path / "eager", "W4A4KV", "eager").model_path.parent, ids, mask)
+    _assert_same(eager, fused, rows=(0,))
+
+
+def test_rope_inside_gqa_equals_eager_rope_on_a_padded_batch_with_a_float_cache(text_llama, tmp_path):
+    """With a float cache the shifted rotation of a left-padded row changes nothing (RoPE is relative)."""
+    ids, mask = _batch()
+    result = _compile(text_llama, tmp_path / "fused", "W4A16", "fused")
+    assert result.report.quantization.attention.rotary_in_kernel == 2
+    fused, cache_type = _run(result.model_path.parent, ids, mask)
+    assert cache_type == "tensor(float)"
+    eager, _ = _run(_compile(text_llama, tmp_path / "eager", "W4A16", "eager").model_path.parent, ids, mask)
     _assert_same(eager, fused)
 
 

@@ -46,7 +46,7 @@ def test_compile_writes_genai_config(fused, family):
     assert decoder["head_size"] == 16 and decoder["num_key_value_heads"] == (4 if family == "opt" else 2)
     assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert decoder["outputs"]["present_value_names"] == "present.%d.value"
-    assert ("position_ids" in decoder["inputs"]) == (family == "llama")
+    assert "position_ids" not in decoder["inputs"]  # OPT derives positions from the mask; Llama's RoPE is inside GQA
     assert config["search"]["past_present_share_buffer"] is False  # the graph's mask needs the exact past
     assert model["context_length"] == config["search"]["max_length"] == 256
 
