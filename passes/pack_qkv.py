@@ -44,23 +44,36 @@ class PackReport:
 
 @dataclass
 class _Chain:
-    """One of q/k/v: its MatMulNBits, offset term (block sums, offset [K/bs, N]) and folded constants."""
+    """One of q/k/v: its MatMulNBits, the constants added to it and q's scalar (initializer names), and its
+    offset term (the block-sums tensor, the offset [K/bs, N] initializer). Names only: a layer-wise
+    compile finds what to read back from disk before anything is read."""
 
     kernel: onnx.NodeProto
     n: int
-    bias: np.ndarray
-    scalar: float = 1.0
-    offset: tuple[str, np.ndarray] | None = None
-    reads: set[str] = field(default_factory=set)  # the initializers behind it
+    adds: list[str] = field(default_factory=list)
+    scalar: str | None = None
+    offset: tuple[str, str] | None = None
+
+    @property
+    def reads(self) -> set[str]:
+        return ({t for t in self.kernel.input[1:] if t} | set(self.adds) | ({self.offset[1]} if self.offset else set())
+                | ({self.scalar} if self.scalar else set()))
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _size(index: GraphIndex, name: str) -> int | None:
+    """Elements of a constant of rank ≤ 1 (read from its dims where it is an initializer), else None."""
+    tensor = index.initializers.get(name)
+    dims = list(tensor.dims) if tensor is not None else list(np.shape(index.constant_value(name)))
+    return int(np.prod(dims)) if len(dims) <= 1 else None
+
+
 def _chain(index: GraphIndex, tensor: str, scalar_ok: bool) -> _Chain | None:
     """The chain ending in ``tensor`` (read by GQA only), or None if it is not of the packable form."""
-    bias, scalar, offset, reads = None, 1.0, None, set()
+    adds, scalar, offset = [], None, None
     node = index.producer.get(tensor)
     for _ in range(8):
         if node is None or len(index.consumers.get(node.output[0], [])) != 1:
@@ -71,31 +84,26 @@ def _chain(index: GraphIndex, tensor: str, scalar_ok: bool) -> _Chain | None:
             if len(node.input) > 4 and any(node.input[4:]):  # g_idx or a bias already
                 return None
             n = _attrs(node)["N"]
-            if bias is not None and bias.size not in (1, n):
+            if any(_size(index, t) not in (1, n) for t in adds):
                 return None
-            reads.update(t for t in node.input[1:] if t)
-            full = np.zeros(n, np.float32) if bias is None else np.broadcast_to(bias, (n,)).astype(np.float32)
-            return _Chain(node, n, full, scalar, offset, reads)
+            return _Chain(node, n, adds, scalar, offset)
         if len(data) != 1:
             if node.op_type == "Add" and node.name.endswith(OFFSET_ADD_SUFFIX) and offset is None:
-                term = next((index.producer.get(t) for t in node.input if index.producer.get(t) is not None
+                term = next((index.producer[t] for t in node.input if t in index.producer
                              and index.producer[t].op_type == "MatMul" and index.is_constant(index.producer[t].input[1])),
                             None)
                 if term is None:
                     return None
-                offset = (term.input[0], np.asarray(index.constant_value(term.input[1]), np.float32))
-                reads.add(term.input[1])
+                offset = (term.input[0], term.input[1])
                 node = index.producer.get(next(t for t in node.input if t != term.output[0]))
                 continue
             return None
-        value = np.asarray(index.constant_value(consts[0]), np.float32) if consts else None
-        if value is None or value.ndim > 1:
+        if len(consts) != 1 or _size(index, consts[0]) is None:
             return None
-        reads.add(consts[0])
         if node.op_type == "Add":
-            bias = value if bias is None else bias + value
-        elif node.op_type == "Mul" and scalar_ok and value.size == 1 and bias is None and offset is None:
-            scalar *= float(value.reshape(-1)[0])  # q × c: GQA's scale takes c
+            adds.append(consts[0])
+        elif node.op_type == "Mul" and scalar_ok and _size(index, consts[0]) == 1 and not adds and offset is None:
+            scalar = consts[0]  # q × c: GQA's scale takes c
         else:
             return None
         node = index.producer.get(data[0])
@@ -107,14 +115,14 @@ def _chains(index: GraphIndex, gqa: onnx.NodeProto) -> list[_Chain] | None:
     if len(gqa.input) < 3 or not all(gqa.input[:3]):
         return None
     chains = [_chain(index, t, scalar_ok=i == 0) for i, t in enumerate(gqa.input[:3])]
-    if any(c is None for c in chains) or any(c.scalar != 1.0 for c in chains[1:]):
+    if any(c is None for c in chains):
         return None
     kernels = [c.kernel for c in chains]
     if len({k.input[0] for k in kernels}) != 1 or len({tuple(_attrs(k).get(a, 0) for a in _SAME) for k in kernels}) != 1:
         return None
     if len({len(k.input) > 3 and bool(k.input[3]) for k in kernels}) != 1:
         return None
-    if len({c.offset[0] for c in chains if c.offset}) > 1:
+    if len({c.offset[0] for c in chains if c.offset}) > 1:  # one block-sums tensor (one x)
         return None
     return chains
 
@@ -135,8 +143,9 @@ def _pack(model: onnx.ModelProto, index: GraphIndex, gqa: onnx.NodeProto, chains
     names = [f"{p}.B", f"{p}.scales", f"{p}.zero_points"][:len(arrays[0])]
     for slot, name in enumerate(names):  # rows of q, then k, then v: B [N, K/bs, bs/2], scales [N·K/bs], zp [N, …]
         g.initializer.append(numpy_helper.from_array(np.concatenate([a[slot] for a in arrays]), name))
-    g.initializer.append(numpy_helper.from_array(np.concatenate([c.bias for c in chains]).astype(np.float32),
-                                                 f"{p}.bias"))
+    bias = [sum((np.asarray(index.constant_value(t), np.float32) for t in c.adds), np.zeros(c.n, np.float32))
+            for c in chains]
+    g.initializer.append(numpy_helper.from_array(np.concatenate(bias).astype(np.float32), f"{p}.bias"))
     inputs = [first.input[0], *names[:2], names[2] if len(names) > 2 else "", "", f"{p}.bias"]
     attrs = {**_attrs(first), "N": sum(c.n for c in chains)}
     offsets = [c for c in chains if c.offset]
@@ -145,18 +154,19 @@ def _pack(model: onnx.ModelProto, index: GraphIndex, gqa: onnx.NodeProto, chains
                               domain="com.microsoft", **attrs)]
     if offsets:
         sums = offsets[0].offset[0]
-        blocks = offsets[0].offset[1].shape[0]
-        matrix = np.concatenate([c.offset[1] if c.offset else np.zeros((blocks, c.n), np.float32) for c in chains], 1)
+        blocks = _attrs(first)["K"] // _attrs(first)["block_size"]
+        matrix = np.concatenate([np.asarray(index.constant_value(c.offset[1]), np.float32) if c.offset
+                                 else np.zeros((blocks, c.n), np.float32) for c in chains], 1)
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(matrix), f"{p}.offset"))
         nodes += [helper.make_node("MatMul", [sums, f"{p}.offset"], [f"{p}.offset_term"], name=f"{p}.offset_term"),
                   helper.make_node("Add", [out, f"{p}.offset_term"], [f"{p}.out"], name=f"{p}{OFFSET_ADD_SUFFIX}")]
-    for attr in gqa.attribute:
-        if attr.name == "scale" and chains[0].scalar != 1.0:
-            attr.f = float(attr.f * chains[0].scalar)
-    if chains[0].scalar != 1.0 and not any(a.name == "scale" for a in gqa.attribute):
-        head = _attrs(gqa)
-        dim = chains[0].n // head["num_heads"]
-        gqa.attribute.append(helper.make_attribute("scale", float(chains[0].scalar / np.sqrt(dim))))
+    if chains[0].scalar is not None:  # GQA's scale (default 1/√head_size) takes q's factor
+        factor = float(np.asarray(index.constant_value(chains[0].scalar)).reshape(-1)[0])
+        head_size = chains[0].n // _attrs(gqa)["num_heads"]
+        scale = _attrs(gqa).get("scale") or head_size ** -0.5
+        kept = [a for a in gqa.attribute if a.name != "scale"]
+        del gqa.attribute[:]
+        gqa.attribute.extend([*kept, helper.make_attribute("scale", float(scale * factor))])
     gqa.input[0], gqa.input[1], gqa.input[2] = f"{p}.out", "", ""
     at = list(g.node).index(gqa)
     for node in reversed(nodes):

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rptq_onnx.anatomy import Linear
-from rptq_onnx.passes.pack_qkv import pack_qkv
+from rptq_onnx.passes.pack_qkv import initializers_read, pack_qkv
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.quant import quantize_rtn
 from rptq_onnx.runtime import make_session
@@ -109,3 +109,15 @@ def test_a_chain_it_cannot_pack_is_left_and_counted():
     packed, report = pack_qkv(model)
     assert report == {"layers": 0, "skipped": 1}
     assert [n.op_type for n in packed.graph.node].count("MatMulNBits") == 3
+
+
+def test_what_it_reads_is_found_without_reading_weights(tmp_path):
+    """A layer-wise compile asks which tensors to load back from disk before any is loaded."""
+    model = _attention(True, 0.5, None)
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    skeleton = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    gqa = next(n.name for n in skeleton.graph.node if n.op_type == "GroupQueryAttention")
+    reads = initializers_read(skeleton, gqa)
+    kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert reads == ({t for k in kernels for t in k.input[1:] if t} | {"q.b", "k.b", "q.scalar"}
+                     | {n.input[1] for n in model.graph.node if n.name.endswith(".offset_term")})
