@@ -370,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 4),
                    help="4-bit MatMulNBits: 0 (default) multiplies the weights' exact values in float; 4 quantizes "
                         "each linear's input to int8 per block inside the kernel and multiplies in integers, as "
-                        "GenAI's builder does on the CPU (SmolLM2 W4A4KV: decoding 21 %% faster, +0.2 %% perplexity, "
-                        "+16 %% peak RSS; docs/genai.md). 8-bit weights always use 4")
+                        "GenAI's builder does on the CPU (SmolLM2 W4A4KV through GenAI: decoding 23 %% faster, +0.6 %% "
+                        "perplexity, +18 %% peak RSS; docs/genai.md). 8-bit weights always use 4; a 4-bit head "
+                        "(--head-bits 4) takes this level")
     p.add_argument("--source-grid", default=None, choices=("keep", "requantize"),
                    help="keep (default): a linear whose float weights already sit on a wbits-bit block grid (a GGUF "
                         "Q4_0/Q4_1 dequantized on load, a GPTQ/AWQ checkpoint) keeps those exact codes as "
