@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.graph import GraphIndex, prune_dead_nodes
 from rptq_onnx.passes.base import Pass, PassResult
-from rptq_onnx.vocabulary import ATTENTION_PREFIX, OFFSET_ADD_SUFFIX, OFFSET_TERM_SUFFIX
+from rptq_onnx.vocabulary import ATTENTION_PREFIX, OFFSET_ADD_SUFFIX
 
 _SAME = ("K", "bits", "block_size", "accuracy_level")  # attributes the three kernels must share
 
@@ -52,12 +52,12 @@ class _Chain:
     n: int
     adds: list[str] = field(default_factory=list)
     scalar: str | None = None
-    offset: onnx.NodeProto | None = None  # MatMul(block sums, offset) or, 8-bit, MatMulNBits(block sums, …)
+    offset: tuple[str, str] | None = None
 
     @property
     def reads(self) -> set[str]:
-        return ({t for t in self.kernel.input[1:] if t} | set(self.adds) | ({self.scalar} if self.scalar else set())
-                | ({t for t in self.offset.input[1:] if t} if self.offset else set()))
+        return ({t for t in self.kernel.input[1:] if t} | set(self.adds) | ({self.offset[1]} if self.offset else set())
+                | ({self.scalar} if self.scalar else set()))
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -90,11 +90,11 @@ def _chain(index: GraphIndex, tensor: str, scalar_ok: bool) -> _Chain | None:
         if len(data) != 1:
             if node.op_type == "Add" and node.name.endswith(OFFSET_ADD_SUFFIX) and offset is None:
                 term = next((index.producer[t] for t in node.input if t in index.producer
-                             and index.producer[t].name.endswith(OFFSET_TERM_SUFFIX)
-                             and all(index.is_constant(c) for c in index.producer[t].input[1:] if c)), None)
+                             and index.producer[t].op_type == "MatMul" and index.is_constant(index.producer[t].input[1])),
+                            None)
                 if term is None:
                     return None
-                offset = term
+                offset = (term.input[0], term.input[1])
                 node = index.producer.get(next(t for t in node.input if t != term.output[0]))
                 continue
             return None
@@ -122,11 +122,7 @@ def _chains(index: GraphIndex, gqa: onnx.NodeProto) -> list[_Chain] | None:
         return None
     if len({len(k.input) > 3 and bool(k.input[3]) for k in kernels}) != 1:
         return None
-    terms = [c.offset for c in chains if c.offset]
-    if len({t.input[0] for t in terms}) > 1:  # one block-sums tensor (one x)
-        return None
-    if any(t.op_type == "MatMulNBits" for t in terms) and (  # 8-bit offsets: all three, one kind
-            len(terms) < 3 or len({(t.op_type, *(_attrs(t).get(a, 0) for a in _SAME)) for t in terms}) != 1):
+    if len({c.offset[0] for c in chains if c.offset}) > 1:  # one block-sums tensor (one x)
         return None
     return chains
 
@@ -138,44 +134,32 @@ def initializers_read(model: onnx.ModelProto, gqa_name: str) -> set[str]:
     return set().union(*(c.reads for c in chains)) if chains else set()
 
 
-def _stacked_kernel(g: onnx.GraphProto, index: GraphIndex, kernels: list[onnx.NodeProto], x: str, out: str,
-                    p: str, bias: str = "") -> onnx.NodeProto:
-    """One MatMulNBits over the rows of ``kernels`` (same x, K, bits, block): B [N, K/bs, bs·bits/8], scales
-    [N·K/bs] and zero points [N, …] concatenated by rows, q's first."""
-    arrays = [[np.asarray(index.constant_value(t)) for t in k.input[1:4] if t] for k in kernels]
-    names = [f"{p}.B", f"{p}.scales", f"{p}.zero_points"][:len(arrays[0])]
-    for slot, name in enumerate(names):
-        g.initializer.append(numpy_helper.from_array(np.concatenate([a[slot] for a in arrays]), name))
-    inputs = [x, *names[:2], names[2] if len(names) > 2 else "", "", bias]
-    while not inputs[-1]:
-        inputs.pop()
-    return helper.make_node("MatMulNBits", inputs, [out], name=f"{p}.matmulnbits", domain="com.microsoft",
-                            **{**_attrs(kernels[0]), "N": sum(_attrs(k)["N"] for k in kernels)})
-
-
 def _pack(model: onnx.ModelProto, index: GraphIndex, gqa: onnx.NodeProto, chains: list[_Chain]) -> None:
     g = model.graph
     p = f"{ATTENTION_PREFIX}{gqa.name.removeprefix(ATTENTION_PREFIX).removesuffix('.gqa')}.qkv"
-    first = chains[0].kernel
+    kernels = [c.kernel for c in chains]
+    first = kernels[0]
+    arrays = [[np.asarray(index.constant_value(t)) for t in k.input[1:4] if t] for k in kernels]
+    names = [f"{p}.B", f"{p}.scales", f"{p}.zero_points"][:len(arrays[0])]
+    for slot, name in enumerate(names):  # rows of q, then k, then v: B [N, K/bs, bs/2], scales [N·K/bs], zp [N, …]
+        g.initializer.append(numpy_helper.from_array(np.concatenate([a[slot] for a in arrays]), name))
     bias = [sum((np.asarray(index.constant_value(t), np.float32) for t in c.adds), np.zeros(c.n, np.float32))
             for c in chains]
     g.initializer.append(numpy_helper.from_array(np.concatenate(bias).astype(np.float32), f"{p}.bias"))
-    offsets = [c.offset for c in chains if c.offset]
+    inputs = [first.input[0], *names[:2], names[2] if len(names) > 2 else "", "", f"{p}.bias"]
+    attrs = {**_attrs(first), "N": sum(c.n for c in chains)}
+    offsets = [c for c in chains if c.offset]
     out = f"{p}.packed"
-    nodes = [_stacked_kernel(g, index, [c.kernel for c in chains], first.input[0], out if offsets else f"{p}.out", p,
-                             f"{p}.bias")]
+    nodes = [helper.make_node("MatMulNBits", inputs, [out if offsets else f"{p}.out"], name=f"{p}.matmulnbits",
+                              domain="com.microsoft", **attrs)]
     if offsets:
-        sums = offsets[0].input[0]
-        if offsets[0].op_type == "MatMulNBits":  # 8-bit offsets: stacked like the weights
-            term = _stacked_kernel(g, index, offsets, sums, f"{p}.offset_term", f"{p}.offset")
-            term.name = f"{p}{OFFSET_TERM_SUFFIX}"
-        else:
-            blocks = _attrs(first)["K"] // _attrs(first)["block_size"]
-            matrix = np.concatenate([np.asarray(index.constant_value(c.offset.input[1]), np.float32) if c.offset
-                                     else np.zeros((blocks, c.n), np.float32) for c in chains], 1)
-            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(matrix), f"{p}.offset"))
-            term = helper.make_node("MatMul", [sums, f"{p}.offset"], [f"{p}.offset_term"], name=f"{p}{OFFSET_TERM_SUFFIX}")
-        nodes += [term, helper.make_node("Add", [out, f"{p}.offset_term"], [f"{p}.out"], name=f"{p}{OFFSET_ADD_SUFFIX}")]
+        sums = offsets[0].offset[0]
+        blocks = _attrs(first)["K"] // _attrs(first)["block_size"]
+        matrix = np.concatenate([np.asarray(index.constant_value(c.offset[1]), np.float32) if c.offset
+                                 else np.zeros((blocks, c.n), np.float32) for c in chains], 1)
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(matrix), f"{p}.offset"))
+        nodes += [helper.make_node("MatMul", [sums, f"{p}.offset"], [f"{p}.offset_term"], name=f"{p}.offset_term"),
+                  helper.make_node("Add", [out, f"{p}.offset_term"], [f"{p}.out"], name=f"{p}{OFFSET_ADD_SUFFIX}")]
     if chains[0].scalar is not None:  # GQA's scale (default 1/√head_size) takes q's factor
         factor = float(np.asarray(index.constant_value(chains[0].scalar)).reshape(-1)[0])
         head_size = chains[0].n // _attrs(gqa)["num_heads"]

@@ -17,10 +17,7 @@ zero points run 20–50× slower on the CPU). They run as MatMulNBits plus one s
 
     y = MatMulNBits(x) + block_sums(x) · offsetᵀ,   block_sums(x) = x · 1_blocks  [..., K / block]
 
-where the block sums of an input are made once and shared by every linear reading it. At
-``accuracy_level`` 4, where the kernel already rounds its input to int8 per block, the offsets go
-8-bit as well (an 8-bit MatMulNBits over the block sums, blocks of 16, also at level 4): the float
-offsets are a fifth of the weight bytes read per token, the 8-bit ones a quarter of that.
+where the block sums of an input are made once and shared by every linear reading it.
 
 ORT constant-folds ``DequantizeLinear`` of a constant weight into a float initializer when it
 creates a session, so the ``dq`` form is low-bit in the file only; ``matmulnbits`` is the default.
@@ -38,8 +35,8 @@ from onnx import helper, numpy_helper
 from rptq_onnx.anatomy import Linear
 from rptq_onnx.graph import keep_initializers
 from rptq_onnx.passes.base import Pass, PassResult
-from rptq_onnx.quant import QuantizedWeight, pack_uint4, quantize_rtn
-from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, OFFSET_TERM_SUFFIX, WEIGHT_PREFIX, uint_container
+from rptq_onnx.quant import QuantizedWeight, pack_uint4
+from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX, uint_container
 from rptq_onnx.vocabulary import storage_bits as nbits_kernel_bits  # MatMulNBits' bits attribute: 4 or 8
 
 MATMULNBITS_BLOCKS = (16, 32, 64, 128, 256)
@@ -48,7 +45,6 @@ PER_CHANNEL_BLOCKS = (128, 64, 32, 16, 256)  # per-channel codes: the first that
 # integers. 8-bit weights always use it (at level 0 this ORT's 8-bit kernel dequantizes the whole weight
 # on every call, ≈ 10× slower than a float MatMul); 4-bit weights where asked (``--accuracy-level 4``)
 INT8_ACCURACY_LEVEL = 4
-OFFSET_BLOCK = 16  # the 8-bit offset kernel's block, along a linear's K / block_size block sums
 
 
 def matmulnbits_block(qw: QuantizedWeight) -> int | None:
@@ -127,7 +123,7 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
     for i, step in enumerate(steps):
         last = i == len(steps) - 1
         if step == "offset":
-            new.append(_offset_term(g, node.input[0], qw.offset, k, bs, prefix, block_sums, level == INT8_ACCURACY_LEVEL))
+            new.append(_offset_term(g, node.input[0], qw.offset, k, bs, prefix, block_sums))
             new.append(helper.make_node("Add", [result, new[-1].output[0]], [out if last else f"{prefix}.with_offset"],
                                         name=f"{prefix}{OFFSET_ADD_SUFFIX}"))
             result = f"{prefix}.with_offset"
@@ -137,9 +133,8 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
 
 
 def _offset_term(g: onnx.GraphProto, x: str, offset: np.ndarray, k: int, bs: int, prefix: str,
-                 block_sums: dict[tuple[str, int], onnx.NodeProto], integer: bool = False) -> onnx.NodeProto:
-    """The node computing Σ_b offset[n, b] · (sum of ``x`` over block b): a MatMul on ``x``'s block sums
-    (``integer``: an 8-bit MatMulNBits at accuracy level 4, the offsets RTN in blocks of 16).
+                 block_sums: dict[tuple[str, int], onnx.NodeProto]) -> onnx.NodeProto:
+    """The node computing Σ_b offset[n, b] · (sum of ``x`` over block b): a MatMul on ``x``'s block sums.
 
     The block sums [..., K/bs] are one MatMul with a 0/1 matrix [K, K/bs] (any input rank), made once
     per input tensor (in ``block_sums``) and shared by the linears reading it (q/k/v, gate/up)."""
@@ -150,22 +145,9 @@ def _offset_term(g: onnx.GraphProto, x: str, offset: np.ndarray, k: int, bs: int
             g.initializer.append(numpy_helper.from_array(member, ones))
         block_sums[(x, bs)] = helper.make_node("MatMul", [x, ones], [f"{x}.block_sums{bs}"],
                                                name=f"{BLOCK_SUMS_PREFIX}{x}.{bs}")
-    sums = f"{x}.block_sums{bs}"
-    if integer:
-        n, blocks = offset.shape
-        padded = np.zeros((n, -(-blocks // OFFSET_BLOCK) * OFFSET_BLOCK), np.float32)
-        padded[:, :blocks] = offset
-        q = quantize_rtn(padded, 8, OFFSET_BLOCK)
-        p = f"{prefix}.offset"
-        g.initializer.extend([numpy_helper.from_array(q.codes.reshape(n, -1, OFFSET_BLOCK), f"{p}.B"),
-                              numpy_helper.from_array(np.ascontiguousarray(q.scale.reshape(-1)), f"{p}.scales"),
-                              numpy_helper.from_array(np.ascontiguousarray(q.zero_point), f"{p}.zero_points")])
-        return helper.make_node("MatMulNBits", [sums, f"{p}.B", f"{p}.scales", f"{p}.zero_points"],
-                                [f"{prefix}.offset_term"], name=f"{prefix}{OFFSET_TERM_SUFFIX}", domain="com.microsoft",
-                                K=blocks, N=n, bits=8, block_size=OFFSET_BLOCK, accuracy_level=INT8_ACCURACY_LEVEL)
     g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(offset.T.astype(np.float32)), f"{prefix}.offset"))
-    return helper.make_node("MatMul", [sums, f"{prefix}.offset"], [f"{prefix}.offset_term"],
-                            name=f"{prefix}{OFFSET_TERM_SUFFIX}")
+    return helper.make_node("MatMul", [f"{x}.block_sums{bs}", f"{prefix}.offset"], [f"{prefix}.offset_term"],
+                            name=f"{prefix}.offset_term")
 
 
 @dataclass

@@ -249,12 +249,6 @@ def dequantized_weight(index, lin) -> np.ndarray:
         offset = f"{node.name.removesuffix('.matmulnbits')}.offset"  # [K/bs, N], codes kept from a source grid
         if offset in index.initializers:
             w = w + np.repeat(const(offset).T, attrs["block_size"], axis=1)
-        elif f"{offset}.B" in index.initializers:  # 8-bit offsets (accuracy level 4): their own MatMulNBits
-            term = {a.name: onnx.helper.get_attribute_value(a)
-                    for a in index.producer[f"{offset}_term"].attribute}
-            table = dequantize_matmulnbits(const(f"{offset}.B"), const(f"{offset}.scales"),
-                                           const(f"{offset}.zero_points"), term["K"], term["N"], 8, term["block_size"])
-            w = w + np.repeat(table, attrs["block_size"], axis=1)
         return w.T
     producer = index.producer.get(node.input[1])
     if producer is not None and producer.op_type == "DequantizeLinear":

@@ -18,7 +18,7 @@ from test_source_grid import q4_1
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, SEQ = 64, 4, 2, 16, 5
 
 
-def _attention(grid: bool, q_scalar: float | None, cache_bits: int | None, level: int = 0):
+def _attention(grid: bool, q_scalar: float | None, cache_bits: int | None):
     """x → q/k/v linears (q: bias [× scalar], k: bias, v: none) → GQA over an empty cache; the linears as
     MatMulNBits with RTN codes (a zero-point input) or Q4_1 grids (offset terms)."""
     rng = np.random.default_rng(0)
@@ -65,7 +65,7 @@ def _attention(grid: bool, q_scalar: float | None, cache_bits: int | None, level
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=10)
-    model, report = quantize_weights(model, weights, form="matmulnbits", accuracy_level=level)
+    model, report = quantize_weights(model, weights, form="matmulnbits")
     assert report["matmulnbits"] == 3 and report["kept_source_grid"] == (3 if grid else 0)
     return model
 
@@ -80,26 +80,25 @@ def _run(model: onnx.ModelProto) -> list[np.ndarray]:
                                                               "total": np.array(SEQ, np.int32)})
 
 
-@pytest.mark.parametrize("grid,q_scalar,cache_bits,level", [(False, None, None, 0), (True, 0.5, None, 0),
-                                                            (True, None, 4, 0), (False, 0.3, 4, 0), (True, 0.5, 4, 4)])
-def test_packed_qkv_computes_what_three_linears_did(grid, q_scalar, cache_bits, level):
-    model = _attention(grid, q_scalar, cache_bits, level)
+@pytest.mark.parametrize("grid,q_scalar,cache_bits", [(False, None, None), (True, 0.5, None), (True, None, 4),
+                                                      (False, 0.3, 4)])
+def test_packed_qkv_computes_what_three_linears_did(grid, q_scalar, cache_bits):
+    model = _attention(grid, q_scalar, cache_bits)
     packed, report = pack_qkv(model)
     assert report == {"layers": 1, "skipped": 0}
     onnx.checker.check_model(packed)
     ops = [n.op_type for n in packed.graph.node]
-    # one block sum and one offset term for all three (at level 4 an 8-bit MatMulNBits)
-    assert ops.count("MatMulNBits") == 1 + (grid and level == 4) and "Mul" not in ops
-    assert ops.count("MatMul") == (2 if grid and level == 0 else 1 if grid else 0)
+    assert ops.count("MatMulNBits") == 1 and "Mul" not in ops
+    assert ops.count("MatMul") == (2 if grid else 0)  # one block sum, one offset term for all three
     gqa = next(n for n in packed.graph.node if n.op_type == "GroupQueryAttention")
     assert list(gqa.input[1:3]) == ["", ""]
-    kernel = next(n for n in packed.graph.node if n.name.endswith("qkv.matmulnbits"))
+    kernel = next(n for n in packed.graph.node if n.op_type == "MatMulNBits")
     assert {a.name: helper.get_attribute_value(a) for a in kernel.attribute}["N"] == (HEADS + 2 * KV_HEADS) * HEAD_DIM
     before, after = _run(model), _run(packed)
     np.testing.assert_allclose(after[0], before[0], rtol=0, atol=1e-5 * np.abs(before[0]).max())
     if cache_bits:  # the kernel's own quantization of the same K/V: the same codes
         assert (after[1] == before[1]).mean() > 0.99 and (after[2] == before[2]).mean() > 0.99
-    assert sum(n.name.endswith(".matmulnbits") for n in model.graph.node) == 3, "the input model is left as it was"
+    assert [n.op_type for n in model.graph.node].count("MatMulNBits") == 3, "the input model is left as it was"
 
 
 def test_a_chain_it_cannot_pack_is_left_and_counted():
