@@ -182,13 +182,14 @@ def _fuse_layer(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLayer, 
     # K/V; 3-bit codes keep it (they use half of the 4-bit kernel's grid)
     own = _before_point if cache_bits is not None and storage_bits(cache_bits) == cache_bits else (lambda _, t: t)
     q_in, k_in = qk.input[0], own(index, cat_k.input[1])
-    rotary = _rotary_caches(model, index, layer, rotary_positions) if rotary_positions else None
-    if rotary and (q_in, k_in) == (layer.q_rope.output, layer.k_rope.output):  # nothing between RoPE and GQA
+    rotary = None
+    if rotary_positions and layer.q_rope and layer.k_rope and (q_in, k_in) == (layer.q_rope.output,
+                                                                               layer.k_rope.output):
+        rotary = _rotary_caches(model, index, layer, rotary_positions)  # nothing between RoPE and GQA
+    if rotary:
         q_in, k_in = layer.q_rope.input, layer.k_rope.input
         attrs.update(do_rotary=1, rotary_interleaved=0)
         report.rotary_in_kernel += 1
-    else:
-        rotary = None
     query = _tokens_major(g, index, q_in, layer.num_heads, f"{p}.q", new_nodes)
     key = own(index, _tokens_major(g, index, k_in, layer.num_kv_heads, f"{p}.k", new_nodes))
     value = own(index, _tokens_major(g, index, own(index, cat_v.input[1]), layer.num_kv_heads, f"{p}.v", new_nodes))
@@ -209,11 +210,11 @@ def _rotary_caches(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLaye
                    positions: int) -> tuple[str, str] | None:
     """GQA's (cos_cache, sin_cache) [positions, D/2] for ``layer``'s RoPE, evaluated from the graph's own
     [B, 1, S, D] tables (shared by the layers reading the same tables), or None where the kernel cannot
-    rotate as the graph does: no RoPE, q and k on other tables, a head_dim the CPU kernel refuses, or
+    rotate as the graph does: q and k on other tables, a head_dim the CPU kernel refuses, or
     tables that are not D/2 frequencies repeated (HF's non-interleaved form; a per-head permuted table
     is not)."""
     q, k = layer.q_rope, layer.k_rope
-    if q is None or k is None or layer.head_dim % 16:
+    if layer.head_dim % 16:
         return None
     tables = [index.node_by_name[q.cos_mul].input[q.cos_input], index.node_by_name[q.sin_mul].input[q.sin_input]]
     if tables != [index.node_by_name[k.cos_mul].input[k.cos_input], index.node_by_name[k.sin_mul].input[k.sin_input]]:

@@ -111,7 +111,12 @@ def test_rope_inside_gqa_equals_eager_rope_on_a_padded_batch_with_a_float_cache(
 @pytest.mark.parametrize("preset", ["W4A4KV", "W4A3KV", "W3A3KV"])
 def test_fused_cached_decoding_equals_recomputation(text_opt, text_llama, tmp_path, family, preset):
     source = text_opt if family == "opt" else text_llama
-    model_dir = _compile(source, tmp_path / "fused", preset, "fused").model_path.parent
+    result = _compile(source, tmp_path / "fused", preset, "fused")
+    model_dir = result.model_path.parent
+    # RoPE inside GQA where nothing sits between it and the kernel; a 3-bit K keeps its Q/DQ there
+    attention = result.report.quantization.attention
+    assert attention.rotary_in_kernel == (2 if family == "llama" and preset == "W4A4KV" else 0)
+    assert attention.qkv_packed == (2 if preset == "W4A4KV" else 0)
     ids = np.random.default_rng(1).integers(4, 500, (1, 12))
     steps, _ = _run(model_dir, ids, np.ones_like(ids), steps=4)
     tokens = np.concatenate([ids] + [s[:, -1].argmax(-1)[:, None] for s in steps[:-1]], axis=1)
