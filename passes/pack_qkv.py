@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rptq_onnx.graph import GraphIndex, prune_dead_nodes
+from rptq_onnx.graph import GraphIndex, node_attr, prune_dead_nodes
 from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.vocabulary import ATTENTION_PREFIX, OFFSET_ADD_SUFFIX
 
@@ -61,6 +61,7 @@ class _Chain:
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
+    """All of a node's attributes (to copy them onto the packed kernel)."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -83,7 +84,7 @@ def _chain(index: GraphIndex, tensor: str, scalar_ok: bool) -> _Chain | None:
         if node.op_type == "MatMulNBits":
             if len(node.input) > 4 and any(node.input[4:]):  # g_idx or a bias already
                 return None
-            n = _attrs(node)["N"]
+            n = node_attr(node, "N", None)
             if any(_size(index, t) not in (1, n) for t in adds):
                 return None
             return _Chain(node, n, adds, scalar, offset)
@@ -118,7 +119,7 @@ def _chains(index: GraphIndex, gqa: onnx.NodeProto) -> list[_Chain] | None:
     if any(c is None for c in chains):
         return None
     kernels = [c.kernel for c in chains]
-    if len({k.input[0] for k in kernels}) != 1 or len({tuple(_attrs(k).get(a, 0) for a in _SAME) for k in kernels}) != 1:
+    if len({k.input[0] for k in kernels}) != 1 or len({tuple(node_attr(k, a, 0) for a in _SAME) for k in kernels}) != 1:
         return None
     if len({len(k.input) > 3 and bool(k.input[3]) for k in kernels}) != 1:
         return None
@@ -154,7 +155,7 @@ def _pack(model: onnx.ModelProto, index: GraphIndex, gqa: onnx.NodeProto, chains
                               domain="com.microsoft", **attrs)]
     if offsets:
         sums = offsets[0].offset[0]
-        blocks = _attrs(first)["K"] // _attrs(first)["block_size"]
+        blocks = node_attr(first, "K", None) // node_attr(first, "block_size", None)
         matrix = np.concatenate([np.asarray(index.constant_value(c.offset[1]), np.float32) if c.offset
                                  else np.zeros((blocks, c.n), np.float32) for c in chains], 1)
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(matrix), f"{p}.offset"))
@@ -162,8 +163,7 @@ def _pack(model: onnx.ModelProto, index: GraphIndex, gqa: onnx.NodeProto, chains
                   helper.make_node("Add", [out, f"{p}.offset_term"], [f"{p}.out"], name=f"{p}{OFFSET_ADD_SUFFIX}")]
     if chains[0].scalar is not None:  # GQA's scale (default 1/√head_size) takes q's factor
         factor = float(np.asarray(index.constant_value(chains[0].scalar)).reshape(-1)[0])
-        head_size = chains[0].n // _attrs(gqa)["num_heads"]
-        scale = _attrs(gqa).get("scale") or head_size ** -0.5
+        scale = node_attr(gqa, "scale", (chains[0].n // node_attr(gqa, "num_heads", None)) ** -0.5)
         kept = [a for a in gqa.attribute if a.name != "scale"]
         del gqa.attribute[:]
         gqa.attribute.extend([*kept, helper.make_attribute("scale", float(scale * factor))])
