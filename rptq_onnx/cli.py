@@ -7,6 +7,7 @@ import errno
 import json
 import sys
 
+from rptq_onnx.config import OBSERVERS
 from rptq_onnx.errors import RptqError
 
 
@@ -188,7 +189,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.seqlen is not None and args.seqlen < 2:
         raise RptqError(f"--seqlen {args.seqlen}: a window needs ≥ 2 tokens to predict one")
     text = load_text(args.text) if args.text in HF_DATASETS else \
-        read_text(args.text, flag="--text", other=f"sotu-test (bundled), or {'/'.join(HF_DATASETS)} (network)")
+        read_text(args.text, flag="--text", other=f"sotu-test (bundled), python-docs (held-out), or {'/'.join(HF_DATASETS)} (network)")
     with work_dir("eval") as tmp:
         model = resolve_onnx_source(args.model, tmp, with_past=False)
         res = perplexity(model, text, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
@@ -358,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight group size along the input (default: per output channel; 128 for weight-only 4-bit, "
                         "which MatMulNBits needs; 0 = per channel); a linear whose input size it does not divide "
                         "takes the largest power of two ≥ 16 that does")
-    p.add_argument("--observer", default=None, choices=("ema", "minmax"),
-                   help="activation ranges: the reference's EMA min/max (default) or plain min/max")
+    p.add_argument("--observer", default=None, choices=OBSERVERS,
+                   help="activation ranges: the reference's EMA min/max (default), plain min/max, or mean (each "
+                        "channel's min/max averaged over the calibration windows; rptq_onnx/observers.py)")
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
                         "MatMulNBits (packed in memory)")
@@ -429,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity over non-overlapping windows of --seqlen tokens, run through ONNX Runtime.")
     p.add_argument("model", metavar="MODEL", help=".onnx file (tokenizer beside it), or anything `export` accepts")
     p.add_argument("--text", default="sotu-test",
-                   help="a UTF-8 text file, sotu-test (bundled, default), or wikitext2/ptb/c4 (needs `datasets` + network)")
+                   help="a UTF-8 text file, sotu-test (bundled, default), python-docs (held-out text from the Python "
+                        "reference docs that CPython ships; rptq_onnx/heldout.py), or wikitext2/ptb/c4 (needs `datasets` + network)")
     p.add_argument("--seqlen", type=int, default=None, help="window length (default 512, or the model's positions)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
     p.add_argument("--batch-size", type=int, default=1, help="windows per ORT run (default 1)")

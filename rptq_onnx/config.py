@@ -25,7 +25,7 @@ PRESETS = {
 WBITS = (3, 4, 8, 16)
 ABITS = (3, 4, 5, 6, 7, 8, 16)
 WEIGHT_QUANT = ("gptq", "rtn")
-OBSERVERS = ("ema", "minmax")
+OBSERVERS = ("ema", "minmax", "mean")  # rptq_onnx/observers.py
 LAYOUTS = ("zero-copy", "contiguous")
 SOURCE_GRID = ("keep", "requantize")
 RECIPES = ("default", "paper")  # rptq_onnx/recipes.py
@@ -149,7 +149,7 @@ class QuantSpec:
     kv_only: bool = False
     weight_quant: str = "gptq"
     group_size: int | None = None  # None: per output channel
-    observer: str = "ema"  # activation ranges: the reference's EMA min/max, or plain min/max
+    observer: str = "ema"  # activation ranges: the reference's EMA min/max, plain min/max, or the mean of per-sample min/max
     matmulnbits: bool = True  # 3/4-bit weights as com.microsoft MatMulNBits (packed in memory) when possible
     float_cache: bool = False  # with-past graphs: keep present/past in float (K/V still fake-quantized)
     head_bits: int = 16  # token embedding + LM head (passes/quantize_head.py); 16: float
@@ -164,7 +164,7 @@ class QuantSpec:
         if self.weight_quant not in WEIGHT_QUANT:
             raise RptqError(f"--weight-quant {self.weight_quant} is unknown; use gptq or rtn")
         if self.observer not in OBSERVERS:
-            raise RptqError(f"--observer {self.observer} is unknown; use ema or minmax")
+            raise RptqError(f"--observer {self.observer} is unknown; use {', '.join(OBSERVERS)}")
         if self.accuracy_level not in (0, 4):
             raise RptqError(f"--accuracy-level {self.accuracy_level}: use 4 (int8 inputs) or 0 (float)")
         if self.source_grid not in SOURCE_GRID:

@@ -55,7 +55,7 @@ def folded_order(layer: DecoderLayer, tap: str, plan: dict[str, ClusterPlan], co
 
 def channel_range(calib: Calibration, layer: int, tap: str, observer: str) -> tuple[np.ndarray, np.ndarray]:
     st = calib.stats[(layer, tap)]
-    return (st.ema if observer == "ema" else st.minmax).range()
+    return st.observer(observer).range()
 
 
 def symmetric_key(layer: DecoderLayer, config: CompileConfig) -> bool:

