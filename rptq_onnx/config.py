@@ -25,7 +25,7 @@ PRESETS = {
 WBITS = (3, 4, 8, 16)
 ABITS = (3, 4, 5, 6, 7, 8, 16)
 WEIGHT_QUANT = ("gptq", "rtn")
-OBSERVERS = ("ema", "minmax", "mean")  # rptq_onnx/observers.py
+OBSERVERS = ("ema", "minmax", "mean", "auto")  # rptq_onnx/observers.py (auto: by the point's bits)
 LAYOUTS = ("zero-copy", "contiguous")
 SOURCE_GRID = ("keep", "requantize")
 RECIPES = ("default", "paper")  # rptq_onnx/recipes.py
@@ -149,7 +149,7 @@ class QuantSpec:
     kv_only: bool = False
     weight_quant: str = "gptq"
     group_size: int | None = None  # None: per output channel
-    observer: str = "ema"  # activation ranges: the reference's EMA min/max, plain min/max, or the mean of per-sample min/max
+    observer: str = "ema"  # activation ranges (OBSERVERS; rptq_onnx/observers.py)
     matmulnbits: bool = True  # 3/4-bit weights as com.microsoft MatMulNBits (packed in memory) when possible
     float_cache: bool = False  # with-past graphs: keep present/past in float (K/V still fake-quantized)
     head_bits: int = 16  # token embedding + LM head (passes/quantize_head.py); 16: float

@@ -110,3 +110,17 @@ class ChannelStats:
     def observer(self, name: str):
         """The observer called ``name`` (config.OBSERVERS)."""
         return {"ema": self.ema, "minmax": self.minmax, "mean": self.mean}[name]
+
+
+WIDE_BITS = 8  # ``auto``: from this width up a point takes the plain min/max
+
+
+def observer_for(name: str, bits: int) -> str:
+    """The observer a point quantized to ``bits`` takes under ``--observer name``. ``auto``: plain min/max at
+    8 bits and above, where rounding is fine and ranges fitted inside the calibration extremes clip
+    unseen text, which costs more (README, *Quality on SmolLM2*); the EMA below, where a tighter range's
+    finer grid pays."""
+    if name != "auto":
+        return name
+    return "minmax" if bits >= WIDE_BITS else "ema"
+

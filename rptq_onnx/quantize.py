@@ -29,6 +29,7 @@ from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.config import MIN_GROUP, CompileConfig
 from rptq_onnx.compile_report import ActivationQuantization, QuantizationReport, WeightQuantization
+from rptq_onnx.observers import observer_for
 from rptq_onnx.passes.base import copy_model
 from rptq_onnx.passes.emit_qdq import EmitQdq, QuantPoint
 from rptq_onnx.passes.fold_reorder import folded_points
@@ -84,7 +85,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
             index, labels = folded_order(layer, tap, plan, config)
             if TAP_POINT[tap] in per_tensor:
                 labels = np.zeros_like(labels)
-            mx, mn = channel_range(calib, i, tap, q.observer)
+            mx, mn = channel_range(calib, i, tap, observer_for(q.observer, bits))
             if index is not None:
                 mx, mn = mx[index], mn[index]
             grid = symmetric_activation_qparams if (tap == "k" and symmetric_key(fl, config)) else activation_qparams

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from rptq_onnx.config import RECIPES, ClusterCounts
 from rptq_onnx.errors import RptqError
+from rptq_onnx.observers import observer_for
 
 # flag → (its value under the paper recipe, how the CLI spells that value)
 PAPER_FLAGS = {
@@ -36,6 +37,9 @@ PAPER_FLAGS = {
 # the defaults of those flags under the default recipe (None: the preset decides)
 DEFAULT_FLAGS = {"observer": "ema", "clusters": None, "weight_quant": "gptq", "group_size": None,
                  "source_grid": "keep", "head_bits": None, "attention": "auto", "propagate": "float"}
+
+
+RANGE_WORDS = {"ema": "EMA min/max", "minmax": "min/max", "mean": "mean of per-window min/max"}
 
 
 def recipe_flags(recipe: str, given: dict[str, object]) -> dict[str, object]:
@@ -65,9 +69,9 @@ def point_choices(config, rope: bool, amplitude_key: bool, skipped: frozenset[st
     the layers rotate q/k; ``amplitude_key``, R2 is clustered on K's amplitude; ``skipped``, the points left
     unclustered; ``keeps_grid``, weights on a source grid keep it."""
     q, counts = config.quant, config.clusters.as_dict()
-    ranges = "EMA min/max" if q.observer == "ema" else "min/max"
     out = {}
     for point, k in counts.items():
+        ranges = RANGE_WORDS[observer_for(q.observer, q.ln_bits if point in ("R1", "R4") else q.abits)]
         per = " per K/V head" if point in ("R2", "R3") else ""
         what = {"ch": "one cluster per channel", "tensor": "one scale per tensor"}.get(k, f"{k} clusters{per}")
         if point in skipped:

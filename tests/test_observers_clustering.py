@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 from rptq_onnx import RptqError
 from rptq_onnx.clustering import ClusterPlan, plan_clusters, range_features
 from rptq_onnx.config import ClusterCounts
-from rptq_onnx.observers import ChannelStats, EmaMinMaxObserver, MeanObserver, MinMaxObserver
+from rptq_onnx.observers import ChannelStats, EmaMinMaxObserver, MeanObserver, MinMaxObserver, observer_for
 
 
 def test_minmax_observer_tracks_extremes_and_merges():
@@ -52,6 +52,11 @@ def test_mean_observer_weighs_every_sample_alike():
     backward.update(rows_max[::-1], rows_min[::-1])
     np.testing.assert_allclose(backward.observer("mean").range()[0], mx)
     assert not np.allclose(backward.observer("ema").range()[0], forward.observer("ema").range()[0])
+
+
+def test_auto_observer_by_bits():
+    assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == ["ema", "ema", "ema", "minmax", "minmax"]
+    assert observer_for("mean", 8) == "mean" and observer_for("ema", 8) == "ema"
 
 
 def _sklearn_plan(data, k):
