@@ -130,7 +130,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                                  accuracy_level=args.accuracy_level)
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(r["clusters"]), calib=calib,
                            layout=args.layout, quant=quant, attention=args.attention, recipe=args.recipe,
-                           propagate=r["propagate"])
+                           propagate=r["propagate"], recipe_clusters=args.clusters is None)
     if args.attention == "fused" and args.with_past is False:  # auto falls back to eager there
         raise RptqError("--attention fused needs a graph with a KV cache (GroupQueryAttention keeps it); drop "
                         "--no-past, or use --attention eager")
@@ -149,7 +149,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print("note: calibrated on random token ids (--calib random): a smoke run; pass --calib FILE for real "
               "statistics", file=sys.stderr)
     rep = result.report
-    print(f"compiled {rep.layers} layers ({config.preset} = {config.name}, clusters {config.clusters}, layout {rep.layout}, attention {rep.config.attention}, "
+    print(f"compiled {rep.layers} layers ({config.preset} = {config.name}, clusters {rep.config.clusters}, layout {rep.layout}, attention {rep.config.attention}, "
           f"{rep.gathers_added} Gather(s) added) → {result.model_path}  [{rep.timings_s['total']:.1f} s]")
     weights = rep.quantization.weights
     kept = weights.kept_source_grid if weights else 0
@@ -413,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per ORT run (default {d.batch_size})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing windows (default 0)")
     p.add_argument("--clusters", default=None, metavar="R1=32,R2=4,...",
-                   help="KMeans clusters per point; defaults R1=32,R2=4,R3=4,R4=32,R5=32 (R2/R3 per (K/V) head); "
-                        "all=K sets all; K=ch is one cluster per channel, K=tensor one scale per tensor")
+                   help="KMeans clusters per point; defaults R1=32,R2=4,R3=4,R4=32,R5=32 (R2/R3 per (K/V) head; "
+                        "under fused attention with a 4-bit cache the default recipe takes R2=8,R3=2, "
+                        "rptq_onnx/recipes.py); all=K sets all; K=ch is one cluster per channel, K=tensor one scale "
+                        "per tensor")
     p.add_argument("--layout", default="zero-copy", choices=LAYOUTS,
                    help="zero-copy (default): R1/R4 (and Llama's R2) stay in original order, no runtime copies; "
                         "contiguous: those reordered too, with one Gather per norm (and per-head RoPE tables for Llama)")

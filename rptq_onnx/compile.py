@@ -41,7 +41,7 @@ from rptq_onnx.passes.pack_qkv import PackQKV
 from rptq_onnx.passes.quantize_head import QuantizeHead
 from rptq_onnx.planning import amplitude_key, check_cluster_counts, plan_layer, unclustered_points
 from rptq_onnx.ranges import save_ranges
-from rptq_onnx.recipes import point_choices
+from rptq_onnx.recipes import point_choices, resolve_clusters
 from rptq_onnx.stages import StageRunner
 from rptq_onnx.text import has_tokenizer, read_text
 from rptq_onnx.vocabulary import CLUSTERS_KEY, CONFIG_KEY, RPTQ_PREFIX, VERSION_KEY
@@ -116,10 +116,10 @@ def _own_copy(graph: onnx.ModelProto, model_path: Path | None) -> onnx.ModelProt
 
 def prepare(graph: onnx.ModelProto, layers: list[DecoderLayer], config: CompileConfig,
             model_path: Path | None) -> tuple[CompileConfig, bool]:
-    """Checks before compiling, and the config as compiled (attention and source grid resolved); returns it
+    """Checks before compiling, and the config as compiled (attention, clusters and source grid resolved); returns it
     and whether calibration gathers GPTQ's Hessians."""
     _check_uncompiled(graph, model_path)
-    config = resolve_attention(config, layers)
+    config = resolve_clusters(resolve_attention(config, layers))
     _check_fused(config, layers)
     config, on_grid = quantize.resolve_source_grid(config, graph, layers, str(model_path.parent) if model_path else "")
     q = config.quant

@@ -217,6 +217,8 @@ class CompileConfig:
     attention: str = "eager"
     recipe: str = "default"  # rptq_onnx/recipes.py
     propagate: str = "float"  # layer-wise compile: the next layer calibrates on the float or the quantized stream
+    # no --clusters given: the recipe may choose other counts once attention is resolved (recipes.resolve_clusters)
+    recipe_clusters: bool = False
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -254,4 +256,5 @@ class CompileConfig:
         d = json.loads(text)
         return cls(preset=d["preset"], clusters=ClusterCounts.from_dict(d["clusters"]), calib=CalibConfig(**d["calib"]),
                    layout=d["layout"], quant=QuantSpec(**d.get("quant", {})), attention=d.get("attention", "eager"),
-                   recipe=d.get("recipe", "default"), propagate=d.get("propagate", "float"))
+                   recipe=d.get("recipe", "default"), propagate=d.get("propagate", "float"),
+                   recipe_clusters=d.get("recipe_clusters", False))

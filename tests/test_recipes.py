@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from rptq_onnx.config import ClusterCounts, CompileConfig, QuantSpec
@@ -70,3 +73,27 @@ def test_auto_observer_takes_min_max_at_8_bit_points_and_ema_below():
     a8 = CompileConfig(preset="W8A8", quant=QuantSpec.for_preset("W8A8", observer="auto"))
     choices = point_choices(a8, rope=False, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
     assert all(choices[p].endswith(", min/max") for p in ("R1", "R2", "R3", "R4", "R5"))
+
+
+def test_default_recipe_picks_fused_kv_clusters_only_where_none_were_given():
+    from rptq_onnx.recipes import FUSED_KV_CLUSTERS, resolve_clusters
+
+    kv4 = QuantSpec.for_preset("W4A4KV")
+    base = CompileConfig(preset="W4A4KV", quant=kv4, attention="fused", recipe_clusters=True)
+    chosen = resolve_clusters(base).clusters
+    assert {p: getattr(chosen, p) for p in FUSED_KV_CLUSTERS[4]} == FUSED_KV_CLUSTERS[4]
+    assert chosen.R1 == ClusterCounts().R1
+    # given counts, eager attention and the paper recipe keep theirs
+    for config in (dataclasses.replace(base, recipe_clusters=False), dataclasses.replace(base, attention="eager"),
+                   dataclasses.replace(base, recipe="paper")):
+        assert resolve_clusters(config).clusters == ClusterCounts()
+    assert CompileConfig.from_json(base.to_json()) == base
+
+
+def test_cli_reports_the_clusters_the_recipe_chose(tmp_path, text_llama):
+    out = run_cli("compile", text_llama, "-o", tmp_path / "kv", "--preset", "W4A4KV", "--wbits", "16",
+                  "--calib", "random", "--nsamples", "2", "--seqlen", "16", "-q")
+    assert out.returncode == 0, out.stderr
+    assert "R2=8,R3=2" in out.stdout and "attention fused" in out.stdout
+    report = json.loads((tmp_path / "kv" / "report.json").read_text())
+    assert report["config"]["clusters"]["R2"] == 8 and "8 clusters per K/V head" in report["recipe"]["choices"]["R2"]
