@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--observer", default=None, choices=OBSERVERS,
                    help="activation ranges: the reference's EMA min/max (default), plain min/max, mean (each "
                         "channel's min/max averaged over the calibration windows), or auto (min/max at points of 8 "
-                        "bits and more, EMA below); rptq_onnx/observers.py")
+                        "bits and more, mean below); rptq_onnx/observers.py")
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
                         "MatMulNBits (packed in memory)")

@@ -55,7 +55,7 @@ def test_mean_observer_weighs_every_sample_alike():
 
 
 def test_auto_observer_by_bits():
-    assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == ["ema", "ema", "ema", "minmax", "minmax"]
+    assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == ["mean", "mean", "mean", "minmax", "minmax"]
     assert observer_for("mean", 8) == "mean" and observer_for("ema", 8) == "ema"
 
 
