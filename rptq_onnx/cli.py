@@ -360,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "which MatMulNBits needs; 0 = per channel); a linear whose input size it does not divide "
                         "takes the largest power of two ≥ 16 that does")
     p.add_argument("--observer", default=None, choices=OBSERVERS,
-                   help="activation ranges: the reference's EMA min/max (default), plain min/max, mean (each "
-                        "channel's min/max averaged over the calibration windows), or auto (min/max at points of 8 "
-                        "bits and more, mean below); rptq_onnx/observers.py")
+                   help="activation ranges: auto (default: at points of 8 bits and more the calibration min/max "
+                        "widened by half, below the mean of the windows' ranges), the reference's EMA min/max (ema, "
+                        "--recipe paper), plain min/max, or mean (each channel's min/max averaged over the "
+                        "calibration windows); rptq_onnx/observers.py")
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
                         "MatMulNBits (packed in memory)")
@@ -414,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing windows (default 0)")
     p.add_argument("--clusters", default=None, metavar="R1=32,R2=4,...",
                    help="KMeans clusters per point; defaults R1=32,R2=4,R3=4,R4=32,R5=32 (R2/R3 per (K/V) head; "
-                        "under fused attention with a 4-bit cache the default recipe takes R2=8,R3=2, "
-                        "rptq_onnx/recipes.py); all=K sets all; K=ch is one cluster per channel, K=tensor one scale "
+                        "under fused attention the default recipe takes R2=8,R3=2 for a 4-bit cache and one "
+                        "cluster per channel for a 3-bit one, rptq_onnx/recipes.py); all=K sets all; K=ch is one cluster per channel, K=tensor one scale "
                         "per tensor")
     p.add_argument("--layout", default="zero-copy", choices=LAYOUTS,
                    help="zero-copy (default): R1/R4 (and Llama's R2) stay in original order, no runtime copies; "

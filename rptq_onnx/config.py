@@ -149,7 +149,7 @@ class QuantSpec:
     kv_only: bool = False
     weight_quant: str = "gptq"
     group_size: int | None = None  # None: per output channel
-    observer: str = "ema"  # activation ranges (OBSERVERS; rptq_onnx/observers.py)
+    observer: str = "auto"  # activation ranges (OBSERVERS; rptq_onnx/observers.py); the reference: ema
     matmulnbits: bool = True  # 3/4-bit weights as com.microsoft MatMulNBits (packed in memory) when possible
     float_cache: bool = False  # with-past graphs: keep present/past in float (K/V still fake-quantized)
     head_bits: int = 16  # token embedding + LM head (passes/quantize_head.py); 16: float

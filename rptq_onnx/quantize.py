@@ -54,9 +54,11 @@ def folded_order(layer: DecoderLayer, tap: str, plan: dict[str, ClusterPlan], co
     return None, p.labels()
 
 
-def channel_range(calib: Calibration, layer: int, tap: str, observer: str) -> tuple[np.ndarray, np.ndarray]:
-    st = calib.stats[(layer, tap)]
-    return st.observer(observer).range()
+def channel_range(calib: Calibration, layer: int, tap: str, observer: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(max, min) per channel of a point quantized to ``bits`` under ``--observer observer``."""
+    name, factor = observer_for(observer, bits)
+    mx, mn = calib.stats[(layer, tap)].observer(name).range()
+    return mx * factor, mn * factor
 
 
 def symmetric_key(layer: DecoderLayer, config: CompileConfig) -> bool:
@@ -85,7 +87,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
             index, labels = folded_order(layer, tap, plan, config)
             if TAP_POINT[tap] in per_tensor:
                 labels = np.zeros_like(labels)
-            mx, mn = channel_range(calib, i, tap, observer_for(q.observer, bits))
+            mx, mn = channel_range(calib, i, tap, q.observer, bits)
             if index is not None:
                 mx, mn = mx[index], mn[index]
             grid = symmetric_activation_qparams if (tap == "k" and symmetric_key(fl, config)) else activation_qparams

@@ -51,7 +51,7 @@ def test_layerwise_calibration_equals_whole_graph(source):
     split = calibrate_layerwise(model, layers, windows, batch_size=2, model_dir=source.parent, hessians=True)
     assert whole.stats.keys() == split.stats.keys() and whole.xtx.keys() == split.xtx.keys() and whole.xtx
     for key, st in whole.stats.items():
-        for observer in ("minmax", "ema"):
+        for observer in ("minmax", "ema", "mean"):
             for a, b in zip(getattr(st, observer).range(), getattr(split.stats[key], observer).range()):
                 np.testing.assert_array_equal(a, b)
     for key, xtx in whole.xtx.items():

@@ -55,8 +55,8 @@ def test_mean_observer_weighs_every_sample_alike():
 
 
 def test_auto_observer_by_bits():
-    assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == ["mean", "mean", "mean", "minmax", "minmax"]
-    assert observer_for("mean", 8) == "mean" and observer_for("ema", 8) == "ema"
+    assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == [("mean", 1.0)] * 3 + [("minmax", 1.5)] * 2
+    assert observer_for("mean", 8) == ("mean", 1.0) and observer_for("ema", 8) == ("ema", 1.0)
 
 
 def _sklearn_plan(data, k):

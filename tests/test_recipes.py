@@ -68,11 +68,11 @@ def test_auto_observer_takes_min_max_at_8_bit_points_and_the_mean_below():
     config = CompileConfig(preset="W4A4", quant=QuantSpec.for_preset("W4A4", observer="auto"))
     choices = point_choices(config, rope=False, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
     # the norm outputs are quantized to max(8, abits) bits, the rest to 4
-    assert choices["R1"].endswith(", min/max") and choices["R4"].endswith(", min/max")
+    assert choices["R1"].endswith(", min/max widened 1.5×") and choices["R4"].endswith(", min/max widened 1.5×")
     assert all(choices[p].endswith("mean of per-window min/max") for p in ("R2", "R3", "R5"))
     a8 = CompileConfig(preset="W8A8", quant=QuantSpec.for_preset("W8A8", observer="auto"))
     choices = point_choices(a8, rope=False, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
-    assert all(choices[p].endswith(", min/max") for p in ("R1", "R2", "R3", "R4", "R5"))
+    assert all(choices[p].endswith(", min/max widened 1.5×") for p in ("R1", "R2", "R3", "R4", "R5"))
 
 
 def test_default_recipe_picks_fused_kv_clusters_only_where_none_were_given():
