@@ -48,12 +48,14 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return out
 
 
-def _bypassed(model: onnx.ModelProto, points) -> onnx.ModelProto:
-    """The graph with every activation Q/DQ removed (readers of ``.dq`` read the input again)."""
+def bypassed(model: onnx.ModelProto, points) -> onnx.ModelProto:
+    """The graph with the activation Q/DQ of ``points`` (from ``qdq_points``) removed: readers of ``.dq``
+    read the input again."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     rename = {dq: src for _, _, src, dq in points}
-    keep = [n for n in out.graph.node if not n.name.startswith(QDQ_PREFIX)]
+    prefixes = tuple(f"{QDQ_PREFIX}L{layer}.{tap}." for layer, tap, _, _ in points)
+    keep = [n for n in out.graph.node if not n.name.startswith(prefixes)]
     rename_inputs(keep, rename)
     del out.graph.node[:]
     out.graph.node.extend(keep)
@@ -80,7 +82,7 @@ def point_errors(model_path: str | os.PathLike, windows: np.ndarray) -> dict:
     quant_names = [n for _, _, src, dq in points for n in (src, dq)]
     float_names = [src for _, _, src, _ in points]
     quant = make_session(_with_outputs(model, quant_names).SerializeToString(), external_data_dir=path.parent)
-    flt = make_session(_with_outputs(_bypassed(model, points), float_names).SerializeToString(),
+    flt = make_session(_with_outputs(bypassed(model, points), float_names).SerializeToString(),
                        external_data_dir=path.parent)
     sums: dict[tuple[int, str], list[float]] = {}
     kl_total, agree, tokens = 0.0, 0, 0

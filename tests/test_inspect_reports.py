@@ -112,3 +112,17 @@ def test_inspect_labels_what_was_compiled(compiled_text_opt, text_opt, tmp_path)
     out = compile_model(str(text_opt), tmp_path / "tensor", config, progress=False).model_path.parent
     table = format_table(describe(out))
     assert "R2 k=1 (one scale per tensor)" in table and "k=2" not in table
+
+
+def test_point_cost_tool_leaves_one_kind_of_point_in_float_at_a_time(compiled_text_opt, capsys):
+    from rptq_onnx.tools.bench_point_cost import main
+
+    folder = compiled_text_opt("W4A4")
+    before = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+    assert main([str(folder), "--max-tokens", "512", "--seqlen", "64", "--groups", "fc2_in,q+k+v,nothing"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    base = float(rows["(as compiled)"].split(" | ")[1])
+    for group in ("fc2_in", "q+k+v"):  # a float point changes the model's perplexity
+        assert float(rows[group].split(" | ")[1]) != base
+    assert "no such point" in rows["nothing"]
+    assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == before  # the compiled model is untouched
