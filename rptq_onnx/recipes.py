@@ -8,8 +8,8 @@
   K symmetric), and each layer calibrated on the quantized outputs of the layers before it
   (``--propagate quantized``, a layer-wise compile).
 - ``default`` — rptq-onnx's choices, each measured against ``paper`` on sotu-test and on held-out
-  text (README): activation ranges by the point's bits (``--observer auto``: plain min/max at 8 bits
-  and more, the mean of the calibration windows' ranges below), weights that sit on a grid keep it
+  text (README): activation ranges by the point's bits (``--observer auto``: the calibration min/max
+  widened by half at 8 bits and more, the mean of the windows' ranges below), weights that sit on a grid keep it
   (``--source-grid keep``), weight-only 4-bit in groups of 128, an 8-bit vocabulary table wherever
   weights are quantized, and under fused attention (the KV presets' default) a symmetric K
   clustered freely on its amplitude, with more K and fewer V clusters (``FUSED_KV_CLUSTERS``).
@@ -46,9 +46,10 @@ DEFAULT_FLAGS = {"observer": "auto", "clusters": None, "weight_quant": "gptq", "
 # The default recipe's clusters per K/V head for fused attention's low-bit cache (symmetric K clustered on
 # its amplitude, asymmetric V), by K/V bits, where no --clusters is given. The cache keeps a scale per
 # channel whatever the clusters, so they cost nothing at run time; they only set how ranges are shared.
-# Measured on SmolLM2 (first 16,384 tokens; sotu-test / held-out python-docs, FP 23.93 / 16.22): at 4
-# bits the reference's 4/4 gave 25.03 / 17.49, R2=8,R3=2 24.84 / 17.20, per channel 25.16 / 17.42
-# (auto ranges); at 3 bits 4/4 gave 38.38 / 26.60, R2=8,R3=8 34.47 / 24.42, per channel 30.93 / 22.41.
+# Measured on SmolLM2 (first 16,384 tokens; sotu-test / held-out python-docs, FP 23.93 / 16.22; EMA
+# ranges unless said): at 4 bits the reference's 4/4 gave 25.03 / 17.49, R2=8,R3=2 24.84 / 17.20 (auto
+# ranges 24.88 / 17.35), per channel with auto ranges 25.16 / 17.42; at 3 bits 4/4 gave 38.38 / 26.60,
+# R2=8,R3=8 34.47 / 24.42, per channel 30.93 / 22.41 (auto ranges 30.82 / 22.60). README.
 FUSED_KV_CLUSTERS = {4: {"R2": 8, "R3": 2}, 3: {"R2": "ch", "R3": "ch"}}
 
 
