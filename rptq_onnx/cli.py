@@ -413,10 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the reference uses 2048)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per ORT run (default {d.batch_size})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing windows (default 0)")
+    from rptq_onnx.recipes import FUSED_KV_CLUSTERS
+
+    fused_kv = "; ".join(f"{','.join(f'{p}={k}' for p, k in c.items())} at {bits} bits"
+                         for bits, c in FUSED_KV_CLUSTERS.items())
     p.add_argument("--clusters", default=None, metavar="R1=32,R2=4,...",
                    help="KMeans clusters per point; defaults R1=32,R2=4,R3=4,R4=32,R5=32 (R2/R3 per (K/V) head; "
-                        "under fused attention the default recipe takes R2=8,R3=2 for a 4-bit cache and one "
-                        "cluster per channel for a 3-bit one, rptq_onnx/recipes.py); all=K sets all; K=ch is one cluster per channel, K=tensor one scale "
+                        f"under fused attention the default recipe takes {fused_kv}, "
+                        "rptq_onnx/recipes.py); all=K sets all; K=ch is one cluster per channel, K=tensor one scale "
                         "per tensor")
     p.add_argument("--layout", default="zero-copy", choices=LAYOUTS,
                    help="zero-copy (default): R1/R4 (and Llama's R2) stay in original order, no runtime copies; "
