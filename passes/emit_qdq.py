@@ -11,6 +11,12 @@ quantized in the channel-major layout the KV cache uses, [B, H·D, S] with axis 
 Transpose → Reshape → Q → [Clip] → DQ → Reshape → Transpose (the reshapes are named
 ``rptq.layout.<tag>.*``, so bypassing the ``rptq.qdq.*`` nodes leaves an identity).
 
+A point quantized per row (the softmax output P under ``--softmax-scale row``) is divided by its
+row's maximum before Q/DQ and multiplied by it after: ReduceMax → Div → Q → DQ → Mul, also named
+``rptq.layout.<tag>.*``. For P that quantizes exp(s − max s) at the fixed step 1/255 and normalizes
+after, as int8 flash-attention kernels do: a row's step is its largest probability / 255, finer than
+1/255 wherever no key takes all the weight.
+
 On ONNX Runtime's CPU and CUDA providers this is *simulated* quantization: the values are
 rounded to the low-bit grid, but the following MatMul still runs in float.
 """
@@ -39,6 +45,7 @@ class QuantPoint:
     qparams: QParams
     per_tensor: bool = False  # a scalar scale/zero point (the softmax output's fixed 1/255)
     heads: int = 0  # > 0: ``tensor`` is [B, heads, S, D]; qparams has one entry per head·D + d
+    row_max: bool = False  # divide by each row's maximum (last axis) before Q/DQ, multiply after
 
     def dequantized(self) -> str:
         return f"{QDQ_PREFIX}{self.tag}.dq"
@@ -100,6 +107,9 @@ def _emit_point(g: onnx.GraphProto, p: QuantPoint) -> tuple[list[onnx.NodeProto]
     if p.heads:
         source, dq_out = f"{LAYOUT_PREFIX}{p.tag}.channels", f"{LAYOUT_PREFIX}{p.tag}.back"
         nodes += _to_channels(g, p, source)
+    if p.row_max:
+        source, dq_out = f"{LAYOUT_PREFIX}{p.tag}.relative", f"{LAYOUT_PREFIX}{p.tag}.back"
+        nodes += _to_row_max(g, p, source)
     q_out = f"{prefix}.q"
     nodes.append(helper.make_node("QuantizeLinear", [source, f"{prefix}.scale", f"{prefix}.zero_point"], [q_out],
                                   name=f"{prefix}.quantize", **axis))
@@ -113,7 +123,19 @@ def _emit_point(g: onnx.GraphProto, p: QuantPoint) -> tuple[list[onnx.NodeProto]
                                   [p.dequantized()], name=f"{prefix}.dequantize", **axis))
     if p.heads:
         nodes += _from_channels(g, p, dq_out)
+    if p.row_max:
+        t = f"{LAYOUT_PREFIX}{p.tag}"
+        nodes.append(helper.make_node("Mul", [p.dequantized(), f"{t}.row_max"], [dq_out], name=f"{t}.rescale"))
     return nodes, dq_out
+
+
+def _to_row_max(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:
+    """``tensor`` / its maximum along the last axis (kept as ``rptq.layout.<tag>.row_max`` for the way back)."""
+    t = f"{LAYOUT_PREFIX}{p.tag}"
+    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{t}.last_axis"))
+    return [helper.make_node("ReduceMax", [p.tensor, f"{t}.last_axis"], [f"{t}.row_max"], keepdims=1,
+                             name=f"{t}.reduce_max"),
+            helper.make_node("Div", [p.tensor, f"{t}.row_max"], [out], name=f"{t}.divide")]
 
 
 def _to_channels(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:

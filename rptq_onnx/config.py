@@ -28,6 +28,7 @@ WEIGHT_QUANT = ("gptq", "rtn")
 OBSERVERS = ("ema", "minmax", "mean", "auto")  # rptq_onnx/observers.py (auto: by the point's bits)
 LAYOUTS = ("zero-copy", "contiguous")
 SOURCE_GRID = ("keep", "requantize")
+SOFTMAX_SCALES = ("row", "fixed")  # the softmax output P: step max(row)/255, or 1/255 (the reference)
 RECIPES = ("default", "paper")  # rptq_onnx/recipes.py
 # fused: one com.microsoft:GroupQueryAttention per layer over the (low-bit) cache; auto: fused for the KV
 # presets on graphs with a cache, else eager (compile.resolve_attention)
@@ -155,6 +156,7 @@ class QuantSpec:
     head_bits: int = 16  # token embedding + LM head (passes/quantize_head.py); 16: float
     source_grid: str = "keep"  # weights already on a wbits grid keep their codes (rptq_onnx/source_grid.py)
     accuracy_level: int = 0  # 4-bit MatMulNBits: 0 = float GEMM on the exact codes; 4 = int8 inputs, integer GEMM
+    softmax_scale: str = "row"  # SOFTMAX_SCALES; passes/emit_qdq.py (row_max)
 
     def __post_init__(self):
         if self.wbits not in WBITS:
@@ -167,6 +169,8 @@ class QuantSpec:
             raise RptqError(f"--observer {self.observer} is unknown; use {', '.join(OBSERVERS)}")
         if self.accuracy_level not in (0, 4):
             raise RptqError(f"--accuracy-level {self.accuracy_level}: use 4 (int8 inputs) or 0 (float)")
+        if self.softmax_scale not in SOFTMAX_SCALES:
+            raise RptqError(f"--softmax-scale {self.softmax_scale} is unknown; use {' or '.join(SOFTMAX_SCALES)}")
         if self.source_grid not in SOURCE_GRID:
             raise RptqError(f"--source-grid {self.source_grid} is unknown; use keep or requantize")
         if self.head_bits not in HEAD_BITS:

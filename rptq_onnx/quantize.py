@@ -7,7 +7,8 @@ Which tensor gets which bits (the reference's choices):
           Llama: after RoPE, [B, H, S, D])
     v (v_proj output), R3 out_proj input         abits           clusters R3 (per K/V head)
     R5 fc2 / down_proj input                     abits           clusters R5
-    softmax output P                             max(8, abits)   fixed scale 1/255 on [0, 1]
+    softmax output P                             max(8, abits)   fixed scale 1/255 on [0, 1] (the reference),
+                                                                 or per row on P / max(row) (--softmax-scale row)
     KV-only presets: only k and v                abits
     with-past graphs: the cache (present/past)   abits, the k / v scales, stored as uint4/uint8
 
@@ -95,7 +96,8 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
                                      heads=heads.get(tap, 0)))
         if not q.kv_only:
             p = QParams(scale=np.array([1 / 255], np.float32), zero_point=np.array([0]), bits=8)
-            points.append(QuantPoint(tag=f"L{i}.P", tensor=fl.softmax_output, qparams=p, per_tensor=True))
+            points.append(QuantPoint(tag=f"L{i}.P", tensor=fl.softmax_output, qparams=p, per_tensor=True,
+                                     row_max=q.softmax_scale == "row"))
     return points
 
 

@@ -9,7 +9,8 @@
   (``--propagate quantized``, a layer-wise compile).
 - ``default`` — rptq-onnx's choices, each measured against ``paper`` on sotu-test and on held-out
   text (README): activation ranges by the point's bits (``--observer auto``: the calibration min/max
-  widened by half at 8 bits and more, the mean of the windows' ranges below), weights that sit on a grid keep it
+  widened by half at 8 bits and more, the mean of the windows' ranges below), the softmax output quantized per
+  row relative to the row's largest probability (``--softmax-scale row``), weights that sit on a grid keep it
   (``--source-grid keep``), weight-only 4-bit in groups of 128, an 8-bit vocabulary table wherever
   weights are quantized, and under fused attention (the KV presets' default) a symmetric K
   clustered freely on its amplitude, with more K and fewer V clusters (``FUSED_KV_CLUSTERS``).
@@ -37,10 +38,12 @@ PAPER_FLAGS = {
     "head_bits": (16, "16"),
     "attention": ("eager", "eager"),
     "propagate": ("quantized", "quantized"),
+    "softmax_scale": ("fixed", "fixed"),
 }
 # the defaults of those flags under the default recipe (None: the preset decides)
 DEFAULT_FLAGS = {"observer": "auto", "clusters": None, "weight_quant": "gptq", "group_size": None,
-                 "source_grid": "keep", "head_bits": None, "attention": "auto", "propagate": "float"}
+                 "source_grid": "keep", "head_bits": None, "attention": "auto", "propagate": "float",
+                 "softmax_scale": "row"}
 
 
 # The default recipe's clusters per K/V head for fused attention's low-bit cache (symmetric K clustered on
@@ -107,7 +110,8 @@ def point_choices(config, rope: bool, amplitude_key: bool, skipped: frozenset[st
         else:
             out[point] = f"{what} on (max, min), {ranges}"
     if q.quantizes_activations and not q.kv_only:
-        out["P"] = "softmax output at a fixed scale 1/255"
+        out["P"] = ("softmax output at a fixed scale 1/255" if q.softmax_scale == "fixed" else
+                    "softmax output at each row's maximum / 255 (exp(s − max) at 1/255, normalized after)")
     if q.quantizes_weights:
         group = f"groups of {q.group_size}" if q.group_size else "per output channel"
         algo = f"{q.weight_quant.upper() if q.weight_quant == 'gptq' else 'RTN'} {group}"

@@ -20,7 +20,7 @@ import onnx
 from rptq_onnx.anatomy import Linear, Norm, DecoderLayer
 from rptq_onnx.graph import GraphIndex
 from rptq_onnx.quant import dequantized_weight
-from rptq_onnx.vocabulary import QDQ_PREFIX
+from rptq_onnx.vocabulary import LAYOUT_PREFIX, QDQ_PREFIX
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class LayerReference:
                 self.qdq[tag] = RefQDQ(self.const(node.input[1]).astype(np.float32),
                                        self.const(node.input[2]).astype(np.int64), qmax)
                 self.qdq_input[tag] = node.input[0]
+        # points quantized relative to each row's maximum (passes/emit_qdq.py, the softmax output's default)
+        self.row_max = {tag for tag in self.qdq if f"{LAYOUT_PREFIX}L{layer.index}.{tag}.rescale" in self.g.node_by_name}
 
     def const(self, name: str) -> np.ndarray:
         return np.asarray(self.g.constant_value(name))
@@ -80,7 +82,12 @@ class LayerReference:
         return (y + self.const(norm.bias) if norm.bias else y).astype(np.float32)
 
     def q(self, tag: str, x: np.ndarray) -> np.ndarray:
-        return self.qdq[tag](x) if tag in self.qdq else x
+        if tag not in self.qdq:
+            return x
+        if tag in self.row_max:
+            top = x.max(-1, keepdims=True)
+            return self.qdq[tag](x / top) * top
+        return self.qdq[tag](x)
 
     def forward(self, x: np.ndarray, scaling: float) -> np.ndarray:
         """Layer output for input ``x`` [B, S, C] (causal attention, no padding, no past)."""

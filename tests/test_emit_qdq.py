@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from rptq_onnx.passes.emit_qdq import QuantPoint, emit_qdq
-from rptq_onnx.quant import activation_qparams, fake_quant
+from rptq_onnx.quant import QParams, activation_qparams, fake_quant
 from rptq_onnx.runtime import make_session
 
 
@@ -65,3 +65,33 @@ def test_per_tensor_point_uses_a_scalar():
     model, _ = emit_qdq(_graph(1), [QuantPoint("L0.P", "y", qp, per_tensor=True)])
     scale = next(t for t in model.graph.initializer if t.name.endswith("scale"))
     assert list(scale.dims) == []
+
+
+def test_row_max_point_quantizes_each_row_relative_to_its_maximum():
+    # softmax-like rows: one row spread thin (max 0.05), one with a sink (max 0.9)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    logits[1, :, 0] += 8.0
+    y = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    qp = QParams(scale=np.array([1 / 255], np.float32), zero_point=np.array([0]), bits=8)  # as quantize.py sets P
+    point = QuantPoint("L0.P", "y", qp, per_tensor=True, row_max=True)
+    model, _ = emit_qdq(_graph(64), [point])
+    onnx.checker.check_model(model, full_check=True)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["ReduceMax"] == 1 and ops["Div"] == 1 and ops["Mul"] == 1
+    ident = helper.make_graph([helper.make_node("Identity", ["x"], ["y"], name="id"),
+                               *[n for n in model.graph.node if n.name != "relu"]], "g", model.graph.input,
+                              model.graph.output, list(model.graph.initializer))
+    sess = make_session(helper.make_model(ident, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+                        .SerializeToString())
+    o1, _ = sess.run(None, {"x": y})
+    row_max = y.max(-1, keepdims=True)
+    np.testing.assert_allclose(-o1, np.round(y / row_max * 255) / 255 * row_max, rtol=1e-6, atol=1e-9)
+    fixed = np.round(y * 255) / 255
+    assert np.abs(-o1 - y).sum() < 0.5 * np.abs(fixed - y).sum()  # finer than the fixed 1/255 grid
+
+    from rptq_onnx.point_error import bypassed, qdq_points
+    float_model = bypassed(helper.make_model(ident, opset_imports=[helper.make_opsetid("", 21)], ir_version=10),
+                           qdq_points(model))
+    o1, _ = make_session(float_model.SerializeToString()).run(None, {"x": y})
+    np.testing.assert_allclose(-o1, y, rtol=1e-6)  # what is left without the Q/DQ is an identity

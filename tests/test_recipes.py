@@ -19,12 +19,14 @@ def test_default_recipe_keeps_what_was_given_and_fills_the_rest():
     flags = recipe_flags("default", {**NONE, "observer": "minmax", "group_size": 32})
     assert flags["observer"] == "minmax" and flags["group_size"] == 32
     assert flags["source_grid"] == "keep" and flags["attention"] == "auto" and flags["weight_quant"] == "gptq"
+    assert flags["softmax_scale"] == "row"
 
 
 def test_paper_recipe_fixes_the_reference_choices():
     flags = recipe_flags("paper", NONE)
     assert flags == {"observer": "ema", "clusters": None, "weight_quant": "gptq", "group_size": 0,
-                     "source_grid": "requantize", "head_bits": 16, "attention": "eager", "propagate": "quantized"}
+                     "source_grid": "requantize", "head_bits": 16, "attention": "eager", "propagate": "quantized",
+                     "softmax_scale": "fixed"}
     # the same value as the recipe's is no conflict
     assert recipe_flags("paper", {**NONE, "observer": "ema", "clusters": "R2=4"}) == flags
 
@@ -33,7 +35,8 @@ def test_paper_recipe_fixes_the_reference_choices():
                                                   ("clusters", "R1=8", "--clusters R1=32"),
                                                   ("attention", "fused", "--attention eager"),
                                                   ("source_grid", "keep", "--source-grid requantize"),
-                                                  ("propagate", "float", "--propagate quantized")])
+                                                  ("propagate", "float", "--propagate quantized"),
+                                                  ("softmax_scale", "row", "--softmax-scale fixed")])
 def test_paper_recipe_refuses_a_flag_it_overrides(flag, value, fragment):
     with pytest.raises(RptqError, match=fragment):
         recipe_flags("paper", {**NONE, flag: value})
@@ -58,7 +61,8 @@ def test_point_choices_say_what_each_point_got():
     assert choices["R1"].startswith("not clustered")
     assert "amplitude" in choices["R2"] and "one cluster per channel" in choices["R3"]
     assert "source grid kept" in choices["weights"] and "P" not in choices  # KV-only: no softmax point
-    paper = CompileConfig(recipe="paper", preset="W4A4", quant=QuantSpec.for_preset("W4A4", group_size=0))
+    paper = CompileConfig(recipe="paper", preset="W4A4", quant=QuantSpec.for_preset("W4A4", group_size=0,
+                                                                                    softmax_scale="fixed"))
     choices = point_choices(paper, rope=True, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
     assert "RoPE pairs" in choices["R2"] and choices["P"].endswith("1/255")
     assert choices["weights"] == "GPTQ per output channel"
@@ -97,3 +101,18 @@ def test_cli_reports_the_clusters_the_recipe_chose(tmp_path, text_llama):
     assert "R2=8,R3=2" in out.stdout and "attention fused" in out.stdout
     report = json.loads((tmp_path / "kv" / "report.json").read_text())
     assert report["config"]["clusters"]["R2"] == 8 and "8 clusters per K/V head" in report["recipe"]["choices"]["R2"]
+
+
+@pytest.mark.parametrize("recipe,row", [("default", True), ("paper", False)])
+def test_softmax_scale_follows_the_recipe(tmp_path, text_llama, recipe, row):
+    import onnx
+
+    out = run_cli("compile", text_llama, "-o", tmp_path / "a8", "--preset", "W4A8", "--wbits", "16", "--recipe", recipe,
+                  "--calib", "random", "--nsamples", "2", "--seqlen", "16", "-q")
+    assert out.returncode == 0, out.stderr
+    graph = onnx.load(str(tmp_path / "a8" / "model.onnx"), load_external_data=False).graph
+    layers = json.loads((tmp_path / "a8" / "config.json").read_text())["num_hidden_layers"]
+    p_rescales = [n for n in graph.node if n.name.startswith("rptq.layout.") and n.name.endswith(".P.rescale")]
+    assert len(p_rescales) == (layers if row else 0)
+    choice = json.loads((tmp_path / "a8" / "report.json").read_text())["recipe"]["choices"]["P"]
+    assert ("row's maximum" in choice) == row and choice.endswith("1/255" if not row else "normalized after)")

@@ -20,13 +20,14 @@ DEFAULT_GROUPS = "P,out_in,fc2_in,attn_ln+ffn_ln,q+k+v"
 
 
 def _variant(folder: Path, model, out: Path) -> Path:
-    """``model`` saved as out/model.onnx beside links to every other file of the compiled ``folder``."""
+    """``model`` saved as out/model.onnx beside hard links to every other file of the compiled ``folder`` (ONNX
+    Runtime refuses external data that a symbolic link places outside the model's directory)."""
     import onnx
 
     out.mkdir()
     for f in folder.iterdir():
-        if f.name != "model.onnx":
-            os.symlink(f.resolve(), out / f.name)
+        if f.name != "model.onnx" and f.is_file():
+            os.link(f, out / f.name)
     onnx.save(model, str(out / "model.onnx"))
     return out / "model.onnx"
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = ppl(path)
     rows = [("(as compiled)", base)]
-    with tempfile.TemporaryDirectory(prefix="rptq-point-cost-") as tmp:
+    print(f"{'(as compiled)':16s} {base:.3f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix=".rptq-point-cost-", dir=path.parent.parent) as tmp:  # same file system
         for group in args.groups.split(","):
             taps = set(group.split("+"))
             chosen = [p for p in points if p[1] in taps]

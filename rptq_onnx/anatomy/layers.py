@@ -47,7 +47,7 @@ def match_layer(index: GraphIndex, shapes: dict[str, list], layer: int, softmax:
         raise m.fail("no QKᵀ MatMul before the attention Softmax")
     qk = found[0]
     pv_hit = m.forward_to(softmax.output[0], lambda n: m.is_dynamic_matmul(n),
-                          through={"Cast", "Identity", "Dropout", "Where"} | QDQ_OPS)
+                          through={"Cast", "Identity", "Dropout", "Where", "Div", "Mul"} | QDQ_OPS)  # Div/Mul: a per-row P
     if pv_hit is None or pv_hit[1] != 0:
         raise m.fail("no PV MatMul after the attention Softmax")
     pv = pv_hit[0]
