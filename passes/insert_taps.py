@@ -19,6 +19,10 @@ For Llama the quantized q and k *are* the QKᵀ inputs (after RoPE; k before its
 K/V-head channels): ``q`` / ``k`` are tapped once there, [B, H, S, D], and ``q_attn`` /
 ``k_attn`` name the same statistics (``Tap.aliases``).
 
+With ``sample_taps`` (names from ``SAMPLED_TAPS``) it also adds, for each of those taps, every
+``sample_every``-th token's channels as [B, S/k, C] (``.sample``): the values a range search
+(rptq_onnx/range_search.py) fits its clipping on.
+
 With ``hessians=True`` it also adds, for the input of each linear group (``vocabulary.HESSIAN_TAPS``),
 ``Xᵀ·X`` over all tokens of the batch ([C, C]): GPTQ's Hessian, summed by the caller.
 Outputs are named ``rptq.tap.L{layer}.{tap}.{max|min|xtx}``.
@@ -36,6 +40,10 @@ from rptq_onnx.anatomy import DecoderLayer
 from rptq_onnx.graph import GraphIndex, keep_initializers
 from rptq_onnx.passes.base import Pass, PassResult, copy_model
 from rptq_onnx.vocabulary import HESSIAN_TAPS, TAP_PREFIX
+
+
+SAMPLED_TAPS = ("attn_ln", "q", "k", "v", "out_in", "ffn_ln", "fc2_in")  # the taps quantized as Q/DQ points
+_ALL = 2 ** 62  # Slice's "to the end"
 
 
 @dataclass(frozen=True)
@@ -86,8 +94,10 @@ class InsertTaps(Pass[TapReport]):
     name = "insert_taps"
     in_place = False  # calibration taps a skeleton that compile goes on to fold
 
-    def __init__(self, layers: list[DecoderLayer], batch_source: str = "input_ids", hessians: bool = False):
+    def __init__(self, layers: list[DecoderLayer], batch_source: str = "input_ids", hessians: bool = False,
+                 sample_taps: frozenset[str] = frozenset(), sample_every: int = 4):
         self.layers, self.batch_source, self.hessians = layers, batch_source, hessians
+        self.sample_taps, self.sample_every = sample_taps, sample_every
 
     def requires(self, model: onnx.ModelProto) -> str | None:
         if self.batch_source not in {i.name for i in model.graph.input}:
@@ -108,6 +118,9 @@ class InsertTaps(Pass[TapReport]):
         const(f"{TAP_PREFIX}axes2", [2])
         const(f"{TAP_PREFIX}axes3", [3])
         const(f"{TAP_PREFIX}flat2", [0, -1])
+        const(f"{TAP_PREFIX}tokens3", [0, 0, -1])
+        for name, value in (("zero", [0]), ("all", [_ALL]), ("every", [self.sample_every])):
+            const(f"{TAP_PREFIX}{name}", value)
         batch = f"{TAP_PREFIX}batch"
         nodes.append(helper.make_node("Shape", [self.batch_source], [batch], start=0, end=1, name=batch))
         del g.output[:]
@@ -129,6 +142,9 @@ class InsertTaps(Pass[TapReport]):
                     nodes.append(helper.make_node("Reshape", [reduced, f"{TAP_PREFIX}flat2"], [tap.output(stat)],
                                                   name=tap.output(stat)))
                 g.output.append(helper.make_tensor_value_info(tap.output(stat), onnx.TensorProto.FLOAT, None))
+            if tap.name in self.sample_taps and tap.layout != "bhdt":
+                nodes += _sample(tap, src, prefix)
+                g.output.append(helper.make_tensor_value_info(tap.output("sample"), onnx.TensorProto.FLOAT, None))
             if self.hessians and tap.name in HESSIAN_TAPS:
                 flat = const(f"{prefix}.flat", [-1, tap.channels])
                 nodes += [helper.make_node("Reshape", [tap.tensor, flat], [f"{prefix}.x2d"], name=f"{prefix}.x2d"),
@@ -143,12 +159,26 @@ class InsertTaps(Pass[TapReport]):
 
 
 def insert_taps(model: onnx.ModelProto, layers: list[DecoderLayer], batch_source: str = "input_ids",
-                hessians: bool = False) -> tuple[onnx.ModelProto, list[Tap]]:
-    """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums).
+                hessians: bool = False, sample_taps: frozenset[str] = frozenset(),
+                sample_every: int = 4) -> tuple[onnx.ModelProto, list[Tap]]:
+    """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums, token samples).
 
     ``model`` is not modified."""
-    result = InsertTaps(layers, batch_source, hessians).run(model)
+    result = InsertTaps(layers, batch_source, hessians, sample_taps, sample_every).run(model)
     return result.model, result.report.taps
+
+
+def _sample(tap: Tap, src: str, prefix: str) -> list[onnx.NodeProto]:
+    """Every k-th token of ``src`` ([B, S, C], or [B, H, S, D] for "bhsd") as [B, S/k, C] (channel h·D + d)."""
+    axis = f"{TAP_PREFIX}axes2" if tap.layout == "bhsd" else f"{TAP_PREFIX}axes1"
+    picked = tap.output("sample") if tap.layout != "bhsd" else f"{prefix}.picked"
+    nodes = [helper.make_node("Slice", [src, f"{TAP_PREFIX}zero", f"{TAP_PREFIX}all", axis, f"{TAP_PREFIX}every"],
+                              [picked], name=picked)]
+    if tap.layout == "bhsd":
+        nodes += [helper.make_node("Transpose", [picked], [f"{prefix}.bshd"], perm=[0, 2, 1, 3], name=f"{prefix}.bshd"),
+                  helper.make_node("Reshape", [f"{prefix}.bshd", f"{TAP_PREFIX}tokens3"], [tap.output("sample")],
+                                   name=tap.output("sample"))]
+    return nodes
 
 
 def _prune(model: onnx.ModelProto) -> None:

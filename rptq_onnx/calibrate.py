@@ -18,7 +18,7 @@ from rptq_onnx.anatomy import DecoderLayer
 from rptq_onnx.config import CalibConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import save_model, weights_loaded
-from rptq_onnx.observers import ChannelStats
+from rptq_onnx.observers import SAMPLE_EVERY, ChannelStats
 from rptq_onnx.outdir import work_dir
 from rptq_onnx.passes.insert_taps import Tap, insert_taps
 from rptq_onnx.runtime import feeds_for, make_session, run_into
@@ -70,14 +70,16 @@ class Calibration:
 
 
 def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int = 4,
-              progress: bool = True, model_dir: Path | None = None, hessians: bool = False) -> Calibration:
+              progress: bool = True, model_dir: Path | None = None, hessians: bool = False,
+              sample_taps: frozenset[str] = frozenset()) -> Calibration:
     """Per-channel range statistics for every tap of every layer, keyed by (layer, tap name).
 
     ``model`` may be a skeleton loaded without its external weights (``model_dir`` is where
     they are): ONNX Runtime then reads the weights itself and Python never holds a copy. The session
     runs as the layer-wise compile's do (no arena, no prepacked weights), so both give the same numbers.
+    ``sample_taps``: also keep every ``SAMPLE_EVERY``-th token at those taps (``ChannelStats.sample``).
     """
-    tapped, taps = insert_taps(model, layers, hessians=hessians)
+    tapped, taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps, sample_every=SAMPLE_EVERY)
     result = _empty_result(taps)
     with work_dir("calib") as tmp:
         if weights_loaded(tapped):
@@ -110,7 +112,10 @@ def _empty_result(taps: list[Tap]) -> Calibration:
 def _absorb(result: Calibration, taps: list[Tap], values: dict[str, np.ndarray], hessians: bool) -> None:
     """One batch's tap outputs into the observers (and the XᵀX sums)."""
     for tap in taps:
-        result.stats[(tap.layer, tap.name)].update(values[tap.output("max")], values[tap.output("min")])
+        stats = result.stats[(tap.layer, tap.name)]
+        stats.update(values[tap.output("max")], values[tap.output("min")])
+        if tap.output("sample") in values:
+            stats.add_sample(values[tap.output("sample")].reshape(-1, tap.channels))
         if hessians and tap.name in HESSIAN_TAPS:
             key = (tap.layer, tap.name)
             add = values[tap.output("xtx")]
@@ -126,9 +131,11 @@ def _xtx_buffers(taps: list[Tap], hessians: bool) -> dict[str, np.ndarray]:
             for tap in taps if hessians and tap.name in HESSIAN_TAPS}
 
 
-def tap_outputs(taps: list[Tap], hessians: bool) -> list[str]:
-    return [tap.output(stat) for tap in taps for stat in ("max", "min", "xtx")
-            if stat != "xtx" or (hessians and tap.name in HESSIAN_TAPS)]
+def tap_outputs(taps: list[Tap], hessians: bool, outputs: set[str] | frozenset = frozenset()) -> list[str]:
+    """The tapped graph's outputs for ``taps``: max/min, XᵀX where asked for, samples where ``outputs`` has them."""
+    return [tap.output(stat) for tap in taps for stat in ("max", "min", "xtx", "sample")
+            if stat in ("max", "min") or (stat == "xtx" and hessians and tap.name in HESSIAN_TAPS)
+            or (stat == "sample" and tap.output(stat) in outputs)]
 
 
 class LayerwiseCalibration:
@@ -138,11 +145,13 @@ class LayerwiseCalibration:
     ``result``; a layer's XᵀX sums can be dropped once its weights are quantized."""
 
     def __init__(self, model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int,
-                 model_dir: Path | None, hessians: bool = False):
+                 model_dir: Path | None, hessians: bool = False, sample_taps: frozenset[str] = frozenset()):
         from rptq_onnx.layerwise import LayerStream, find_cut
 
         self.layers, self.hessians, self.model_dir = layers, hessians, model_dir
-        self.tapped, self.taps = insert_taps(model, layers, hessians=hessians)
+        self.tapped, self.taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps,
+                                             sample_every=SAMPLE_EVERY)
+        self.outputs = frozenset(o.name for o in self.tapped.graph.output)
         self.cut = find_cut(model, layers)
         self.stream = LayerStream(model, layers, self.cut, windows, batch_size, model_dir)
         self.result = _empty_result(self.taps)
@@ -155,7 +164,7 @@ class LayerwiseCalibration:
             raise ValueError(f"the stream is at layer {self.stream.layer}, not {i}")
         taps = [t for t in self.taps if t.layer == i]
         last = i == len(self.layers) - 1
-        wanted = tap_outputs(taps, self.hessians) + ([] if last else [self.cut.outputs[i]])
+        wanted = tap_outputs(taps, self.hessians, self.outputs) + ([] if last else [self.cut.outputs[i]])
         out = self.stream.stream if not keep_input else []
         for b, (_, values) in enumerate(self.stream.run(self.tapped, wanted, into=_xtx_buffers(taps, self.hessians))):
             _absorb(self.result, taps, values, self.hessians)

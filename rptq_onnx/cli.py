@@ -361,9 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "takes the largest power of two ≥ 16 that does")
     p.add_argument("--observer", default=None, choices=OBSERVERS,
                    help="activation ranges: auto (default: at points of 8 bits and more the calibration min/max "
-                        "widened by half, below the mean of the windows' ranges), the reference's EMA min/max (ema, "
-                        "--recipe paper), plain min/max, or mean (each channel's min/max averaged over the "
-                        "calibration windows); rptq_onnx/observers.py")
+                        "widened by half; below, the mean of the windows' ranges at q/K/V and a searched clipping "
+                        "at linear inputs), the reference's EMA min/max (ema, --recipe paper), plain min/max, mean "
+                        "(each channel's min/max averaged over the calibration windows), or mse (each cluster's "
+                        "min/max shrunk to the least squared error on sampled calibration tokens, at every point); "
+                        "rptq_onnx/observers.py")
     p.add_argument("--softmax-scale", default=None, choices=SOFTMAX_SCALES,
                    help="the softmax output P (W*A* presets, 8 bits): row (default: each row divided by its maximum, "
                         "quantized at 1/255 and multiplied back, i.e. exp(s - max) on the fixed grid as int8 "
@@ -417,14 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the reference uses 2048)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per ORT run (default {d.batch_size})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing windows (default 0)")
-    from rptq_onnx.recipes import FUSED_KV_CLUSTERS
+    from rptq_onnx.recipes import EAGER_QKV_CLUSTERS, FUSED_KV_CLUSTERS
 
-    fused_kv = "; ".join(f"{','.join(f'{p}={k}' for p, k in c.items())} at {bits} bits"
-                         for bits, c in FUSED_KV_CLUSTERS.items())
+    def by_bits(table):
+        return "; ".join(f"{','.join(f'{p}={k}' for p, k in c.items())} at {bits} bits" for bits, c in table.items())
     p.add_argument("--clusters", default=None, metavar="R1=32,R2=4,...",
                    help="KMeans clusters per point; defaults R1=32,R2=4,R3=4,R4=32,R5=32 (R2/R3 per (K/V) head; "
-                        f"under fused attention the default recipe takes {fused_kv}, "
-                        "rptq_onnx/recipes.py); all=K sets all; K=ch is one cluster per channel, K=tensor one scale "
+                        f"the default recipe takes {by_bits(FUSED_KV_CLUSTERS)} under fused attention and "
+                        f"{by_bits(EAGER_QKV_CLUSTERS)} under eager, rptq_onnx/recipes.py); all=K sets all; K=ch is one cluster per channel, K=tensor one scale "
                         "per tensor")
     p.add_argument("--layout", default="zero-copy", choices=LAYOUTS,
                    help="zero-copy (default): R1/R4 (and Llama's R2) stay in original order, no runtime copies; "

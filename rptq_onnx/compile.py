@@ -128,6 +128,10 @@ def prepare(graph: onnx.ModelProto, layers: list[DecoderLayer], config: CompileC
     return config, hessians
 
 
+def _has_samples(calib: Calibration) -> bool:
+    return any(stats.sample is not None for stats in calib.stats.values())
+
+
 def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, config: CompileConfig,
                   runner: StageRunner | None = None, progress: bool = False, model_path: Path | None = None,
                   calibration: Calibration | None = None, positions: int | None = None) -> Compiled:
@@ -144,9 +148,11 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     runner = runner or StageRunner()
     with runner.stage("calibrate"):
         calib = calibration
-        if calib is None or (hessians and not calib.xtx):
+        samples = quantize.sampled_taps(config)
+        if calib is None or (hessians and not calib.xtx) or (samples and not _has_samples(calib)):
             calib = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
-                              model_dir=model_path.parent if model_path else None, hessians=hessians)
+                              model_dir=model_path.parent if model_path else None, hessians=hessians,
+                              sample_taps=samples)
     with runner.stage("cluster"):
         plans = [plan_layer(layer, calib.stats, config)
                  for layer in tqdm(layers, desc="clustering", unit="layer", disable=not progress or None, leave=False)]

@@ -54,7 +54,8 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
     model = copy_model(graph)  # a skeleton: small tensors only
     resident = {t.name for t in model.graph.initializer if not is_external(t)}
     with runner.stage("prologue"):
-        run = LayerwiseCalibration(graph, layers, windows, config.calib.batch_size, source, hessians)
+        run = LayerwiseCalibration(graph, layers, windows, config.calib.batch_size, source, hessians,
+                                   quantize.sampled_taps(config))
     calib = run.result
     plans, fold, quant = [], FoldReport(layout=config.layout), QuantizationReport(name=config.name)
     spent: dict[str, float] = {}
@@ -93,6 +94,9 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
                     stream = _quantized_stream(run, model, sink, i)
             for key in [k for k in calib.xtx if k[0] == i]:
                 del calib.xtx[key]  # this layer's Hessians are spent (GPTQ used up most; RTN-only linears leave theirs)
+            for key, stats in calib.stats.items():
+                if key[0] == i:
+                    stats.drop_sample()  # and its token samples (--observer mse)
             model = _compact(model, sink, resident)
             run.stream.advance(stream)
     runner.timings.update({k: round(v, 3) for k, v in spent.items()})  # the whole graph's stage names, summed

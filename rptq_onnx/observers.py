@@ -94,13 +94,30 @@ class MeanObserver:
         return self.sum_max / self.samples, self.sum_min / self.samples
 
 
+MAX_SAMPLE_ROWS = 4096  # tokens kept per tap for a range search (32 windows of 512, every 4th: 4,096)
+
+
 class ChannelStats:
-    """Every observer for one tapped tensor."""
+    """Every observer for one tapped tensor, and (when calibration samples tokens) a sample of its values."""
 
     def __init__(self):
         self.minmax = MinMaxObserver()
         self.ema = EmaMinMaxObserver()
         self.mean = MeanObserver()
+        self._rows: list[np.ndarray] = []
+
+    def add_sample(self, rows: np.ndarray) -> None:
+        """Tokens × channels, kept up to MAX_SAMPLE_ROWS in all."""
+        room = MAX_SAMPLE_ROWS - sum(len(r) for r in self._rows)
+        if room > 0:
+            self._rows.append(np.asarray(rows[:room], np.float32))
+
+    def drop_sample(self) -> None:
+        self._rows = []
+
+    @property
+    def sample(self) -> np.ndarray | None:
+        return np.concatenate(self._rows) if self._rows else None
 
     def update(self, sample_max: np.ndarray, sample_min: np.ndarray) -> None:
         self.minmax.update(sample_max, sample_min)
@@ -112,20 +129,36 @@ class ChannelStats:
         return {"ema": self.ema, "minmax": self.minmax, "mean": self.mean}[name]
 
 
+# ``mse``: each cluster's min/max shrunk by the factor of this grid whose Q/DQ has the least squared error on the
+# calibration tokens sampled at that point (rptq_onnx/range_search.py)
+SHRINKS = tuple(round(1.0 - 0.05 * i, 2) for i in range(15))  # 1.0 … 0.3
+SAMPLE_EVERY = 4  # calibration keeps every 4th token of each window at a searched point
+
+
 WIDE_BITS = 8  # ``auto``: from this width up a point takes the plain min/max, widened by WIDE_MARGIN
 WIDE_MARGIN = 1.5
 
 
-def observer_for(name: str, bits: int) -> tuple[str, float]:
-    """(observer, factor on its range) for a point quantized to ``bits`` under ``--observer name``.
+def searched(name: str, bits: int, feeds_linear: bool = True) -> bool:
+    """Does a point of ``bits`` under ``--observer name`` get its clusters' clipping searched (``SHRINKS``)?
+    ``feeds_linear``: the point is a linear layer's input (not q, K or V, which feed attention)."""
+    return name == "mse" or (name == "auto" and bits < WIDE_BITS and feeds_linear)
+
+
+def observer_for(name: str, bits: int, feeds_linear: bool = True) -> tuple[str, float]:
+    """(observer, factor on its range) for a point quantized to ``bits`` under ``--observer name``; for a
+    searched point (``searched``) the range the search starts from.
 
     ``auto``: at 8 bits and above, where rounding costs little and clipping costs much, the calibration
     min/max widened by half: unseen text goes beyond the extremes of the calibration windows (SmolLM2
     W16A8, first 16,384 tokens: EMA +8.0 % over FP on sotu-test and +19.8 % on held-out python-docs,
     min/max +5.7 % / +10.3 %, min/max × 1.5 +2.6 % / +5.2 %). Below 8 bits, the
     mean of the windows' ranges, where a tighter range's finer grid pays, and which unlike the EMA does
-    not depend on the order of the windows (W16A4: mean +99 % / +138 %, auto +94 % / +130 %, EMA +123 % / +155 %).
-    README, *Quality on SmolLM2*."""
+    not depend on the order of the windows (W16A4: mean +99 % / +138 %, auto +94 % / +130 %, EMA +123 % / +155 %),
+    except at the inputs of linear layers, whose clipping is searched per cluster on sampled calibration
+    tokens (rptq_onnx/range_search.py). README, *Quality on SmolLM2*."""
+    if searched(name, bits, feeds_linear):
+        return "minmax", 1.0  # the range searched from
     if name != "auto":
         return name, 1.0
     return ("minmax", WIDE_MARGIN) if bits >= WIDE_BITS else ("mean", 1.0)

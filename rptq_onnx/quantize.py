@@ -30,16 +30,18 @@ from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
 from rptq_onnx.config import MIN_GROUP, CompileConfig
 from rptq_onnx.compile_report import ActivationQuantization, QuantizationReport, WeightQuantization
-from rptq_onnx.observers import observer_for
+from rptq_onnx.observers import observer_for, searched
 from rptq_onnx.passes.base import copy_model
 from rptq_onnx.passes.emit_qdq import EmitQdq, QuantPoint
 from rptq_onnx.passes.fold_reorder import folded_points
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, QuantizeKvCache
 from rptq_onnx.passes.quantize_weights import QuantizeWeights
+from rptq_onnx.range_search import searched_range
 from rptq_onnx.quant import (QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn,
                              symmetric_activation_qparams)
 from rptq_onnx.source_grid import weight_on_grid
-from rptq_onnx.vocabulary import LINEAR_INPUT_TAP, QUERY_HEAD_TAPS, TAP_POINT
+from rptq_onnx.passes.insert_taps import SAMPLED_TAPS
+from rptq_onnx.vocabulary import HESSIAN_TAPS, LINEAR_INPUT_TAP, QUERY_HEAD_TAPS, TAP_POINT
 
 
 def tap_plan(layer: DecoderLayer, plan: dict[str, ClusterPlan], tap: str) -> ClusterPlan:
@@ -57,9 +59,19 @@ def folded_order(layer: DecoderLayer, tap: str, plan: dict[str, ClusterPlan], co
 
 def channel_range(calib: Calibration, layer: int, tap: str, observer: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(max, min) per channel of a point quantized to ``bits`` under ``--observer observer``."""
-    name, factor = observer_for(observer, bits)
+    name, factor = observer_for(observer, bits, tap in HESSIAN_TAPS)
     mx, mn = calib.stats[(layer, tap)].observer(name).range()
     return mx * factor, mn * factor
+
+
+def sampled_taps(config: CompileConfig) -> frozenset[str]:
+    """The taps whose ranges are searched, where calibration keeps a sample of tokens (rptq_onnx/range_search.py)."""
+    q = config.quant
+    if not q.quantizes_activations:
+        return frozenset()
+    taps = ("k", "v") if q.kv_only else SAMPLED_TAPS
+    return frozenset(t for t in taps if searched(q.observer, q.ln_bits if t in ("attn_ln", "ffn_ln") else q.abits,
+                                                 t in HESSIAN_TAPS))
 
 
 def symmetric_key(layer: DecoderLayer, config: CompileConfig) -> bool:
@@ -89,9 +101,13 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
             if TAP_POINT[tap] in per_tensor:
                 labels = np.zeros_like(labels)
             mx, mn = channel_range(calib, i, tap, q.observer, bits)
+            sample = calib.stats[(i, tap)].sample if searched(q.observer, bits, tap in HESSIAN_TAPS) else None
             if index is not None:
                 mx, mn = mx[index], mn[index]
+                sample = None if sample is None else sample[:, index]
             grid = symmetric_activation_qparams if (tap == "k" and symmetric_key(fl, config)) else activation_qparams
+            if sample is not None:
+                mx, mn = searched_range(sample, mx, mn, labels, bits, grid)
             points.append(QuantPoint(tag=f"L{i}.{tap}", tensor=tensor, qparams=grid(mx, mn, labels, bits),
                                      heads=heads.get(tap, 0)))
         if not q.kv_only:

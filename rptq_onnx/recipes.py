@@ -9,7 +9,8 @@
   (``--propagate quantized``, a layer-wise compile).
 - ``default`` — rptq-onnx's choices, each measured against ``paper`` on sotu-test and on held-out
   text (README): activation ranges by the point's bits (``--observer auto``: the calibration min/max
-  widened by half at 8 bits and more, the mean of the windows' ranges below), the softmax output quantized per
+  widened by half at 8 bits and more; below, the mean of the windows' ranges at q/K/V and each cluster's
+  clipping searched on sampled calibration tokens at linear inputs), the softmax output quantized per
   row relative to the row's largest probability (``--softmax-scale row``), weights that sit on a grid keep it
   (``--source-grid keep``), weight-only 4-bit in groups of 128, an 8-bit vocabulary table wherever
   weights are quantized, and under fused attention (the KV presets' default) a symmetric K
@@ -26,7 +27,7 @@ import dataclasses
 
 from rptq_onnx.config import RECIPES, ClusterCounts
 from rptq_onnx.errors import RptqError
-from rptq_onnx.observers import observer_for
+from rptq_onnx.observers import observer_for, searched
 
 # flag → (its value under the paper recipe, how the CLI spells that value)
 PAPER_FLAGS = {
@@ -54,13 +55,19 @@ DEFAULT_FLAGS = {"observer": "auto", "clusters": None, "weight_quant": "gptq", "
 # ranges 24.88 / 17.35), per channel with auto ranges 25.16 / 17.42; at 3 bits 4/4 gave 38.38 / 26.60,
 # R2=8,R3=8 34.47 / 24.42, per channel 30.93 / 22.41 (auto ranges 30.82 / 22.60). README.
 FUSED_KV_CLUSTERS = {4: {"R2": 8, "R3": 2}, 3: {"R2": "ch", "R3": "ch"}}
+# …and under eager attention, by activation bits: at 8 bits one cluster per channel (per RoPE pair for Llama's
+# R2) at q/K/V and the out_proj input. SmolLM2 W16A8, first 16,384 tokens, sotu-test / python-docs: 4/4 per
+# K/V head 24.29 / 16.83, 8/8 24.25 / 16.76, per channel 24.20 / 16.80. At 4 bits per channel lost (41.77
+# against 41.51 on sotu-test). README.
+EAGER_QKV_CLUSTERS = {8: {"R2": "ch", "R3": "ch"}}
 
 
 def resolve_clusters(config):
-    """``config`` with the recipe's cluster counts where the user gave none (``recipe_clusters``) and the
-    attention, already resolved, is fused."""
-    chosen = FUSED_KV_CLUSTERS.get(config.quant.abits)
-    if not (config.recipe_clusters and config.recipe == "default" and config.attention == "fused" and chosen):
+    """``config`` with the recipe's cluster counts where the user gave none (``recipe_clusters``), by the
+    attention, already resolved, and the activation bits."""
+    table = FUSED_KV_CLUSTERS if config.attention == "fused" else EAGER_QKV_CLUSTERS
+    chosen = table.get(config.quant.abits)
+    if not (config.recipe_clusters and config.recipe == "default" and chosen):
         return config
     return dataclasses.replace(config, clusters=dataclasses.replace(config.clusters, **chosen))
 
@@ -86,6 +93,14 @@ def recipe_flags(recipe: str, given: dict[str, object]) -> dict[str, object]:
     return out
 
 
+def _range_words(observer: str, bits: int, feeds_linear: bool) -> str:
+    name, factor = observer_for(observer, bits, feeds_linear)
+    words = RANGE_WORDS[name] + (f" widened {factor:g}×" if factor != 1 else "")
+    if searched(observer, bits, feeds_linear):
+        words += ", each cluster's clipping searched (least squared error on sampled calibration tokens)"
+    return words
+
+
 def _reference_clusters(text) -> bool:
     return ClusterCounts.parse(str(text)) == ClusterCounts()
 
@@ -97,8 +112,10 @@ def point_choices(config, rope: bool, amplitude_key: bool, skipped: frozenset[st
     q, counts = config.quant, config.clusters.as_dict()
     out = {}
     for point, k in counts.items():
-        name, factor = observer_for(q.observer, q.ln_bits if point in ("R1", "R4") else q.abits)
-        ranges = RANGE_WORDS[name] + (f" widened {factor:g}×" if factor != 1 else "")
+        bits = q.ln_bits if point in ("R1", "R4") else q.abits
+        ranges = _range_words(q.observer, bits, feeds_linear=point != "R2")
+        if point == "R3" and ranges != _range_words(q.observer, bits, feeds_linear=False):
+            ranges = f"V {_range_words(q.observer, bits, False)}; out_proj input {ranges}"
         per = " per K/V head" if point in ("R2", "R3") else ""
         what = {"ch": "one cluster per channel", "tensor": "one scale per tensor"}.get(k, f"{k} clusters{per}")
         if point in skipped:

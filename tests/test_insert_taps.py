@@ -21,6 +21,11 @@ pytestmark = pytest.mark.slow  # every test here exports or compiles a model
 
 def _torch_ranges(model_dir, ids):
     """Per-sample per-channel (max, min) of the tapped tensors, from forward hooks."""
+    return {k: (v.amax(1).numpy(), v.amin(1).numpy()) for k, v in _torch_tensors(model_dir, ids).items()}
+
+
+def _torch_tensors(model_dir, ids):
+    """The tapped tensors [B, S, C] (q_attn / k_attn as the reference taps them), from forward hooks."""
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager").eval()
     batch = ids.shape[0]
     got = {}
@@ -50,7 +55,7 @@ def _torch_ranges(model_dir, ids):
     for i in range(len(hf.model.decoder.layers)):
         got[(i, "q_attn")] = got[(i, "q")] * scale  # the reference taps q after scaling
         got[(i, "k_attn")] = got[(i, "k")]
-    return {k: (v.amax(1).numpy(), v.amin(1).numpy()) for k, v in got.items()}
+    return got
 
 
 def test_taps_equal_torch_ranges(opt_dir, exported):
@@ -89,3 +94,26 @@ def test_calibrate_merges_batches_independently_of_batch_size(exported, batch_si
         np.testing.assert_allclose(st.minmax.max, ref[key].minmax.max, rtol=1e-6)
         np.testing.assert_allclose(st.ema.min, ref[key].ema.min, rtol=1e-6)
         assert st.minmax.samples == 5
+
+
+def test_sampled_taps_keep_every_kth_token_of_each_quantized_point(opt_dir, exported):
+    from rptq_onnx.passes.insert_taps import SAMPLED_TAPS
+
+    model = load_model(exported("l3h96"))
+    layers = find_layers(model)
+    tapped, taps = insert_taps(model, layers, sample_taps=frozenset(SAMPLED_TAPS), sample_every=4)
+    samples = [o.name for o in tapped.graph.output if o.name.endswith(".sample")]
+    assert len(samples) == len(SAMPLED_TAPS) * len(layers)  # not q_attn / k_attn: those only feed clustering
+    ids = np.random.default_rng(0).integers(0, 512, (3, 17))
+    sess = make_session(tapped.SerializeToString())
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds_for(sess, ids, layers))))
+    ref = _torch_tensors(opt_dir("l3h96"), ids)
+    for tap in taps:
+        if tap.name in SAMPLED_TAPS:
+            want = ref[(tap.layer, tap.name)].numpy()[:, ::4]
+            assert out[tap.output("sample")].shape == (3, 5, tap.channels)
+            np.testing.assert_allclose(out[tap.output("sample")], want, atol=1e-5, rtol=1e-5)
+    stats = calibrate(model, layers, np.tile(ids, (2, 1)), batch_size=3, progress=False,
+                      sample_taps=frozenset({"fc2_in"})).stats  # every 4th token (observers.SAMPLE_EVERY)
+    assert stats[(0, "fc2_in")].sample.shape == (6 * 5, layers[0].ffn_dim)  # tokens × channels, every batch
+    assert stats[(0, "out_in")].sample is None and stats[(0, "q_attn")].sample is None

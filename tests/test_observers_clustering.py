@@ -9,7 +9,8 @@ from sklearn.cluster import KMeans
 from rptq_onnx import RptqError
 from rptq_onnx.clustering import ClusterPlan, plan_clusters, range_features
 from rptq_onnx.config import ClusterCounts
-from rptq_onnx.observers import ChannelStats, EmaMinMaxObserver, MeanObserver, MinMaxObserver, observer_for
+from rptq_onnx.observers import (ChannelStats, EmaMinMaxObserver, MeanObserver, MinMaxObserver, observer_for,
+                                 searched)
 
 
 def test_minmax_observer_tracks_extremes_and_merges():
@@ -55,8 +56,29 @@ def test_mean_observer_weighs_every_sample_alike():
 
 
 def test_auto_observer_by_bits():
-    assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == [("mean", 1.0)] * 3 + [("minmax", 1.5)] * 2
+    # below 8 bits: the min/max, whose clipping is then searched per cluster; from 8 bits: min/max × 1.5
+    assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == [("minmax", 1.0)] * 3 + [("minmax", 1.5)] * 2
+    assert [searched("auto", b) for b in (3, 4, 7, 8, 16)] == [True] * 3 + [False] * 2
+    assert searched("mse", 8) and not searched("mean", 4)
     assert observer_for("mean", 8) == ("mean", 1.0) and observer_for("ema", 8) == ("ema", 1.0)
+
+
+def test_range_search_clips_rare_extremes_and_keeps_even_clusters():
+    from rptq_onnx.quant import activation_qparams, fake_quant
+    from rptq_onnx.range_search import searched_range
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2048, 8)).astype(np.float32)
+    x[:4, :4] *= 40  # cluster 0 (channels 0-3): heavy tails, a few huge values; cluster 1: uniform in [-1, 1]
+    x[:, 4:] = rng.uniform(-1, 1, size=(2048, 4))
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    mx, mn = x.max(0), x.min(0)
+    smx, smn = searched_range(x, mx, mn, labels, 4, activation_qparams)
+    assert (smx[:4] < 0.5 * mx[:4]).all() and np.allclose(smx[4:], mx[4:]) and np.allclose(smn[4:], mn[4:])
+
+    def err(a, b):
+        return float(((fake_quant(x, activation_qparams(a, b, labels, 4))[1] - x) ** 2).sum())
+    assert err(smx, smn) < err(mx, mn)
 
 
 def _sklearn_plan(data, k):

@@ -173,3 +173,12 @@ def test_accuracy_level_4_is_set_on_4_bit_kernels_when_asked():
         node = next(n for n in out.graph.node if n.op_type == "MatMulNBits")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs.get("accuracy_level", 0) == level
+
+
+def test_matmulnbits_bench_times_every_zero_point_form(capsys):
+    from rptq_onnx.tools.bench_matmulnbits import VARIANTS, main
+
+    assert main(["--k", "64", "--layers", "2", "--runs", "3", "--rounds", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(VARIANTS)
+    assert all(float(cell) > 0 for r in rows for cell in r.strip("| ").split(" | ")[1:])

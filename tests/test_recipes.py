@@ -68,12 +68,15 @@ def test_point_choices_say_what_each_point_got():
     assert choices["weights"] == "GPTQ per output channel"
 
 
-def test_auto_observer_takes_min_max_at_8_bit_points_and_the_mean_below():
+def test_auto_observer_takes_min_max_at_8_bit_points_and_searches_below():
     config = CompileConfig(preset="W4A4", quant=QuantSpec.for_preset("W4A4", observer="auto"))
     choices = point_choices(config, rope=False, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
     # the norm outputs are quantized to max(8, abits) bits, the rest to 4
     assert choices["R1"].endswith(", min/max widened 1.5×") and choices["R4"].endswith(", min/max widened 1.5×")
-    assert all(choices[p].endswith("mean of per-window min/max") for p in ("R2", "R3", "R5"))
+    searched = "clipping searched (least squared error on sampled calibration tokens)"
+    assert choices["R5"].endswith(searched) and choices["R2"].endswith("mean of per-window min/max")
+    assert choices["R3"].startswith("4 clusters per K/V head") and "V mean of per-window min/max" in choices["R3"]
+    assert choices["R3"].endswith(searched)  # the out_proj input
     a8 = CompileConfig(preset="W8A8", quant=QuantSpec.for_preset("W8A8", observer="auto"))
     choices = point_choices(a8, rope=False, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
     assert all(choices[p].endswith(", min/max widened 1.5×") for p in ("R1", "R2", "R3", "R4", "R5"))
@@ -87,11 +90,15 @@ def test_default_recipe_picks_fused_kv_clusters_only_where_none_were_given():
     chosen = resolve_clusters(base).clusters
     assert {p: getattr(chosen, p) for p in FUSED_KV_CLUSTERS[4]} == FUSED_KV_CLUSTERS[4]
     assert chosen.R1 == ClusterCounts().R1
-    # given counts, eager attention and the paper recipe keep theirs
+    # given counts, eager attention at 4 bits and the paper recipe keep theirs
     for config in (dataclasses.replace(base, recipe_clusters=False), dataclasses.replace(base, attention="eager"),
                    dataclasses.replace(base, recipe="paper")):
         assert resolve_clusters(config).clusters == ClusterCounts()
     assert CompileConfig.from_json(base.to_json()) == base
+    a8 = CompileConfig(preset="W4A8", quant=QuantSpec.for_preset("W4A8"), attention="eager", recipe_clusters=True)
+    chosen = resolve_clusters(a8).clusters  # eager 8-bit: one cluster per channel at q/K/V and the out_proj input
+    assert (chosen.R2, chosen.R3, chosen.R5) == ("ch", "ch", ClusterCounts().R5)
+    assert resolve_clusters(dataclasses.replace(a8, recipe="paper")).clusters == ClusterCounts()
 
 
 def test_cli_reports_the_clusters_the_recipe_chose(tmp_path, text_llama):
