@@ -361,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "takes the largest power of two ≥ 16 that does")
     p.add_argument("--observer", default=None, choices=OBSERVERS,
                    help="activation ranges: auto (default: at points of 8 bits and more the calibration min/max "
-                        "widened by half; below, the mean of the windows' ranges at q/K/V and a searched clipping "
-                        "at linear inputs), the reference's EMA min/max (ema, --recipe paper), plain min/max, mean "
+                        "widened by half, below the mean of the windows' ranges), the reference's EMA min/max (ema, "
+                        "--recipe paper), plain min/max, mean "
                         "(each channel's min/max averaged over the calibration windows), or mse (each cluster's "
                         "min/max shrunk to the least squared error on sampled calibration tokens, at every point); "
                         "rptq_onnx/observers.py")

@@ -142,7 +142,7 @@ WIDE_MARGIN = 1.5
 def searched(name: str, bits: int, feeds_linear: bool = True) -> bool:
     """Does a point of ``bits`` under ``--observer name`` get its clusters' clipping searched (``SHRINKS``)?
     ``feeds_linear``: the point is a linear layer's input (not q, K or V, which feed attention)."""
-    return name == "mse" or (name == "auto" and bits < WIDE_BITS and feeds_linear)
+    return name == "mse"
 
 
 def observer_for(name: str, bits: int, feeds_linear: bool = True) -> tuple[str, float]:
@@ -154,9 +154,9 @@ def observer_for(name: str, bits: int, feeds_linear: bool = True) -> tuple[str, 
     W16A8, first 16,384 tokens: EMA +8.0 % over FP on sotu-test and +19.8 % on held-out python-docs,
     min/max +5.7 % / +10.3 %, min/max × 1.5 +2.6 % / +5.2 %). Below 8 bits, the
     mean of the windows' ranges, where a tighter range's finer grid pays, and which unlike the EMA does
-    not depend on the order of the windows (W16A4: mean +99 % / +138 %, auto +94 % / +130 %, EMA +123 % / +155 %),
-    except at the inputs of linear layers, whose clipping is searched per cluster on sampled calibration
-    tokens (rptq_onnx/range_search.py). README, *Quality on SmolLM2*."""
+    not depend on the order of the windows (W16A4: mean +99 % / +138 %, auto +94 % / +130 %, EMA +123 % / +155 %).
+    ``mse`` searches each cluster's clipping on sampled calibration tokens (rptq_onnx/range_search.py);
+    not the default: on held-out text it lost to the mean (README, *Quality on SmolLM2*)."""
     if searched(name, bits, feeds_linear):
         return "minmax", 1.0  # the range searched from
     if name != "auto":

@@ -9,8 +9,8 @@
   (``--propagate quantized``, a layer-wise compile).
 - ``default`` — rptq-onnx's choices, each measured against ``paper`` on sotu-test and on held-out
   text (README): activation ranges by the point's bits (``--observer auto``: the calibration min/max
-  widened by half at 8 bits and more; below, the mean of the windows' ranges at q/K/V and each cluster's
-  clipping searched on sampled calibration tokens at linear inputs), the softmax output quantized per
+  widened by half at 8 bits and more, the mean of the windows' ranges below), one cluster per channel
+  at q/K/V and the out_proj input under eager 8-bit attention, the softmax output quantized per
   row relative to the row's largest probability (``--softmax-scale row``), weights that sit on a grid keep it
   (``--source-grid keep``), weight-only 4-bit in groups of 128, an 8-bit vocabulary table wherever
   weights are quantized, and under fused attention (the KV presets' default) a symmetric K

@@ -56,10 +56,9 @@ def test_mean_observer_weighs_every_sample_alike():
 
 
 def test_auto_observer_by_bits():
-    # below 8 bits: the min/max, whose clipping is then searched per cluster; from 8 bits: min/max × 1.5
-    assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == [("minmax", 1.0)] * 3 + [("minmax", 1.5)] * 2
-    assert [searched("auto", b) for b in (3, 4, 7, 8, 16)] == [True] * 3 + [False] * 2
-    assert searched("mse", 8) and not searched("mean", 4)
+    assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == [("mean", 1.0)] * 3 + [("minmax", 1.5)] * 2
+    assert not any(searched("auto", b) for b in (3, 4, 8))
+    assert searched("mse", 8) and observer_for("mse", 4) == ("minmax", 1.0) and not searched("mean", 4)
     assert observer_for("mean", 8) == ("mean", 1.0) and observer_for("ema", 8) == ("ema", 1.0)
 
 
