@@ -139,13 +139,12 @@ WIDE_BITS = 8  # ``auto``: from this width up a point takes the plain min/max, w
 WIDE_MARGIN = 1.5
 
 
-def searched(name: str, bits: int, feeds_linear: bool = True) -> bool:
-    """Does a point of ``bits`` under ``--observer name`` get its clusters' clipping searched (``SHRINKS``)?
-    ``feeds_linear``: the point is a linear layer's input (not q, K or V, which feed attention)."""
+def searched(name: str) -> bool:
+    """Do the points under ``--observer name`` get their clusters' clipping searched (``SHRINKS``)?"""
     return name == "mse"
 
 
-def observer_for(name: str, bits: int, feeds_linear: bool = True) -> tuple[str, float]:
+def observer_for(name: str, bits: int) -> tuple[str, float]:
     """(observer, factor on its range) for a point quantized to ``bits`` under ``--observer name``; for a
     searched point (``searched``) the range the search starts from.
 
@@ -157,7 +156,7 @@ def observer_for(name: str, bits: int, feeds_linear: bool = True) -> tuple[str, 
     not depend on the order of the windows (W16A4: mean +99 % / +138 %, auto +94 % / +130 %, EMA +123 % / +155 %).
     ``mse`` searches each cluster's clipping on sampled calibration tokens (rptq_onnx/range_search.py);
     not the default: on held-out text it lost to the mean (README, *Quality on SmolLM2*)."""
-    if searched(name, bits, feeds_linear):
+    if searched(name):
         return "minmax", 1.0  # the range searched from
     if name != "auto":
         return name, 1.0

@@ -41,7 +41,7 @@ from rptq_onnx.quant import (QParams, QuantizedWeight, activation_qparams, quant
                              symmetric_activation_qparams)
 from rptq_onnx.source_grid import weight_on_grid
 from rptq_onnx.passes.insert_taps import SAMPLED_TAPS
-from rptq_onnx.vocabulary import HESSIAN_TAPS, LINEAR_INPUT_TAP, QUERY_HEAD_TAPS, TAP_POINT
+from rptq_onnx.vocabulary import LINEAR_INPUT_TAP, QUERY_HEAD_TAPS, TAP_POINT
 
 
 def tap_plan(layer: DecoderLayer, plan: dict[str, ClusterPlan], tap: str) -> ClusterPlan:
@@ -59,7 +59,7 @@ def folded_order(layer: DecoderLayer, tap: str, plan: dict[str, ClusterPlan], co
 
 def channel_range(calib: Calibration, layer: int, tap: str, observer: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(max, min) per channel of a point quantized to ``bits`` under ``--observer observer``."""
-    name, factor = observer_for(observer, bits, tap in HESSIAN_TAPS)
+    name, factor = observer_for(observer, bits)
     mx, mn = calib.stats[(layer, tap)].observer(name).range()
     return mx * factor, mn * factor
 
@@ -67,11 +67,9 @@ def channel_range(calib: Calibration, layer: int, tap: str, observer: str, bits:
 def sampled_taps(config: CompileConfig) -> frozenset[str]:
     """The taps whose ranges are searched, where calibration keeps a sample of tokens (rptq_onnx/range_search.py)."""
     q = config.quant
-    if not q.quantizes_activations:
+    if not (q.quantizes_activations and searched(q.observer)):
         return frozenset()
-    taps = ("k", "v") if q.kv_only else SAMPLED_TAPS
-    return frozenset(t for t in taps if searched(q.observer, q.ln_bits if t in ("attn_ln", "ffn_ln") else q.abits,
-                                                 t in HESSIAN_TAPS))
+    return frozenset(("k", "v") if q.kv_only else SAMPLED_TAPS)
 
 
 def symmetric_key(layer: DecoderLayer, config: CompileConfig) -> bool:
@@ -101,7 +99,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
             if TAP_POINT[tap] in per_tensor:
                 labels = np.zeros_like(labels)
             mx, mn = channel_range(calib, i, tap, q.observer, bits)
-            sample = calib.stats[(i, tap)].sample if searched(q.observer, bits, tap in HESSIAN_TAPS) else None
+            sample = calib.stats[(i, tap)].sample if searched(q.observer) else None
             if index is not None:
                 mx, mn = mx[index], mn[index]
                 sample = None if sample is None else sample[:, index]

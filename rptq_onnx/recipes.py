@@ -93,10 +93,10 @@ def recipe_flags(recipe: str, given: dict[str, object]) -> dict[str, object]:
     return out
 
 
-def _range_words(observer: str, bits: int, feeds_linear: bool) -> str:
-    name, factor = observer_for(observer, bits, feeds_linear)
+def _range_words(observer: str, bits: int) -> str:
+    name, factor = observer_for(observer, bits)
     words = RANGE_WORDS[name] + (f" widened {factor:g}×" if factor != 1 else "")
-    if searched(observer, bits, feeds_linear):
+    if searched(observer):
         words += ", each cluster's clipping searched (least squared error on sampled calibration tokens)"
     return words
 
@@ -113,9 +113,7 @@ def point_choices(config, rope: bool, amplitude_key: bool, skipped: frozenset[st
     out = {}
     for point, k in counts.items():
         bits = q.ln_bits if point in ("R1", "R4") else q.abits
-        ranges = _range_words(q.observer, bits, feeds_linear=point != "R2")
-        if point == "R3" and ranges != _range_words(q.observer, bits, feeds_linear=False):
-            ranges = f"V {_range_words(q.observer, bits, False)}; out_proj input {ranges}"
+        ranges = _range_words(q.observer, bits)
         per = " per K/V head" if point in ("R2", "R3") else ""
         what = {"ch": "one cluster per channel", "tensor": "one scale per tensor"}.get(k, f"{k} clusters{per}")
         if point in skipped:

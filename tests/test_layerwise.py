@@ -69,15 +69,16 @@ def test_cut_names_each_layers_stream(source):
     assert cut.side  # the attention mask at least comes from the prologue
 
 
-@pytest.mark.parametrize("preset,options", [
-    ("W4A4", dict(layout="zero-copy")),  # GPTQ weights, every activation point, eager attention
-    ("W4A8", dict(layout="contiguous")),  # norm Gathers, RoPE tables reordered (Llama)
-    ("W4A4KV", dict(attention="auto")),  # fused attention over the 4-bit cache
+@pytest.mark.parametrize("preset,options,observer", [
+    ("W4A4", dict(layout="zero-copy"), "auto"),  # GPTQ weights, every activation point, eager attention
+    ("W4A8", dict(layout="contiguous"), "auto"),  # norm Gathers, RoPE tables reordered (Llama)
+    ("W4A4KV", dict(attention="auto"), "auto"),  # fused attention over the 4-bit cache
+    ("W4A4", dict(layout="zero-copy"), "mse"),  # searched ranges: token samples kept, then dropped per layer
 ])
-def test_layerwise_compile_equals_whole_graph(source, tmp_path, preset, options):
+def test_layerwise_compile_equals_whole_graph(source, tmp_path, preset, options, observer):
     """With float propagation the layer-wise compile writes the same nodes, initializers, clusters and
     report as the whole-graph compile."""
-    config = CompileConfig(preset=preset, quant=QuantSpec.for_preset(preset),
+    config = CompileConfig(preset=preset, quant=QuantSpec.for_preset(preset, observer=observer),
                            calib=CalibConfig(source="random", nsamples=4, seqlen=32), **options)
     whole = compile_model(str(source), tmp_path / "whole", config, progress=False, layer_wise=False)
     split = compile_model(str(source), tmp_path / "split", config, progress=False)  # layer-wise by default
