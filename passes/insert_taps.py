@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 
 from rptq_onnx.anatomy import DecoderLayer
 from rptq_onnx.graph import GraphIndex, keep_initializers
+from rptq_onnx.observers import SAMPLE_EVERY
 from rptq_onnx.passes.base import Pass, PassResult, copy_model
 from rptq_onnx.vocabulary import HESSIAN_TAPS, TAP_PREFIX
 
@@ -95,7 +96,7 @@ class InsertTaps(Pass[TapReport]):
     in_place = False  # calibration taps a skeleton that compile goes on to fold
 
     def __init__(self, layers: list[DecoderLayer], batch_source: str = "input_ids", hessians: bool = False,
-                 sample_taps: frozenset[str] = frozenset(), sample_every: int = 4):
+                 sample_taps: frozenset[str] = frozenset(), sample_every: int = SAMPLE_EVERY):
         self.layers, self.batch_source, self.hessians = layers, batch_source, hessians
         self.sample_taps, self.sample_every = sample_taps, sample_every
 
@@ -160,7 +161,7 @@ class InsertTaps(Pass[TapReport]):
 
 def insert_taps(model: onnx.ModelProto, layers: list[DecoderLayer], batch_source: str = "input_ids",
                 hessians: bool = False, sample_taps: frozenset[str] = frozenset(),
-                sample_every: int = 4) -> tuple[onnx.ModelProto, list[Tap]]:
+                sample_every: int = SAMPLE_EVERY) -> tuple[onnx.ModelProto, list[Tap]]:
     """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums, token samples).
 
     ``model`` is not modified."""

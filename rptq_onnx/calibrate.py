@@ -18,7 +18,7 @@ from rptq_onnx.anatomy import DecoderLayer
 from rptq_onnx.config import CalibConfig
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import save_model, weights_loaded
-from rptq_onnx.observers import SAMPLE_EVERY, ChannelStats
+from rptq_onnx.observers import ChannelStats
 from rptq_onnx.outdir import work_dir
 from rptq_onnx.passes.insert_taps import Tap, insert_taps
 from rptq_onnx.runtime import feeds_for, make_session, run_into
@@ -77,9 +77,9 @@ def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.nd
     ``model`` may be a skeleton loaded without its external weights (``model_dir`` is where
     they are): ONNX Runtime then reads the weights itself and Python never holds a copy. The session
     runs as the layer-wise compile's do (no arena, no prepacked weights), so both give the same numbers.
-    ``sample_taps``: also keep every ``SAMPLE_EVERY``-th token at those taps (``ChannelStats.sample``).
+    ``sample_taps``: also keep every ``observers.SAMPLE_EVERY``-th token at those taps (``ChannelStats.sample``).
     """
-    tapped, taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps, sample_every=SAMPLE_EVERY)
+    tapped, taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps)
     result = _empty_result(taps)
     with work_dir("calib") as tmp:
         if weights_loaded(tapped):
@@ -149,8 +149,7 @@ class LayerwiseCalibration:
         from rptq_onnx.layerwise import LayerStream, find_cut
 
         self.layers, self.hessians, self.model_dir = layers, hessians, model_dir
-        self.tapped, self.taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps,
-                                             sample_every=SAMPLE_EVERY)
+        self.tapped, self.taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps)
         self.outputs = frozenset(o.name for o in self.tapped.graph.output)
         self.cut = find_cut(model, layers)
         self.stream = LayerStream(model, layers, self.cut, windows, batch_size, model_dir)
