@@ -175,10 +175,23 @@ def test_accuracy_level_4_is_set_on_4_bit_kernels_when_asked():
         assert attrs.get("accuracy_level", 0) == level
 
 
-def test_matmulnbits_bench_times_every_zero_point_form(capsys):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_matmulnbits_bench_times_every_zero_point_form(capsys, dtype):
     from rptq_onnx.tools.bench_matmulnbits import VARIANTS, main
 
-    assert main(["--k", "64", "--layers", "2", "--runs", "3", "--rounds", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert main(["--k", "64", "--layers", "2", "--runs", "3", "--rounds", "1", "--dtype", dtype]) == 0
+    out = capsys.readouterr().out
+    assert f"({dtype})" in out and "CPU provider" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [r.split(" | ")[0][2:] for r in rows] == list(VARIANTS)
     assert all(float(cell) > 0 for r in rows for cell in r.strip("| ").split(" | ")[1:])
+
+
+def test_matmulnbits_bench_refuses_cuda_without_a_gpu():
+    from rptq_onnx.runtime import _cuda_device_present
+    from rptq_onnx.tools.bench_matmulnbits import main
+
+    if _cuda_device_present():
+        pytest.skip("a CUDA device is present: the CUDA provider may load here")
+    with pytest.raises(SystemExit, match="CUDAExecutionProvider is not available.*--provider cpu"):
+        main(["--k", "64", "--layers", "1", "--runs", "1", "--rounds", "1", "--provider", "cuda"])
