@@ -17,6 +17,11 @@ row's maximum before Q/DQ and multiplied by it after: ReduceMax → Div → Q �
 after, as int8 flash-attention kernels do: a row's step is its largest probability / 255, finer than
 1/255 wherever no key takes all the weight.
 
+A point that keeps the first token (``--first-token float``: the attention sink, whose massive activations
+calibration leaves out of the point's ranges) passes that token through in float: out = dq + m·(x − dq),
+m = 1 at each sequence's first position (from ``attention_mask``: left padding and a cache are counted)
+and 0 elsewhere, named ``rptq.layout.<tag>.first.*`` around one shared ``rptq.layout.first_token.mask``.
+
 On ONNX Runtime's CPU and CUDA providers this is *simulated* quantization: the values are
 rounded to the low-bit grid, but the following MatMul still runs in float.
 """
@@ -46,6 +51,7 @@ class QuantPoint:
     per_tensor: bool = False  # a scalar scale/zero point (the softmax output's fixed 1/255)
     heads: int = 0  # > 0: ``tensor`` is [B, heads, S, D]; qparams has one entry per head·D + d
     row_max: bool = False  # divide by each row's maximum (last axis) before Q/DQ, multiply after
+    keep_first: bool = False  # ``tensor`` is token-major ([B, S, C] or [B·S, C]); each sequence's first token stays float
 
     def dequantized(self) -> str:
         return f"{QDQ_PREFIX}{self.tag}.dq"
@@ -66,12 +72,19 @@ class EmitQdq(Pass[QdqReport]):
         self.points = points
 
     def requires(self, model: onnx.ModelProto) -> str | None:
+        inputs = {i.name for i in model.graph.input}
+        if any(p.keep_first for p in self.points) and not {"input_ids", "attention_mask"} <= inputs:
+            return "--first-token float needs the graph inputs input_ids and attention_mask; use --first-token quantized"
         outputs = {o.name for o in model.graph.output}
         bad = next((p for p in self.points if p.tensor in outputs), None)
         return f"{bad.tensor} is a graph output; quantize it in the KV-cache pass instead" if bad else None
 
     def apply(self, model: onnx.ModelProto) -> PassResult[QdqReport]:
         g = model.graph
+        if any(p.keep_first for p in self.points) and not any(FIRST_MASK in n.output for n in g.node):
+            nodes = _first_token_mask(g) + list(g.node)  # reads graph inputs only: ahead of everything
+            del g.node[:]
+            g.node.extend(nodes)
         index = GraphIndex(model)
         readers = {p.tensor: list(index.consumers.get(p.tensor, [])) for p in self.points}
         new_nodes: dict[str, list[onnx.NodeProto]] = {}
@@ -126,7 +139,44 @@ def _emit_point(g: onnx.GraphProto, p: QuantPoint) -> tuple[list[onnx.NodeProto]
     if p.row_max:
         t = f"{LAYOUT_PREFIX}{p.tag}"
         nodes.append(helper.make_node("Mul", [p.dequantized(), f"{t}.row_max"], [dq_out], name=f"{t}.rescale"))
+    if p.keep_first:
+        nodes += _keep_first(g, p, dq_out)
+        dq_out = f"{LAYOUT_PREFIX}{p.tag}.first.out"
     return nodes, dq_out
+
+
+FIRST_MASK = f"{LAYOUT_PREFIX}first_token.mask"  # [B, S] float: 1 at each sequence's first token
+
+
+def _first_token_mask(g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """[B, S] float, 1 where the position (counted by ``attention_mask`` over past and new tokens) is 0."""
+    t = f"{LAYOUT_PREFIX}first_token"
+    for name, value in (("one", np.int64(1)), ("zero", np.int64(0)), ("axis", np.int64(1)),
+                        ("end", np.array([2 ** 62], np.int64)), ("axes", np.array([1], np.int64))):
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), f"{t}.{name}"))
+    return [helper.make_node("CumSum", ["attention_mask", f"{t}.axis"], [f"{t}.seen"], name=f"{t}.seen"),
+            helper.make_node("Sub", [f"{t}.seen", f"{t}.one"], [f"{t}.position"], name=f"{t}.position"),
+            helper.make_node("Shape", ["input_ids"], [f"{t}.new"], start=1, end=2, name=f"{t}.new"),
+            helper.make_node("Neg", [f"{t}.new"], [f"{t}.start"], name=f"{t}.start"),
+            helper.make_node("Slice", [f"{t}.position", f"{t}.start", f"{t}.end", f"{t}.axes"], [f"{t}.new_positions"],
+                             name=f"{t}.new_positions"),
+            helper.make_node("Equal", [f"{t}.new_positions", f"{t}.zero"], [f"{t}.is_first"], name=f"{t}.is_first"),
+            helper.make_node("Cast", [f"{t}.is_first"], [FIRST_MASK], to=onnx.TensorProto.FLOAT, name=FIRST_MASK)]
+
+
+def _keep_first(g: onnx.GraphProto, p: QuantPoint, dq: str) -> list[onnx.NodeProto]:
+    """dq + m·(x − dq): ``p.tensor`` where the shared mask is 1, ``dq`` elsewhere; m reshaped to x's shape[:-1] + [1]."""
+    t = f"{LAYOUT_PREFIX}{p.tag}.first"
+    g.initializer.append(numpy_helper.from_array(np.array([0], np.int64), f"{t}.zero"))
+    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{t}.last"))
+    g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{t}.one"))
+    return [helper.make_node("Shape", [p.tensor], [f"{t}.shape"], name=f"{t}.shape"),
+            helper.make_node("Slice", [f"{t}.shape", f"{t}.zero", f"{t}.last"], [f"{t}.lead"], name=f"{t}.lead"),
+            helper.make_node("Concat", [f"{t}.lead", f"{t}.one"], [f"{t}.mask_shape"], axis=0, name=f"{t}.mask_shape"),
+            helper.make_node("Reshape", [FIRST_MASK, f"{t}.mask_shape"], [f"{t}.mask"], name=f"{t}.mask"),
+            helper.make_node("Sub", [p.tensor, dq], [f"{t}.error"], name=f"{t}.error"),
+            helper.make_node("Mul", [f"{t}.error", f"{t}.mask"], [f"{t}.kept"], name=f"{t}.kept"),
+            helper.make_node("Add", [dq, f"{t}.kept"], [f"{t}.out"], name=f"{t}.out")]
 
 
 def _to_row_max(g: onnx.GraphProto, p: QuantPoint, out: str) -> list[onnx.NodeProto]:

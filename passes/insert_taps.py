@@ -23,6 +23,10 @@ With ``sample_taps`` (names from ``SAMPLED_TAPS``) it also adds, for each of tho
 ``sample_every``-th token's channels as [B, S/k, C] (``.sample``): the values a range search
 (rptq_onnx/range_search.py) fits its clipping on.
 
+With ``skip_first`` (names from ``FIRST_TOKEN_TAPS``) those taps leave out the first token of each window
+(the attention sink, kept in float there under ``--first-token float``: passes/emit_qdq.py): their
+max/min and samples cover positions 1…S−1.
+
 With ``hessians=True`` it also adds, for the input of each linear group (``vocabulary.HESSIAN_TAPS``),
 ``Xᵀ·X`` over all tokens of the batch ([C, C]): GPTQ's Hessian, summed by the caller.
 Outputs are named ``rptq.tap.L{layer}.{tap}.{max|min|xtx}``.
@@ -44,6 +48,9 @@ from rptq_onnx.vocabulary import HESSIAN_TAPS, TAP_PREFIX
 
 
 SAMPLED_TAPS = ("attn_ln", "q", "k", "v", "out_in", "ffn_ln", "fc2_in")  # the taps quantized as Q/DQ points
+# the points whose first token stays in float under --first-token float: token-major [B, S, C] / [B·S, C] tensors
+# on the residual side of attention and MLP (K, V and P stay quantized: the cache and the attention kernel)
+FIRST_TOKEN_TAPS = ("attn_ln", "out_in", "ffn_ln", "fc2_in")
 _ALL = 2 ** 62  # Slice's "to the end"
 
 
@@ -96,9 +103,10 @@ class InsertTaps(Pass[TapReport]):
     in_place = False  # calibration taps a skeleton that compile goes on to fold
 
     def __init__(self, layers: list[DecoderLayer], batch_source: str = "input_ids", hessians: bool = False,
-                 sample_taps: frozenset[str] = frozenset(), sample_every: int = SAMPLE_EVERY):
+                 sample_taps: frozenset[str] = frozenset(), sample_every: int = SAMPLE_EVERY,
+                 skip_first: frozenset[str] = frozenset()):
         self.layers, self.batch_source, self.hessians = layers, batch_source, hessians
-        self.sample_taps, self.sample_every = sample_taps, sample_every
+        self.sample_taps, self.sample_every, self.skip_first = sample_taps, sample_every, skip_first
 
     def requires(self, model: onnx.ModelProto) -> str | None:
         if self.batch_source not in {i.name for i in model.graph.input}:
@@ -120,7 +128,7 @@ class InsertTaps(Pass[TapReport]):
         const(f"{TAP_PREFIX}axes3", [3])
         const(f"{TAP_PREFIX}flat2", [0, -1])
         const(f"{TAP_PREFIX}tokens3", [0, 0, -1])
-        for name, value in (("zero", [0]), ("all", [_ALL]), ("every", [self.sample_every])):
+        for name, value in (("zero", [0]), ("one", [1]), ("all", [_ALL]), ("every", [self.sample_every])):
             const(f"{TAP_PREFIX}{name}", value)
         batch = f"{TAP_PREFIX}batch"
         nodes.append(helper.make_node("Shape", [self.batch_source], [batch], start=0, end=1, name=batch))
@@ -136,6 +144,11 @@ class InsertTaps(Pass[TapReport]):
                 src = f"{prefix}.bsc"
             elif tap.layout in ("bhsd", "bhdt"):
                 axes = f"{TAP_PREFIX}axes2" if tap.layout == "bhsd" else f"{TAP_PREFIX}axes3"
+            if tap.name in self.skip_first and tap.layout in ("bsc", "flat"):  # positions 1…S−1 only
+                later = f"{prefix}.after_first"
+                nodes.append(helper.make_node("Slice", [src, f"{TAP_PREFIX}one", f"{TAP_PREFIX}all", f"{TAP_PREFIX}axes1"],
+                                              [later], name=later))
+                src = later
             for stat, op in (("max", "ReduceMax"), ("min", "ReduceMin")):
                 reduced = tap.output(stat) if tap.layout in ("bsc", "flat") else f"{prefix}.{stat}.bhd"
                 nodes.append(helper.make_node(op, [src, axes], [reduced], keepdims=0, name=reduced))
@@ -161,11 +174,12 @@ class InsertTaps(Pass[TapReport]):
 
 def insert_taps(model: onnx.ModelProto, layers: list[DecoderLayer], batch_source: str = "input_ids",
                 hessians: bool = False, sample_taps: frozenset[str] = frozenset(),
-                sample_every: int = SAMPLE_EVERY) -> tuple[onnx.ModelProto, list[Tap]]:
+                sample_every: int = SAMPLE_EVERY, skip_first: frozenset[str] = frozenset()
+                ) -> tuple[onnx.ModelProto, list[Tap]]:
     """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums, token samples).
 
     ``model`` is not modified."""
-    result = InsertTaps(layers, batch_source, hessians, sample_taps, sample_every).run(model)
+    result = InsertTaps(layers, batch_source, hessians, sample_taps, sample_every, skip_first).run(model)
     return result.model, result.report.taps
 
 

@@ -57,6 +57,7 @@ class Calibration:
     stats: dict[tuple[int, str], ChannelStats]
     xtx: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
     tokens: int = 0
+    skipped_first: frozenset[str] = frozenset()  # the taps whose ranges leave out each window's first token
 
     def hessian(self, layer: int, tap: str, spend: bool = False) -> np.ndarray:
         """GPTQ's H = 2·XᵀX / tokens in float32, in the original channel order: a fresh array, or with
@@ -71,16 +72,17 @@ class Calibration:
 
 def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int = 4,
               progress: bool = True, model_dir: Path | None = None, hessians: bool = False,
-              sample_taps: frozenset[str] = frozenset()) -> Calibration:
+              sample_taps: frozenset[str] = frozenset(), skip_first: frozenset[str] = frozenset()) -> Calibration:
     """Per-channel range statistics for every tap of every layer, keyed by (layer, tap name).
 
     ``model`` may be a skeleton loaded without its external weights (``model_dir`` is where
     they are): ONNX Runtime then reads the weights itself and Python never holds a copy. The session
     runs as the layer-wise compile's do (no arena, no prepacked weights), so both give the same numbers.
     ``sample_taps``: also keep every ``observers.SAMPLE_EVERY``-th token at those taps (``ChannelStats.sample``).
+    ``skip_first``: those taps leave out each window's first token (``--first-token float``).
     """
-    tapped, taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps)
-    result = _empty_result(taps)
+    tapped, taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps, skip_first=skip_first)
+    result = _empty_result(taps, skip_first)
     with work_dir("calib") as tmp:
         if weights_loaded(tapped):
             session = make_session(save_model(tapped, tmp / "tapped.onnx"), arena=False)
@@ -104,9 +106,10 @@ def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.nd
     return result
 
 
-def _empty_result(taps: list[Tap]) -> Calibration:
+def _empty_result(taps: list[Tap], skip_first: frozenset[str] = frozenset()) -> Calibration:
     stats = {(t.layer, t.name): ChannelStats() for t in taps}
-    return Calibration(stats={**stats, **{(t.layer, a): stats[(t.layer, t.name)] for t in taps for a in t.aliases}})
+    return Calibration(stats={**stats, **{(t.layer, a): stats[(t.layer, t.name)] for t in taps for a in t.aliases}},
+                       skipped_first=frozenset(skip_first))
 
 
 def _absorb(result: Calibration, taps: list[Tap], values: dict[str, np.ndarray], hessians: bool) -> None:
@@ -145,15 +148,17 @@ class LayerwiseCalibration:
     ``result``; a layer's XᵀX sums can be dropped once its weights are quantized."""
 
     def __init__(self, model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int,
-                 model_dir: Path | None, hessians: bool = False, sample_taps: frozenset[str] = frozenset()):
+                 model_dir: Path | None, hessians: bool = False, sample_taps: frozenset[str] = frozenset(),
+                 skip_first: frozenset[str] = frozenset()):
         from rptq_onnx.layerwise import LayerStream, find_cut
 
         self.layers, self.hessians, self.model_dir = layers, hessians, model_dir
-        self.tapped, self.taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps)
+        self.tapped, self.taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps,
+                                             skip_first=skip_first)
         self.outputs = frozenset(o.name for o in self.tapped.graph.output)
         self.cut = find_cut(model, layers)
         self.stream = LayerStream(model, layers, self.cut, windows, batch_size, model_dir)
-        self.result = _empty_result(self.taps)
+        self.result = _empty_result(self.taps, skip_first)
         self.result.tokens = int(windows.size)
 
     def layer(self, i: int, keep_input: bool = True) -> list[np.ndarray]:

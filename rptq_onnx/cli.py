@@ -7,7 +7,7 @@ import errno
 import json
 import sys
 
-from rptq_onnx.config import OBSERVERS, SOFTMAX_SCALES
+from rptq_onnx.config import FIRST_TOKENS, OBSERVERS, SOFTMAX_SCALES
 from rptq_onnx.errors import RptqError
 
 
@@ -119,7 +119,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     r = recipe_flags(args.recipe, {k: getattr(args, k) for k in ("observer", "clusters", "weight_quant", "group_size",
                                                                  "source_grid", "head_bits", "attention",
-                                                                 "propagate", "softmax_scale")})
+                                                                 "propagate", "softmax_scale", "first_token")})
     args.attention = r["attention"]
     calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         batch_size=args.batch_size)
@@ -127,7 +127,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                                  weight_quant=r["weight_quant"], group_size=r["group_size"], observer=r["observer"],
                                  matmulnbits=not args.no_matmulnbits, float_cache=args.float_cache,
                                  head_bits=r["head_bits"], source_grid=r["source_grid"],
-                                 accuracy_level=args.accuracy_level, softmax_scale=r["softmax_scale"])
+                                 accuracy_level=args.accuracy_level, softmax_scale=r["softmax_scale"],
+                                 first_token=r["first_token"])
     config = CompileConfig(preset=args.preset, clusters=ClusterCounts.parse(r["clusters"]), calib=calib,
                            layout=args.layout, quant=quant, attention=args.attention, recipe=args.recipe,
                            propagate=r["propagate"], recipe_clusters=args.clusters is None)
@@ -370,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the softmax output P (W*A* presets, 8 bits): row (default: each row divided by its maximum, "
                         "quantized at 1/255 and multiplied back, i.e. exp(s - max) on the fixed grid as int8 "
                         "flash-attention kernels store it) or fixed (P itself at 1/255, the reference)")
+    p.add_argument("--first-token", default=None, choices=FIRST_TOKENS,
+                   help="the first token of each sequence, the attention sink (W*A* presets): float (default: left in "
+                        "float at the norm outputs and the out_proj/down_proj inputs, and out of their calibration "
+                        "ranges, whose massive activations would otherwise widen them) or quantized (like every "
+                        "other token, the reference)")
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep low-bit weights as DequantizeLinear+MatMul (ORT folds them to float at load) instead of "
                         "MatMulNBits (packed in memory)")

@@ -148,11 +148,12 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     runner = runner or StageRunner()
     with runner.stage("calibrate"):
         calib = calibration
-        samples = quantize.sampled_taps(config)
-        if calib is None or (hessians and not calib.xtx) or (samples and not _has_samples(calib)):
+        samples, first = quantize.sampled_taps(config), quantize.first_token_taps(config)
+        if (calib is None or (hessians and not calib.xtx) or (samples and not _has_samples(calib))
+                or calib.skipped_first != first):
             calib = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
                               model_dir=model_path.parent if model_path else None, hessians=hessians,
-                              sample_taps=samples)
+                              sample_taps=samples, skip_first=first)
     with runner.stage("cluster"):
         plans = [plan_layer(layer, calib.stats, config)
                  for layer in tqdm(layers, desc="clustering", unit="layer", disable=not progress or None, leave=False)]

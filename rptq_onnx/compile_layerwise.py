@@ -55,7 +55,7 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
     resident = {t.name for t in model.graph.initializer if not is_external(t)}
     with runner.stage("prologue"):
         run = LayerwiseCalibration(graph, layers, windows, config.calib.batch_size, source, hessians,
-                                   quantize.sampled_taps(config))
+                                   quantize.sampled_taps(config), quantize.first_token_taps(config))
     calib = run.result
     plans, fold, quant = [], FoldReport(layout=config.layout), QuantizationReport(name=config.name)
     spent: dict[str, float] = {}

@@ -29,6 +29,9 @@ OBSERVERS = ("ema", "minmax", "mean", "mse", "auto")  # rptq_onnx/observers.py (
 LAYOUTS = ("zero-copy", "contiguous")
 SOURCE_GRID = ("keep", "requantize")
 SOFTMAX_SCALES = ("row", "fixed")  # the softmax output P: step max(row)/255, or 1/255 (the reference)
+# the first token of each sequence (the attention sink) at the norm outputs and the out_proj/down_proj inputs:
+# kept in float, or quantized like every other token (the reference); passes/emit_qdq.py (keep_first)
+FIRST_TOKENS = ("float", "quantized")
 RECIPES = ("default", "paper")  # rptq_onnx/recipes.py
 # fused: one com.microsoft:GroupQueryAttention per layer over the (low-bit) cache; auto: fused for the KV
 # presets on graphs with a cache, else eager (compile.resolve_attention)
@@ -157,6 +160,7 @@ class QuantSpec:
     source_grid: str = "keep"  # weights already on a wbits grid keep their codes (rptq_onnx/source_grid.py)
     accuracy_level: int = 0  # 4-bit MatMulNBits: 0 = float GEMM on the exact codes; 4 = int8 inputs, integer GEMM
     softmax_scale: str = "row"  # SOFTMAX_SCALES; passes/emit_qdq.py (row_max)
+    first_token: str = "float"  # FIRST_TOKENS; passes/emit_qdq.py (keep_first), passes/insert_taps.py (skip_first)
 
     def __post_init__(self):
         if self.wbits not in WBITS:
@@ -171,6 +175,8 @@ class QuantSpec:
             raise RptqError(f"--accuracy-level {self.accuracy_level}: use 4 (int8 inputs) or 0 (float)")
         if self.softmax_scale not in SOFTMAX_SCALES:
             raise RptqError(f"--softmax-scale {self.softmax_scale} is unknown; use {' or '.join(SOFTMAX_SCALES)}")
+        if self.first_token not in FIRST_TOKENS:
+            raise RptqError(f"--first-token {self.first_token} is unknown; use {' or '.join(FIRST_TOKENS)}")
         if self.source_grid not in SOURCE_GRID:
             raise RptqError(f"--source-grid {self.source_grid} is unknown; use keep or requantize")
         if self.head_bits not in HEAD_BITS:

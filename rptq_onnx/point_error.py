@@ -25,7 +25,7 @@ import onnx
 from rptq_onnx.artifacts import REPORT_NAME
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import load_model, rename_inputs, replaced_atomically
-from rptq_onnx.vocabulary import QDQ_LABELS, QDQ_PREFIX
+from rptq_onnx.vocabulary import LAYOUT_PREFIX, QDQ_LABELS, QDQ_PREFIX
 
 QDQ_NAME = re.compile(rf"^{re.escape(QDQ_PREFIX)}L(\d+)\.(\w+)\.quantize$")
 
@@ -79,10 +79,14 @@ def point_errors(model_path: str | os.PathLike, windows: np.ndarray) -> dict:
     if not points:
         raise RptqError(f"{path}: no rptq-onnx activation Q/DQ points; --error needs a model compiled with a preset "
                         "that quantizes activations (rptq-onnx compile --preset W4A4 …)")
+    produced = {o for n in model.graph.node for o in n.output}
+    # a point that keeps the first token in float (passes/emit_qdq.py): its readers see .first.out, not .dq
+    points = [(layer, tap, src, first if (first := f"{LAYOUT_PREFIX}L{layer}.{tap}.first.out") in produced else dq)
+              for layer, tap, src, dq in points]
     quant_names = [n for _, _, src, dq in points for n in (src, dq)]
     float_names = [src for _, _, src, _ in points]
     quant = make_session(_with_outputs(model, quant_names).SerializeToString(), external_data_dir=path.parent)
-    flt = make_session(_with_outputs(bypassed(model, points), float_names).SerializeToString(),
+    flt = make_session(_with_outputs(bypassed(model, qdq_points(model)), float_names).SerializeToString(),
                        external_data_dir=path.parent)
     sums: dict[tuple[int, str], list[float]] = {}
     kl_total, agree, tokens = 0.0, 0, 0

@@ -40,7 +40,7 @@ from rptq_onnx.range_search import searched_range
 from rptq_onnx.quant import (QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn,
                              symmetric_activation_qparams)
 from rptq_onnx.source_grid import weight_on_grid
-from rptq_onnx.passes.insert_taps import SAMPLED_TAPS
+from rptq_onnx.passes.insert_taps import FIRST_TOKEN_TAPS, SAMPLED_TAPS
 from rptq_onnx.vocabulary import LINEAR_INPUT_TAP, QUERY_HEAD_TAPS, TAP_POINT
 
 
@@ -72,6 +72,14 @@ def sampled_taps(config: CompileConfig) -> frozenset[str]:
     return frozenset(("k", "v") if q.kv_only else SAMPLED_TAPS)
 
 
+def first_token_taps(config: CompileConfig) -> frozenset[str]:
+    """The taps whose first token stays in float (``--first-token float``) and out of their ranges."""
+    q = config.quant
+    if not (q.quantizes_activations and not q.kv_only and q.first_token == "float"):
+        return frozenset()
+    return frozenset(FIRST_TOKEN_TAPS)
+
+
 def symmetric_key(layer: DecoderLayer, config: CompileConfig) -> bool:
     """K's grid must be symmetric: fused attention (GQA's cache has no zero point) and K after RoPE,
     where no offset can be folded away (passes/fuse_attention.py)."""
@@ -85,6 +93,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
         return []
     points = []
     per_tensor = config.clusters.per_tensor_points()
+    first = first_token_taps(config)
     for layer, fl, plan in zip(layers, folded_layers, plans):
         i = layer.index
         heads = {"q": fl.num_heads, "k": fl.num_kv_heads} if fl.qk_layout == "bhsd" else {}
@@ -107,7 +116,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
             if sample is not None:
                 mx, mn = searched_range(sample, mx, mn, labels, bits, grid)
             points.append(QuantPoint(tag=f"L{i}.{tap}", tensor=tensor, qparams=grid(mx, mn, labels, bits),
-                                     heads=heads.get(tap, 0)))
+                                     heads=heads.get(tap, 0), keep_first=tap in first))
         if not q.kv_only:
             p = QParams(scale=np.array([1 / 255], np.float32), zero_point=np.array([0]), bits=8)
             points.append(QuantPoint(tag=f"L{i}.P", tensor=fl.softmax_output, qparams=p, per_tensor=True,

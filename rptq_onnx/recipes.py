@@ -11,7 +11,9 @@
   text (README): activation ranges by the point's bits (``--observer auto``: the calibration min/max
   widened by half at 8 bits and more, the mean of the windows' ranges below), one cluster per channel
   at q/K/V and the out_proj input under eager 8-bit attention, the softmax output quantized per
-  row relative to the row's largest probability (``--softmax-scale row``), weights that sit on a grid keep it
+  row relative to the row's largest probability (``--softmax-scale row``), the first token of each sequence
+  (the attention sink, whose massive activations would widen every range) left in float at the norm outputs
+  and the out_proj/down_proj inputs and out of their ranges (``--first-token float``), weights that sit on a grid keep it
   (``--source-grid keep``), weight-only 4-bit in groups of 128, an 8-bit vocabulary table wherever
   weights are quantized, and under fused attention (the KV presets' default) a symmetric K
   clustered freely on its amplitude, with more K and fewer V clusters (``FUSED_KV_CLUSTERS``).
@@ -40,11 +42,12 @@ PAPER_FLAGS = {
     "attention": ("eager", "eager"),
     "propagate": ("quantized", "quantized"),
     "softmax_scale": ("fixed", "fixed"),
+    "first_token": ("quantized", "quantized"),
 }
 # the defaults of those flags under the default recipe (None: the preset decides)
 DEFAULT_FLAGS = {"observer": "auto", "clusters": None, "weight_quant": "gptq", "group_size": None,
                  "source_grid": "keep", "head_bits": None, "attention": "auto", "propagate": "float",
-                 "softmax_scale": "row"}
+                 "softmax_scale": "row", "first_token": "float"}
 
 
 # The default recipe's clusters per K/V head for fused attention's low-bit cache (symmetric K clustered on
@@ -127,6 +130,9 @@ def point_choices(config, rope: bool, amplitude_key: bool, skipped: frozenset[st
     if q.quantizes_activations and not q.kv_only:
         out["P"] = ("softmax output at a fixed scale 1/255" if q.softmax_scale == "fixed" else
                     "softmax output at each row's maximum / 255 (exp(s − max) at 1/255, normalized after)")
+    if q.quantizes_activations and not q.kv_only:
+        out["first token"] = ("kept in float at the norm outputs and the out_proj/down_proj inputs, and left out of "
+                              "their ranges" if q.first_token == "float" else "quantized like every other token")
     if q.quantizes_weights:
         group = f"groups of {q.group_size}" if q.group_size else "per output channel"
         algo = f"{q.weight_quant.upper() if q.weight_quant == 'gptq' else 'RTN'} {group}"

@@ -61,6 +61,9 @@ class LayerReference:
                 self.qdq_input[tag] = node.input[0]
         # points quantized relative to each row's maximum (passes/emit_qdq.py, the softmax output's default)
         self.row_max = {tag for tag in self.qdq if f"{LAYOUT_PREFIX}L{layer.index}.{tag}.rescale" in self.g.node_by_name}
+        # points that pass each sequence's first token through in float (--first-token float)
+        self.keep_first = {tag for tag in self.qdq if f"{LAYOUT_PREFIX}L{layer.index}.{tag}.first.out" in self.g.node_by_name}
+        self.seq = 0  # tokens per sequence of the forward in progress
 
     def const(self, name: str) -> np.ndarray:
         return np.asarray(self.g.constant_value(name))
@@ -87,12 +90,18 @@ class LayerReference:
         if tag in self.row_max:
             top = x.max(-1, keepdims=True)
             return self.qdq[tag](x / top) * top
-        return self.qdq[tag](x)
+        y = self.qdq[tag](x)
+        if tag in self.keep_first:  # [B, S, C] or [B·S, C]: the first token of each sequence as it was
+            y = y.reshape(-1, self.seq, x.shape[-1]).copy()
+            y[:, 0] = x.reshape(-1, self.seq, x.shape[-1])[:, 0]
+            y = y.reshape(x.shape)
+        return y
 
     def forward(self, x: np.ndarray, scaling: float) -> np.ndarray:
         """Layer output for input ``x`` [B, S, C] (causal attention, no padding, no past)."""
         L = self.layer
         b, s, c = x.shape
+        self.seq = s
         h, d = L.num_heads, L.head_dim
         a = self.q("attn_ln", self.norm(x, L.attn_norm))
         q = self.q("q", self.linear(a, L.q_proj)) * np.float32(scaling)

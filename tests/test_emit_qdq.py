@@ -95,3 +95,55 @@ def test_row_max_point_quantizes_each_row_relative_to_its_maximum():
                            qdq_points(model))
     o1, _ = make_session(float_model.SerializeToString()).run(None, {"x": y})
     np.testing.assert_allclose(-o1, y, rtol=1e-6)  # what is left without the Q/DQ is an identity
+
+
+def _token_graph(flat: bool):
+    """input_ids [B, S], attention_mask [B, T] (T ≥ S: past tokens counted first) and x → Relu → y → Neg → out,
+    y [B, S, C] or, with ``flat``, [B·S, C] (OPT's MLP)."""
+    c = 6
+    shape = [None, c] if flat else [None, None, c]
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"), helper.make_node("Neg", ["y"], ["out"], name="neg")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None]),
+                                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [None, None]),
+                                       helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("mask,first", [
+    ([[1, 1, 1, 1], [1, 1, 1, 1]], [[0], [0]]),            # no padding, no past: position 0 of each sequence
+    ([[0, 0, 1, 1], [0, 1, 1, 1]], [[2], [1]]),            # left padding: each sequence's first real token
+    ([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], [[], [1]]),  # two past tokens: the first may already be cached
+])
+def test_keep_first_passes_each_sequences_first_token_in_float(flat, mask, first):
+    rng = np.random.default_rng(0)
+    b, s, c = 2, 4, 6
+    x = (rng.normal(size=(b, s, c)) * 3).astype(np.float32)
+    y = np.maximum(x, 0)
+    qp = activation_qparams(y.max((0, 1)), y.min((0, 1)), np.array([0, 0, 1, 1, 2, 2]), 4)
+    model, _ = emit_qdq(_token_graph(flat), [QuantPoint("L0.fc2_in", "y", qp, keep_first=True)])
+    onnx.checker.check_model(model, full_check=True)
+    assert next(n for n in model.graph.node if n.name == "neg").input[0] == "rptq.layout.L0.fc2_in.first.out"
+    feed = {"input_ids": np.zeros((b, s), np.int64), "attention_mask": np.array(mask, np.int64),
+            "x": x.reshape(b * s, c) if flat else x}
+    out = -make_session(model.SerializeToString()).run(None, feed)[0].reshape(b, s, c)
+    _, quantized = fake_quant(y, qp)
+    expected = quantized.copy()
+    for i, rows in enumerate(first):
+        expected[i, rows] = y[i, rows]
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+    assert any(first) == (not np.allclose(expected, quantized))  # the kept tokens are off the grid
+
+
+def test_keep_first_shares_one_mask_across_calls_and_needs_the_token_inputs():
+    qp = activation_qparams(np.ones(6), np.zeros(6), np.zeros(6, int), 4)
+    model = _token_graph(False)
+    model.graph.node[1].output[0] = "z"  # y → Neg → z → Abs → out
+    model.graph.node.append(helper.make_node("Abs", ["z"], ["out"], name="abs"))
+    model, _ = emit_qdq(model, [QuantPoint("L0.a", "y", qp, keep_first=True)])
+    model, _ = emit_qdq(model, [QuantPoint("L1.a", "z", qp, keep_first=True)])  # as the layer-wise compile calls it
+    assert sum("rptq.layout.first_token.mask" in n.output for n in model.graph.node) == 1
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(Exception, match="input_ids and attention_mask"):
+        emit_qdq(_graph(6), [QuantPoint("L0.a", "y", qp, keep_first=True)])

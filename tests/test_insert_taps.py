@@ -117,3 +117,25 @@ def test_sampled_taps_keep_every_kth_token_of_each_quantized_point(opt_dir, expo
                       sample_taps=frozenset({"fc2_in"})).stats  # every 4th token (observers.SAMPLE_EVERY)
     assert stats[(0, "fc2_in")].sample.shape == (6 * 5, layers[0].ffn_dim)  # tokens × channels, every batch
     assert stats[(0, "out_in")].sample is None and stats[(0, "q_attn")].sample is None
+
+
+def test_skip_first_leaves_each_windows_first_token_out_of_the_ranges(opt_dir, exported):
+    from rptq_onnx.passes.insert_taps import FIRST_TOKEN_TAPS
+
+    model = load_model(exported("l3h96"))
+    layers = find_layers(model)
+    ids = np.random.default_rng(0).integers(0, 512, (3, 17))
+    ref = _torch_tensors(opt_dir("l3h96"), ids)
+    calib = calibrate(model, layers, ids, batch_size=3, progress=False, skip_first=frozenset(FIRST_TOKEN_TAPS),
+                      sample_taps=frozenset({"fc2_in"}))
+    assert calib.skipped_first == frozenset(FIRST_TOKEN_TAPS)
+    for (layer, tap), st in calib.stats.items():
+        if tap not in ("attn_ln", "q", "out_in", "ffn_ln", "fc2_in"):
+            continue
+        values = ref[(layer, tap)].numpy()  # [B, S, C]
+        kept = values[:, 1:] if tap in FIRST_TOKEN_TAPS else values
+        np.testing.assert_allclose(st.minmax.max, kept.max((0, 1)), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(st.minmax.min, kept.min((0, 1)), atol=1e-5, rtol=1e-5)
+    # every 4th token from position 1 on: positions 1, 5, 9, 13
+    np.testing.assert_allclose(calib.stats[(0, "fc2_in")].sample,
+                               ref[(0, "fc2_in")].numpy()[:, 1::4].reshape(-1, layers[0].ffn_dim), atol=1e-5, rtol=1e-5)

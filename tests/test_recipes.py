@@ -19,14 +19,14 @@ def test_default_recipe_keeps_what_was_given_and_fills_the_rest():
     flags = recipe_flags("default", {**NONE, "observer": "minmax", "group_size": 32})
     assert flags["observer"] == "minmax" and flags["group_size"] == 32
     assert flags["source_grid"] == "keep" and flags["attention"] == "auto" and flags["weight_quant"] == "gptq"
-    assert flags["softmax_scale"] == "row"
+    assert flags["softmax_scale"] == "row" and flags["first_token"] == "float"
 
 
 def test_paper_recipe_fixes_the_reference_choices():
     flags = recipe_flags("paper", NONE)
     assert flags == {"observer": "ema", "clusters": None, "weight_quant": "gptq", "group_size": 0,
                      "source_grid": "requantize", "head_bits": 16, "attention": "eager", "propagate": "quantized",
-                     "softmax_scale": "fixed"}
+                     "softmax_scale": "fixed", "first_token": "quantized"}
     # the same value as the recipe's is no conflict
     assert recipe_flags("paper", {**NONE, "observer": "ema", "clusters": "R2=4"}) == flags
 
@@ -36,7 +36,8 @@ def test_paper_recipe_fixes_the_reference_choices():
                                                   ("attention", "fused", "--attention eager"),
                                                   ("source_grid", "keep", "--source-grid requantize"),
                                                   ("propagate", "float", "--propagate quantized"),
-                                                  ("softmax_scale", "row", "--softmax-scale fixed")])
+                                                  ("softmax_scale", "row", "--softmax-scale fixed"),
+                                                  ("first_token", "float", "--first-token quantized")])
 def test_paper_recipe_refuses_a_flag_it_overrides(flag, value, fragment):
     with pytest.raises(RptqError, match=fragment):
         recipe_flags("paper", {**NONE, flag: value})
@@ -61,11 +62,13 @@ def test_point_choices_say_what_each_point_got():
     assert choices["R1"].startswith("not clustered")
     assert "amplitude" in choices["R2"] and "one cluster per channel" in choices["R3"]
     assert "source grid kept" in choices["weights"] and "P" not in choices  # KV-only: no softmax point
+    assert "first token" not in choices  # KV-only: nothing on the residual side is quantized
     paper = CompileConfig(recipe="paper", preset="W4A4", quant=QuantSpec.for_preset("W4A4", group_size=0,
-                                                                                    softmax_scale="fixed"))
+                                                                                    softmax_scale="fixed",
+                                                                                    first_token="quantized"))
     choices = point_choices(paper, rope=True, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
     assert "RoPE pairs" in choices["R2"] and choices["P"].endswith("1/255")
-    assert choices["weights"] == "GPTQ per output channel"
+    assert choices["weights"] == "GPTQ per output channel" and choices["first token"].startswith("quantized")
 
 
 def test_auto_observer_takes_min_max_at_8_bit_points_and_the_mean_below():
@@ -124,3 +127,19 @@ def test_softmax_scale_follows_the_recipe(tmp_path, text_llama, recipe, row):
     assert len(p_rescales) == (layers if row else 0)
     choice = json.loads((tmp_path / "a8" / "report.json").read_text())["recipe"]["choices"]["P"]
     assert ("row's maximum" in choice) == row and choice.endswith("1/255" if not row else "normalized after)")
+
+
+@pytest.mark.parametrize("recipe,kept", [("default", True), ("paper", False)])
+def test_first_token_follows_the_recipe(tmp_path, text_llama, recipe, kept):
+    import onnx
+
+    out = run_cli("compile", text_llama, "-o", tmp_path / "a4", "--preset", "W4A4", "--wbits", "16", "--recipe", recipe,
+                  "--calib", "random", "--nsamples", "2", "--seqlen", "16", "-q")
+    assert out.returncode == 0, out.stderr
+    graph = onnx.load(str(tmp_path / "a4" / "model.onnx"), load_external_data=False).graph
+    layers = json.loads((tmp_path / "a4" / "config.json").read_text())["num_hidden_layers"]
+    kept_points = sorted(n.name.split(".")[3] for n in graph.node
+                         if n.name.startswith("rptq.layout.L") and n.name.endswith(".first.out"))
+    assert kept_points == (sorted(["attn_ln", "ffn_ln", "fc2_in", "out_in"] * layers) if kept else [])
+    choice = json.loads((tmp_path / "a4" / "report.json").read_text())["recipe"]["choices"]["first token"]
+    assert choice.startswith("kept in float" if kept else "quantized")

@@ -7,7 +7,7 @@ import onnx
 from rptq_onnx.anatomy.records import Linear
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex
-from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX
+from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, LAYOUT_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX
 
 # Ops that carry a tensor's values to another layout without mixing channels of different
 # tokens; the walks below pass through them. Input 0 is the data input unless listed below.
@@ -16,6 +16,13 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Clip"}
 DATA_PATH_OPS = {"Reshape", "Transpose", "Cast", "Identity", "Expand", "Unsqueeze", "Squeeze",
                  "Mul", "Div", "Add", "Sub", "Concat", "Dropout", "Flatten", "Slice"} | QDQ_OPS
 ELEMENTWISE_MULTI = {"Mul", "Div", "Add", "Sub", "Concat"}
+
+
+def first_token_role(node: onnx.NodeProto) -> str | None:
+    """For the nodes that keep a point's first token in float (passes/emit_qdq.py, ``rptq.layout.<tag>.first.*``):
+    the part (``out`` is the Add whose output the point's readers read), else None."""
+    head, sep, role = node.name.rpartition(".first.")
+    return role if sep and head.startswith(LAYOUT_PREFIX) else None
 
 
 class LayerWalker:
@@ -57,7 +64,7 @@ class LayerWalker:
             for node in self.g.consumers.get(name, []):
                 if predicate(node):
                     return (node, list(node.input).index(name)), []
-                if node.op_type in through:
+                if node.op_type in through or first_token_role(node) is not None:
                     ahead += [o for o in node.output if o]
             return None, ahead
         return _breadth_first(tensor, step, max_depth)
@@ -130,8 +137,11 @@ class LayerWalker:
 
     def before_qdq(self, tensor: str) -> str:
         """The float tensor a Q → [Clip] → DQ chain (if any) fake-quantizes."""
-        for _ in range(4):
+        for _ in range(5):
             producer = self.g.producer.get(tensor)
+            if producer is not None and first_token_role(producer) == "out":  # dq + m·(x − dq): back to x
+                tensor = self.g.node_by_name[producer.name[:-len("out")] + "error"].input[0]
+                continue
             if producer is None or producer.op_type not in QDQ_OPS or self.g.is_constant(producer.input[0]):
                 break
             tensor = producer.input[0]
@@ -144,7 +154,12 @@ class LayerWalker:
         for node in self.g.value_readers(tensor):
             if node.name.startswith(BLOCK_SUMS_PREFIX):
                 continue
-            if node.op_type in QDQ_OPS:
+            role = first_token_role(node)
+            if role == "out":
+                names |= self.readers_through_qdq(node.output[0])
+            elif role is not None:
+                continue
+            elif node.op_type in QDQ_OPS:
                 names |= self.readers_through_qdq(node.output[0])
             else:
                 names.add(node.name)
