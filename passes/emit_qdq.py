@@ -154,7 +154,9 @@ def _first_token_mask(g: onnx.GraphProto) -> list[onnx.NodeProto]:
     for name, value in (("one", np.int64(1)), ("zero", np.int64(0)), ("axis", np.int64(1)),
                         ("end", np.array([2 ** 62], np.int64)), ("axes", np.array([1], np.int64))):
         g.initializer.append(numpy_helper.from_array(np.asarray(value), f"{t}.{name}"))
-    return [helper.make_node("CumSum", ["attention_mask", f"{t}.axis"], [f"{t}.seen"], name=f"{t}.seen"),
+    return [helper.make_node("Cast", ["attention_mask"], [f"{t}.attention_mask"], to=onnx.TensorProto.INT64,
+                             name=f"{t}.attention_mask"),  # int32 in some exports
+            helper.make_node("CumSum", [f"{t}.attention_mask", f"{t}.axis"], [f"{t}.seen"], name=f"{t}.seen"),
             helper.make_node("Sub", [f"{t}.seen", f"{t}.one"], [f"{t}.position"], name=f"{t}.position"),
             helper.make_node("Shape", ["input_ids"], [f"{t}.new"], start=1, end=2, name=f"{t}.new"),
             helper.make_node("Neg", [f"{t}.new"], [f"{t}.start"], name=f"{t}.start"),

@@ -97,14 +97,14 @@ def test_row_max_point_quantizes_each_row_relative_to_its_maximum():
     np.testing.assert_allclose(-o1, y, rtol=1e-6)  # what is left without the Q/DQ is an identity
 
 
-def _token_graph(flat: bool):
+def _token_graph(flat: bool, mask_type=TensorProto.INT64):
     """input_ids [B, S], attention_mask [B, T] (T ≥ S: past tokens counted first) and x → Relu → y → Neg → out,
     y [B, S, C] or, with ``flat``, [B·S, C] (OPT's MLP)."""
     c = 6
     shape = [None, c] if flat else [None, None, c]
     nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"), helper.make_node("Neg", ["y"], ["out"], name="neg")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None]),
-                                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [None, None]),
+                                       helper.make_tensor_value_info("attention_mask", mask_type, [None, None]),
                                        helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
@@ -147,3 +147,13 @@ def test_keep_first_shares_one_mask_across_calls_and_needs_the_token_inputs():
     onnx.checker.check_model(model, full_check=True)
     with pytest.raises(Exception, match="input_ids and attention_mask"):
         emit_qdq(_graph(6), [QuantPoint("L0.a", "y", qp, keep_first=True)])
+
+
+def test_keep_first_takes_an_int32_attention_mask():
+    qp = activation_qparams(np.full(6, 4.0), np.zeros(6), np.zeros(6, int), 4)
+    model, _ = emit_qdq(_token_graph(False, TensorProto.INT32), [QuantPoint("L0.a", "y", qp, keep_first=True)])
+    x = np.full((1, 3, 6), 0.1, np.float32)
+    feed = {"input_ids": np.zeros((1, 3), np.int64), "attention_mask": np.ones((1, 3), np.int32), "x": x}
+    out = -make_session(model.SerializeToString()).run(None, feed)[0]
+    np.testing.assert_allclose(out[0, 0], 0.1, rtol=1e-6)  # kept
+    np.testing.assert_array_equal(out[0, 1:], 0.0)  # 0.1 rounds to the grid's 0 (step 4/15)

@@ -34,7 +34,7 @@ def chain(variant: str, level: int, k: int, n: int, block: int, layers: int, see
           dtype: str = "float32"):
     """An ONNX Runtime session over ``layers`` linears [k → n] (n == k) in the form ``variant``."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     ftype = np.dtype(dtype)
