@@ -73,8 +73,10 @@ def test_more_clusters_never_hurt():
     ref = _logits(graph, ids, layers)
     mse = []
     for k in ("1", "4", "32", "ch"):
-        # plain min/max ranges cover the calibration data, so finer clusters can only refine the grid
-        cfg = CompileConfig(quant=QuantSpec(wbits=16, abits=4, observer="minmax"), clusters=ClusterCounts.parse(f"all={k}"),
+        # plain min/max ranges cover the calibration data, so finer clusters can only refine the grid (every token
+        # on it: with the first token in float, 32 clusters and one per channel came out 0.9372 / 0.9385)
+        cfg = CompileConfig(quant=QuantSpec(wbits=16, abits=4, observer="minmax", first_token="quantized"),
+                            clusters=ClusterCounts.parse(f"all={k}"),
                             calib=CalibConfig(nsamples=8, seqlen=48))
         model = compile_graph(graph, layers, ids, cfg).model
         mse.append(float(np.mean((_logits(model, ids, layers) - ref) ** 2)))
