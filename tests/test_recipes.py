@@ -114,23 +114,9 @@ def test_cli_reports_the_clusters_the_recipe_chose(tmp_path, text_llama):
     assert report["config"]["clusters"]["R2"] == 8 and "8 clusters per K/V head" in report["recipe"]["choices"]["R2"]
 
 
-@pytest.mark.parametrize("recipe,row", [("default", True), ("paper", False)])
-def test_softmax_scale_follows_the_recipe(tmp_path, text_llama, recipe, row):
-    import onnx
-
-    out = run_cli("compile", text_llama, "-o", tmp_path / "a8", "--preset", "W4A8", "--wbits", "16", "--recipe", recipe,
-                  "--calib", "random", "--nsamples", "2", "--seqlen", "16", "-q")
-    assert out.returncode == 0, out.stderr
-    graph = onnx.load(str(tmp_path / "a8" / "model.onnx"), load_external_data=False).graph
-    layers = json.loads((tmp_path / "a8" / "config.json").read_text())["num_hidden_layers"]
-    p_rescales = [n for n in graph.node if n.name.startswith("rptq.layout.") and n.name.endswith(".P.rescale")]
-    assert len(p_rescales) == (layers if row else 0)
-    choice = json.loads((tmp_path / "a8" / "report.json").read_text())["recipe"]["choices"]["P"]
-    assert ("row's maximum" in choice) == row and choice.endswith("1/255" if not row else "normalized after)")
-
-
-@pytest.mark.parametrize("recipe,kept", [("default", True), ("paper", False)])
-def test_first_token_follows_the_recipe(tmp_path, text_llama, recipe, kept):
+@pytest.mark.parametrize("recipe,default", [("default", True), ("paper", False)])
+def test_softmax_scale_and_first_token_follow_the_recipe(tmp_path, text_llama, recipe, default):
+    """default: P per row and each sequence's first token in float; paper: P at 1/255, every token quantized."""
     import onnx
 
     out = run_cli("compile", text_llama, "-o", tmp_path / "a4", "--preset", "W4A4", "--wbits", "16", "--recipe", recipe,
@@ -138,8 +124,10 @@ def test_first_token_follows_the_recipe(tmp_path, text_llama, recipe, kept):
     assert out.returncode == 0, out.stderr
     graph = onnx.load(str(tmp_path / "a4" / "model.onnx"), load_external_data=False).graph
     layers = json.loads((tmp_path / "a4" / "config.json").read_text())["num_hidden_layers"]
-    kept_points = sorted(n.name.split(".")[3] for n in graph.node
-                         if n.name.startswith("rptq.layout.L") and n.name.endswith(".first.out"))
-    assert kept_points == (sorted(["attn_ln", "ffn_ln", "fc2_in", "out_in"] * layers) if kept else [])
-    choice = json.loads((tmp_path / "a4" / "report.json").read_text())["recipe"]["choices"]["first token"]
-    assert choice.startswith("kept in float" if kept else "quantized")
+    choices = json.loads((tmp_path / "a4" / "report.json").read_text())["recipe"]["choices"]
+    p_rescales = [n for n in graph.node if n.name.startswith("rptq.layout.") and n.name.endswith(".P.rescale")]
+    assert len(p_rescales) == (layers if default else 0)
+    assert ("row's maximum" in choices["P"]) == default and choices["P"].endswith("normalized after)" if default else "1/255")
+    kept = sorted(n.name.split(".")[3] for n in graph.node if n.name.startswith("rptq.layout.L") and n.name.endswith(".first.out"))
+    assert kept == (sorted(["attn_ln", "ffn_ln", "fc2_in", "out_in"] * layers) if default else [])
+    assert choices["first token"].startswith("kept in float" if default else "quantized")
