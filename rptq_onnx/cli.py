@@ -425,14 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the reference uses 2048)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per ORT run (default {d.batch_size})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for drawing windows (default 0)")
-    from rptq_onnx.recipes import EAGER_QKV_CLUSTERS, FUSED_KV_CLUSTERS
+    from rptq_onnx.recipes import EAGER_CLUSTERS, FUSED_KV_CLUSTERS
 
     def by_bits(table):
         return "; ".join(f"{','.join(f'{p}={k}' for p, k in c.items())} at {bits} bits" for bits, c in table.items())
     p.add_argument("--clusters", default=None, metavar="R1=32,R2=4,...",
                    help="KMeans clusters per point; defaults R1=32,R2=4,R3=4,R4=32,R5=32 (R2/R3 per (K/V) head; "
                         f"the default recipe takes {by_bits(FUSED_KV_CLUSTERS)} under fused attention and "
-                        f"{by_bits(EAGER_QKV_CLUSTERS)} under eager, rptq_onnx/recipes.py); all=K sets all; K=ch is one cluster per channel, K=tensor one scale "
+                        f"{by_bits(EAGER_CLUSTERS)} under eager, rptq_onnx/recipes.py); all=K sets all; K=ch is one cluster per channel, K=tensor one scale "
                         "per tensor")
     p.add_argument("--layout", default="zero-copy", choices=LAYOUTS,
                    help="zero-copy (default): R1/R4 (and Llama's R2) stay in original order, no runtime copies; "

@@ -10,7 +10,8 @@
 - ``default`` — rptq-onnx's choices, each measured against ``paper`` on sotu-test and on held-out
   text (README): activation ranges by the point's bits (``--observer auto``: the calibration min/max
   widened by half at 8 bits and more, the mean of the windows' ranges below), one cluster per channel
-  at q/K/V and the out_proj input under eager 8-bit attention, the softmax output quantized per
+  at q/K/V and the out_proj input under eager 8-bit attention, 8 per K/V head at q/K and 64 at the
+  down_proj/fc2 input under eager 4-bit attention (``EAGER_CLUSTERS``), the softmax output quantized per
   row relative to the row's largest probability (``--softmax-scale row``), the first token of each sequence
   (the attention sink, whose massive activations would widen every range) left in float at the norm outputs
   and the out_proj/down_proj inputs and out of their ranges (``--first-token float``), weights that sit on a grid keep it
@@ -60,15 +61,18 @@ DEFAULT_FLAGS = {"observer": "auto", "clusters": None, "weight_quant": "gptq", "
 FUSED_KV_CLUSTERS = {4: {"R2": 8, "R3": 2}, 3: {"R2": "ch", "R3": "ch"}}
 # …and under eager attention, by activation bits: at 8 bits one cluster per channel (per RoPE pair for Llama's
 # R2) at q/K/V and the out_proj input. SmolLM2 W16A8, first 16,384 tokens, sotu-test / python-docs: 4/4 per
-# K/V head 24.29 / 16.83, 8/8 24.25 / 16.76, per channel 24.20 / 16.80. At 4 bits per channel lost (41.77
-# against 41.51 on sotu-test, both with --observer mse-like searched ranges at the linear inputs). README.
-EAGER_QKV_CLUSTERS = {8: {"R2": "ch", "R3": "ch"}}
+# K/V head 24.29 / 16.83, 8/8 24.25 / 16.76, per channel 24.20 / 16.80. At 4 bits, 8 clusters per K/V head at
+# R2 and 64 at the down_proj/fc2 input (R5). SmolLM2 W16A4 (first token in float), same protocol: the
+# reference's counts 43.39 / 32.69, R2=8 42.56 / 31.72, R5=64 42.34 / 31.91 (R5=128 42.48 / 32.60, one per
+# channel 45.11 / 39.82), R2=8,R5=64 40.35 / 31.95 (R3=8 on top 40.67 / 32.09); the demo's W4A4 204.281 →
+# 204.282. README.
+EAGER_CLUSTERS = {8: {"R2": "ch", "R3": "ch"}, 4: {"R2": 8, "R5": 64}}
 
 
 def resolve_clusters(config):
     """``config`` with the recipe's cluster counts where the user gave none (``recipe_clusters``), by the
     attention, already resolved, and the activation bits."""
-    table = FUSED_KV_CLUSTERS if config.attention == "fused" else EAGER_QKV_CLUSTERS
+    table = FUSED_KV_CLUSTERS if config.attention == "fused" else EAGER_CLUSTERS
     chosen = table.get(config.quant.abits)
     if not (config.recipe_clusters and config.recipe == "default" and chosen):
         return config

@@ -94,15 +94,18 @@ def test_default_recipe_picks_fused_kv_clusters_only_where_none_were_given():
     chosen = resolve_clusters(base).clusters
     assert {p: getattr(chosen, p) for p in FUSED_KV_CLUSTERS[4]} == FUSED_KV_CLUSTERS[4]
     assert chosen.R1 == ClusterCounts().R1
-    # given counts, eager attention at 4 bits and the paper recipe keep theirs
-    for config in (dataclasses.replace(base, recipe_clusters=False), dataclasses.replace(base, attention="eager"),
-                   dataclasses.replace(base, recipe="paper")):
+    # given counts and the paper recipe keep theirs
+    for config in (dataclasses.replace(base, recipe_clusters=False), dataclasses.replace(base, recipe="paper")):
         assert resolve_clusters(config).clusters == ClusterCounts()
     assert CompileConfig.from_json(base.to_json()) == base
     a8 = CompileConfig(preset="W4A8", quant=QuantSpec.for_preset("W4A8"), attention="eager", recipe_clusters=True)
     chosen = resolve_clusters(a8).clusters  # eager 8-bit: one cluster per channel at q/K/V and the out_proj input
     assert (chosen.R2, chosen.R3, chosen.R5) == ("ch", "ch", ClusterCounts().R5)
     assert resolve_clusters(dataclasses.replace(a8, recipe="paper")).clusters == ClusterCounts()
+    a4 = CompileConfig(preset="W4A4", quant=QuantSpec.for_preset("W4A4"), attention="eager", recipe_clusters=True)
+    chosen = resolve_clusters(a4).clusters  # eager 4-bit: more clusters at q/K and the down_proj input
+    assert (chosen.R1, chosen.R2, chosen.R3, chosen.R4, chosen.R5) == (32, 8, 4, 32, 64)
+    assert resolve_clusters(dataclasses.replace(a4, recipe_clusters=False)).clusters == ClusterCounts()
 
 
 def test_cli_reports_the_clusters_the_recipe_chose(tmp_path, text_llama):
