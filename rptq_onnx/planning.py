@@ -29,12 +29,17 @@ def check_cluster_counts(config: CompileConfig, layers: list[DecoderLayer]) -> N
 
 
 def cluster_counts(layer: DecoderLayer, config: CompileConfig) -> dict[str, int]:
-    """KMeans k per point (per K/V head at R2/R3); ``ch`` resolved to one cluster per channel."""
+    """KMeans k per point (per K/V head at R2/R3); ``ch`` resolved to one cluster per channel. Counts the
+    recipe chose (no ``--clusters``) stop at one cluster per channel where a small model has fewer."""
     k = config.clusters.kmeans_k()
     c, d, f = layer.hidden_size, layer.head_dim, layer.ffn_dim
     rope = layer.qk_layout == "bhsd"
-    return {"R1": k["R1"] or c, "R2": k["R2"] or (d // 2 if rope else d), "R3": k["R3"] or d, "R4": k["R4"] or c,
-            "R5": k["R5"] or f}
+    per_channel = {"R1": c, "R2": d // 2 if rope else d, "R3": d, "R4": c, "R5": f}
+    counts = {p: k[p] or n for p, n in per_channel.items()}
+    if config.recipe_clusters:
+        most = dict(per_channel, R2=d if rope and amplitude_key(layer, config) else per_channel["R2"])
+        counts = {p: min(n, most[p]) for p, n in counts.items()}
+    return counts
 
 
 def layer_features(layer: DecoderLayer, stats: dict[tuple[int, str], ChannelStats]) -> dict[str, tuple[np.ndarray, int]]:

@@ -97,6 +97,19 @@ def test_bad_cluster_counts(exported, tmp_path, clusters, msg):
 
 
 @pytest.mark.slow
+def test_recipe_clusters_stop_at_one_per_channel_on_a_small_model(tmp_path):
+    """The default recipe's 64 clusters at the fc2 input of eager W4A4 on a model with 32 FFN channels: one
+    per channel, where the same count asked for with --clusters is refused."""
+    model = save_random_opt(tmp_path / "hf", seed=0, num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
+                            ffn_dim=32)
+    common = ("--preset", "W4A4", "--nsamples", 1, "--seqlen", 8, "--calib", "random", "-q")
+    proc = run_cli("compile", model, "-o", tmp_path / "out", *common)
+    assert proc.returncode == 0 and (tmp_path / "out" / "model.onnx").is_file(), proc.stderr
+    assert_one_line_error(run_cli("compile", model, "-o", tmp_path / "asked", "--clusters", "R5=64", *common),
+                          "R5=64 exceeds")
+
+
+@pytest.mark.slow
 def test_non_opt_onnx(tmp_path):
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
