@@ -66,21 +66,23 @@ def test_opt125m_shapes_w4a4_and_w4a16(opt125m, text_opt, tmp_path):
             assert c.bytes_total == 2 * 12 * 63 * 768 // 2
 
 
-def test_more_clusters_never_hurt():
+def test_more_clusters_cut_the_error():
     graph = to_onnx(random_opt_with_outliers(), with_past=False)
     layers = find_layers(graph)
     ids = np.random.default_rng(0).integers(0, 300, (8, 48))
     ref = _logits(graph, ids, layers)
     mse = []
     for k in ("1", "4", "32", "ch"):
-        # plain min/max ranges cover the calibration data, so finer clusters can only refine the grid (every token
-        # on it: with the first token in float, 32 clusters and one per channel came out 0.9372 / 0.9385)
+        # plain min/max ranges cover the calibration data, so finer clusters refine the grid (every token on it)
         cfg = CompileConfig(quant=QuantSpec(wbits=16, abits=4, observer="minmax", first_token="quantized"),
                             clusters=ClusterCounts.parse(f"all={k}"),
                             calib=CalibConfig(nsamples=8, seqlen=48))
         model = compile_graph(graph, layers, ids, cfg).model
         mse.append(float(np.mean((_logits(model, ids, layers) - ref) ** 2)))
-    assert all(a > b for a, b in zip(mse, mse[1:])), mse
+    # 1 > 4 > 32 clusters; one per channel beats the coarse grids but not always 32: a finer grid shrinks each
+    # element's step, not each logit's error (this model under transformers 5.25: 0.919 with 32, 0.969 per channel;
+    # SmolLM2's down_proj input is another case, README)
+    assert mse[0] > mse[1] > mse[2] and mse[3] < mse[1], mse
 
 
 @pytest.mark.parametrize("args,msg", [(["--preset", "W5A5"], "--preset W5A5 is not available"),
