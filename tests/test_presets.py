@@ -80,8 +80,8 @@ def test_more_clusters_cut_the_error():
         model = compile_graph(graph, layers, ids, cfg).model
         mse.append(float(np.mean((_logits(model, ids, layers) - ref) ** 2)))
     # 1 > 4 > 32 clusters; one per channel beats the coarse grids but not always 32: a finer grid shrinks each
-    # element's step, not each logit's error (this model under transformers 5.25: 0.919 with 32, 0.969 per channel;
-    # SmolLM2's down_proj input is another case, README)
+    # element's step, not each logit's error (this model with transformers 5.25 and scikit-learn 1.9.1: 0.919 with
+    # 32 clusters, 0.969 per channel; SmolLM2's down_proj input is another case, README)
     assert mse[0] > mse[1] > mse[2] and mse[3] < mse[1], mse
 
 
