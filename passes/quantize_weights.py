@@ -17,7 +17,10 @@ zero points run 20–50× slower on the CPU). They run as MatMulNBits plus one s
 
     y = MatMulNBits(x) + block_sums(x) · offsetᵀ,   block_sums(x) = x · 1_blocks  [..., K / block]
 
-where the block sums of an input are made once and shared by every linear reading it.
+where the block sums of an input are made once and shared by every linear reading it. With
+``offset_form="blocks"`` (``--grid-offset blocks``) the offsets run inside the kernel instead, as extra
+4-bit blocks over the block sums (``source_grid.fold_offset``): a linear is one MatMulNBits over
+``Concat(x, block sums of x …)``, the sums made once per input (Reshape, ReduceSum, Pad, Concat).
 
 ORT constant-folds ``DequantizeLinear`` of a constant weight into a float initializer when it
 creates a session, so the ``dq`` form is low-bit in the file only; ``matmulnbits`` is the default.
@@ -36,7 +39,8 @@ from rptq_onnx.anatomy import Linear
 from rptq_onnx.graph import keep_initializers
 from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.quant import QuantizedWeight, pack_uint4
-from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX, uint_container
+from rptq_onnx.source_grid import OFFSET_LEVELS, fold_offset, offset_columns
+from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX, WITH_BLOCK_SUMS_PREFIX, uint_container
 from rptq_onnx.vocabulary import storage_bits as nbits_kernel_bits  # MatMulNBits' bits attribute: 4 or 8
 
 MATMULNBITS_BLOCKS = (16, 32, 64, 128, 256)
@@ -91,11 +95,19 @@ def _dq_form(g: onnx.GraphProto, node: onnx.NodeProto, lin: Linear, qw: Quantize
 
 
 def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, prefix: str, g: onnx.GraphProto,
-                      block_sums: dict[tuple[str, int], onnx.NodeProto], accuracy_level: int) -> list[onnx.NodeProto]:
-    """The MatMulNBits node (+ the offset term, + the bias Add of a Gemm) replacing ``node``."""
-    n, k = qw.codes.shape
+                      made: dict[tuple, list[onnx.NodeProto]], accuracy_level: int,
+                      offset_form: str) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+    """(the MatMulNBits node (+ the offset term, + the bias Add of a Gemm) replacing ``node``, the nodes it
+    reads that are shared with other linears of the same input: ``made``, by (input, block, form))."""
     bs = matmulnbits_block(qw)
-    blocks = k // bs
+    x, shared = node.input[0], []
+    n, k = qw.codes.shape
+    rank = _rank(g, x)
+    if qw.offset is not None and offset_form == "blocks" and rank is not None:  # (rank unknown: the offset term)
+        x, shared = _with_block_sums(g, x, rank, k, bs, made)
+        qw = fold_offset(qw)
+        k += offset_columns(k, bs)[1]  # the extended input; its last block a partial one
+    blocks = qw.codes.shape[1] // bs
     scale, zp = qw.scale, qw.zero_point  # [N, groups]; per channel: one group, repeated over the blocks
     if qw.group_size is None:
         scale, zp = np.repeat(scale, blocks, axis=1), np.repeat(zp, blocks, axis=1)
@@ -109,7 +121,7 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
     g.initializer.append(numpy_helper.from_array(codes, f"{prefix}.B"))
     g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scale.astype(np.float32).reshape(-1)),
                                                  f"{prefix}.scales"))
-    inputs = [node.input[0], f"{prefix}.B", f"{prefix}.scales"]
+    inputs = [x, f"{prefix}.B", f"{prefix}.scales"]
     if not default_zp:
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(zp.astype(np.uint8)), f"{prefix}.zero_points"))
         inputs.append(f"{prefix}.zero_points")
@@ -123,50 +135,90 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
     for i, step in enumerate(steps):
         last = i == len(steps) - 1
         if step == "offset":
-            new.append(_offset_term(g, node.input[0], qw.offset, k, bs, prefix, block_sums))
+            shared = _block_sums(g, x, k, bs, made)
+            new.append(_offset_term(g, x, qw.offset, bs, prefix))
             new.append(helper.make_node("Add", [result, new[-1].output[0]], [out if last else f"{prefix}.with_offset"],
                                         name=f"{prefix}{OFFSET_ADD_SUFFIX}"))
             result = f"{prefix}.with_offset"
         else:
             new.append(helper.make_node("Add", [result, node.input[2]], [out], name=f"{prefix}.bias"))
-    return new
+    return new, shared
 
 
-def _offset_term(g: onnx.GraphProto, x: str, offset: np.ndarray, k: int, bs: int, prefix: str,
-                 block_sums: dict[tuple[str, int], onnx.NodeProto]) -> onnx.NodeProto:
-    """The node computing Σ_b offset[n, b] · (sum of ``x`` over block b): a MatMul on ``x``'s block sums.
-
-    The block sums [..., K/bs] are one MatMul with a 0/1 matrix [K, K/bs] (any input rank), made once
-    per input tensor (in ``block_sums``) and shared by the linears reading it (q/k/v, gate/up)."""
-    if (x, bs) not in block_sums:
+def _block_sums(g: onnx.GraphProto, x: str, k: int, bs: int, made: dict[tuple, list[onnx.NodeProto]]) -> list[onnx.NodeProto]:
+    """The node making ``x``'s block sums [..., K/bs] ``{x}.block_sums{bs}``: one MatMul with a 0/1 matrix [K, K/bs]
+    (any input rank), made once per input tensor and shared by the linears reading it (q/k/v, gate/up)."""
+    if (x, bs, "term") not in made:
         ones = f"{WEIGHT_PREFIX}block_ones.{k}x{bs}"
         if not any(t.name == ones for t in g.initializer):
             member = np.repeat(np.eye(k // bs, dtype=np.float32), bs, axis=0)  # [K, K/bs]
             g.initializer.append(numpy_helper.from_array(member, ones))
-        block_sums[(x, bs)] = helper.make_node("MatMul", [x, ones], [f"{x}.block_sums{bs}"],
-                                               name=f"{BLOCK_SUMS_PREFIX}{x}.{bs}")
+        made[(x, bs, "term")] = [helper.make_node("MatMul", [x, ones], [f"{x}.block_sums{bs}"],
+                                                  name=f"{BLOCK_SUMS_PREFIX}{x}.{bs}")]
+    return made[(x, bs, "term")]
+
+
+def _offset_term(g: onnx.GraphProto, x: str, offset: np.ndarray, bs: int, prefix: str) -> onnx.NodeProto:
+    """The node computing Σ_b offset[n, b] · (sum of ``x`` over block b): a MatMul on ``x``'s block sums."""
     g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(offset.T.astype(np.float32)), f"{prefix}.offset"))
     return helper.make_node("MatMul", [f"{x}.block_sums{bs}", f"{prefix}.offset"], [f"{prefix}.offset_term"],
                             name=f"{prefix}.offset_term")
+
+
+def _rank(g: onnx.GraphProto, x: str) -> int | None:
+    """The rank of ``x`` where the graph declares it (value_info, inputs), else None."""
+    for v in (*g.value_info, *g.input):
+        if v.name == x and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
+
+
+def _with_block_sums(g: onnx.GraphProto, x: str, rank: int, k: int, bs: int,
+                     made: dict[tuple, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]]:
+    """(``x`` extended by its block sums as ``source_grid.fold_offset``'s codes read them, [x, S, 0…, S]; the
+    nodes making it: Reshape to blocks, ReduceSum, Pad to whole blocks, Concat), made once per input tensor."""
+    if (x, bs, "blocks") not in made:
+        sums, per_level = k // bs, offset_columns(k, bs)[0] // OFFSET_LEVELS
+        shape, axes, pads = (f"{WEIGHT_PREFIX}blocks_shape.{rank}.{sums}x{bs}", f"{WEIGHT_PREFIX}last_axis",
+                             f"{WEIGHT_PREFIX}pad_last.{rank}.{per_level - sums}")
+        have = {t.name for t in g.initializer}
+        for name, value in ((shape, [0] * (rank - 1) + [sums, bs]), (axes, [-1]),
+                            (pads, [0] * (2 * rank - 1) + [per_level - sums])):
+            if name not in have:
+                g.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+        p = f"{BLOCK_SUMS_PREFIX}{x}.{bs}"
+        nodes = [helper.make_node("Reshape", [x, shape], [f"{x}.blocks{bs}"], name=f"{p}.reshape"),
+                 helper.make_node("ReduceSum", [f"{x}.blocks{bs}", axes], [f"{x}.block_sums{bs}"], name=f"{p}.sum",
+                                  keepdims=0)]
+        padded = f"{x}.block_sums{bs}"
+        if per_level > sums and OFFSET_LEVELS > 1:
+            padded = f"{x}.padded_block_sums{bs}"
+            nodes.append(helper.make_node("Pad", [f"{x}.block_sums{bs}", pads], [padded], name=f"{p}.pad"))
+        parts = [x] + [padded] * (OFFSET_LEVELS - 1) + [f"{x}.block_sums{bs}"]
+        nodes.append(helper.make_node("Concat", parts, [f"{x}.with_block_sums{bs}"],
+                                      name=f"{WITH_BLOCK_SUMS_PREFIX}{x}.{bs}", axis=-1))
+        made[(x, bs, "blocks")] = nodes
+    return made[(x, bs, "blocks")][-1].output[0], made[(x, bs, "blocks")]
 
 
 @dataclass
 class WeightsReport:
     dq: int = 0  # linears in the DequantizeLinear form
     matmulnbits: int = 0  # linears as MatMulNBits
-    kept_source_grid: int = 0  # of those, codes kept from the source's grid (with an offset term)
+    kept_source_grid: int = 0  # of those, codes kept from the source's grid with a float offset (term or blocks)
 
 
 class QuantizeWeights(Pass[WeightsReport]):
     """Replace each linear's float weight (``weights``: node name → (Linear, QuantizedWeight)); edits in place.
-    ``accuracy_level``: of the 4-bit MatMulNBits (8-bit ones always take 4).
-
-    Codes with an ``offset`` (kept from a source grid) need the ``matmulnbits`` form."""
+    ``accuracy_level``: of the 4-bit MatMulNBits (8-bit ones always take 4); ``offset_form``: how codes with an
+    ``offset`` (kept from a source grid) carry it, ``term`` (exact: an offset MatMul and Add per linear) or
+    ``blocks`` (inside the kernel: ``source_grid.fold_offset``). Such codes need the ``matmulnbits`` form."""
 
     name = "quantize_weights"
 
-    def __init__(self, weights: dict[str, tuple[Linear, QuantizedWeight]], form: str = "dq", accuracy_level: int = 0):
-        self.weights, self.form, self.accuracy_level = weights, form, accuracy_level
+    def __init__(self, weights: dict[str, tuple[Linear, QuantizedWeight]], form: str = "dq", accuracy_level: int = 0,
+                 offset_form: str = "term"):
+        self.weights, self.form, self.accuracy_level, self.offset_form = weights, form, accuracy_level, offset_form
 
     def requires(self, model: onnx.ModelProto) -> str | None:
         nodes = {n.name for n in model.graph.node}
@@ -179,14 +231,13 @@ class QuantizeWeights(Pass[WeightsReport]):
         replaced: dict[str, list[onnx.NodeProto]] = {}
         before: dict[str, list[onnx.NodeProto]] = {}
         nodes = {n.name: n for n in g.node}
-        block_sums: dict[tuple[str, int], onnx.NodeProto] = {}
+        shared: dict[tuple, list[onnx.NodeProto]] = {}
         for name, (lin, qw) in self.weights.items():
             node = nodes[name]
             prefix = f"{WEIGHT_PREFIX}{name}"
             if self.form == "matmulnbits" and matmulnbits_ok(qw):
-                replaced[name] = _matmulnbits_form(node, lin, qw, prefix, g, block_sums, self.accuracy_level)
-                if qw.offset is not None:
-                    before[name] = [block_sums[(node.input[0], matmulnbits_block(qw))]]
+                replaced[name], before[name] = _matmulnbits_form(node, lin, qw, prefix, g, shared, self.accuracy_level,
+                                                                 self.offset_form)
                 report.matmulnbits += 1
                 report.kept_source_grid += qw.offset is not None
             elif qw.offset is not None:
@@ -196,7 +247,7 @@ class QuantizeWeights(Pass[WeightsReport]):
                 report.dq += 1
         ordered, made = [], set()
         for node in g.node:
-            for extra in before.get(node.name, []):  # a block sum shared by several linears: made once
+            for extra in before.get(node.name, []):  # block sums shared by several linears: made once
                 if extra.name not in made:
                     made.add(extra.name)
                     ordered.append(extra)
@@ -210,9 +261,9 @@ class QuantizeWeights(Pass[WeightsReport]):
 
 
 def quantize_weights(model: onnx.ModelProto, weights: dict[str, tuple[Linear, QuantizedWeight]],
-                     form: str = "dq", accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict]:
+                     form: str = "dq", accuracy_level: int = 0, offset_form: str = "term") -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` with low-bit weights (``QuantizeWeights``); returns (model, report)."""
-    result = QuantizeWeights(weights, form, accuracy_level).run(model)
+    result = QuantizeWeights(weights, form, accuracy_level, offset_form).run(model)
     return result.model, dataclasses.asdict(result.report)
 
 

@@ -24,6 +24,7 @@ class WeightQuantization(WeightsReport):
     group_sizes_used: list[int] = field(default_factory=list)  # 0: per output channel
     source_grid: str = "keep"
     accuracy_level: int = 0
+    grid_offset: str = "term"
 
 
 @dataclass

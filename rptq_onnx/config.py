@@ -28,6 +28,7 @@ WEIGHT_QUANT = ("gptq", "rtn")
 OBSERVERS = ("ema", "minmax", "mean", "mse", "auto")  # rptq_onnx/observers.py (auto: by the point's bits)
 LAYOUTS = ("zero-copy", "contiguous")
 SOURCE_GRID = ("keep", "requantize")
+GRID_OFFSETS = ("term", "blocks")  # how kept codes carry a float offset per block (passes/quantize_weights.py)
 SOFTMAX_SCALES = ("row", "fixed")  # the softmax output P: step max(row)/255, or 1/255 (the reference)
 # the first token of each sequence (the attention sink) at the norm outputs and the out_proj/down_proj inputs:
 # kept in float, or quantized like every other token (the reference); passes/emit_qdq.py (keep_first)
@@ -159,6 +160,7 @@ class QuantSpec:
     head_bits: int = 16  # token embedding + LM head (passes/quantize_head.py); 16: float
     source_grid: str = "keep"  # weights already on a wbits grid keep their codes (rptq_onnx/source_grid.py)
     accuracy_level: int = 0  # 4-bit MatMulNBits: 0 = float GEMM on the exact codes; 4 = int8 inputs, integer GEMM
+    grid_offset: str = "term"  # GRID_OFFSETS: a kept Q4_1 grid's float minimum as an offset term, or inside the kernel
     softmax_scale: str = "row"  # SOFTMAX_SCALES; passes/emit_qdq.py (row_max)
     first_token: str = "float"  # FIRST_TOKENS; passes/emit_qdq.py (keep_first), passes/insert_taps.py (skip_first)
 
@@ -179,6 +181,8 @@ class QuantSpec:
             raise RptqError(f"--first-token {self.first_token} is unknown; use {' or '.join(FIRST_TOKENS)}")
         if self.source_grid not in SOURCE_GRID:
             raise RptqError(f"--source-grid {self.source_grid} is unknown; use keep or requantize")
+        if self.grid_offset not in GRID_OFFSETS:
+            raise RptqError(f"--grid-offset {self.grid_offset} is unknown; use {' or '.join(GRID_OFFSETS)}")
         if self.head_bits not in HEAD_BITS:
             raise RptqError(f"--head-bits {self.head_bits} is not supported; use 4, 8 or 16 (float)")
         if self.group_size is not None and (self.group_size < MIN_GROUP or self.group_size & (self.group_size - 1)):

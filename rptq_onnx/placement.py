@@ -20,7 +20,7 @@ import onnx
 from rptq_onnx.graph import GraphIndex, load_model, node_attr
 from rptq_onnx.outdir import work_dir
 from rptq_onnx.passes.quantize_head import embedding_gather
-from rptq_onnx.vocabulary import KV_PREFIX, WEIGHT_PREFIX
+from rptq_onnx.vocabulary import KV_PREFIX, WEIGHT_PREFIX, WITH_BLOCK_SUMS_PREFIX
 
 GEMMS = ("MatMul", "Gemm", "MatMulNBits")
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -67,6 +67,9 @@ def _gemm_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
         verdict = f"real low-bit kernel: MatMulNBits, {node_attr(node, 'bits', 4)}-bit weights"
         if node_attr(node, "accuracy_level", 0) == 4:
             verdict += ", input quantized to int8 per block (integer GEMM)"
+        extended = index.producer.get(node.input[0])
+        if extended is not None and extended.name.startswith(WITH_BLOCK_SUMS_PREFIX):
+            verdict += "; a source grid's per-block offsets in extra 4-bit blocks over the input's block sums"
         return {"kind": "real", "verdict": verdict}
     producers = [_source_dq(index, t) for t in node.input[:2]]
     weight_dq = [p for p in producers if p is not None and index.is_constant(p.input[0])]

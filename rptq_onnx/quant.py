@@ -249,6 +249,11 @@ def dequantized_weight(index, lin) -> np.ndarray:
         offset = f"{node.name.removesuffix('.matmulnbits')}.offset"  # [K/bs, N], codes kept from a source grid
         if offset in index.initializers:
             w = w + np.repeat(const(offset).T, attrs["block_size"], axis=1)
+        from rptq_onnx.source_grid import extended_input, unfold_offset
+
+        extended = extended_input(index.producer, index.constant_value, node.input[0])
+        if extended is not None:  # the offsets as extra blocks over the input's block sums
+            w = unfold_offset(w, extended[1], extended[2])
         return w.T
     producer = index.producer.get(node.input[1])
     if producer is not None and producer.op_type == "DequantizeLinear":

@@ -218,11 +218,13 @@ def quantize_graph(folded: onnx.ModelProto, layers: list[DecoderLayer], folded_l
     if q.quantizes_weights:
         weights = quantized_weights(model, folded_layers, plans, calib, config, progress, spend_hessians)
         form = "matmulnbits" if q.matmulnbits else "dq"
-        counts = QuantizeWeights(weights, form=form, accuracy_level=q.accuracy_level).run(model, owned=True).report
+        counts = QuantizeWeights(weights, form=form, accuracy_level=q.accuracy_level,
+                                 offset_form=q.grid_offset).run(model, owned=True).report
         used = sorted({qw.group_size or 0 for _, qw in weights.values()})  # 0: per output channel
         report.weights = WeightQuantization(**dataclasses.asdict(counts), algorithm=q.weight_quant, bits=q.wbits,
                                             group_size=q.group_size, group_sizes_used=used,
-                                            source_grid=q.source_grid, accuracy_level=q.accuracy_level)
+                                            source_grid=q.source_grid, accuracy_level=q.accuracy_level,
+                                            grid_offset=q.grid_offset)
     points = activation_points(layers, folded_layers, plans, calib, config)
     if points:
         qdq = EmitQdq(points).run(model, owned=True).report

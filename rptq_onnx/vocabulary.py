@@ -56,6 +56,7 @@ REORDER_PREFIX = "rptq.reorder."  # Gathers and RoPE-table permutations of fold_
 WEIGHT_PREFIX = "rptq.w."  # low-bit weights: rptq.w.{linear node}.…
 BLOCK_SUMS_PREFIX = WEIGHT_PREFIX + "block_sums."  # a kept source grid's block sums of a linear input, shared
 OFFSET_ADD_SUFFIX = ".add_offset"  # …and the Add of its per-block offset term after the MatMulNBits
+WITH_BLOCK_SUMS_PREFIX = WEIGHT_PREFIX + "with_block_sums."  # …or the Concat [x, block sums] read by the kernel
 KV_PREFIX = "rptq.kv."  # the low-bit KV cache's store and load
 ATTENTION_PREFIX = "rptq.attn."  # fused GroupQueryAttention and what feeds it
 HEAD_PREFIX = "rptq.head."  # the low-bit LM head

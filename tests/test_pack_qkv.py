@@ -18,9 +18,10 @@ from test_source_grid import q4_1
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, SEQ = 64, 4, 2, 16, 5
 
 
-def _attention(grid: bool, q_scalar: float | None, cache_bits: int | None):
+def _attention(grid: str | bool, q_scalar: float | None, cache_bits: int | None):
     """x → q/k/v linears (q: bias [× scalar], k: bias, v: none) → GQA over an empty cache; the linears as
-    MatMulNBits with RTN codes (a zero-point input) or Q4_1 grids (offset terms)."""
+    MatMulNBits with RTN codes (a zero-point input) or Q4_1 grids (``grid``: True or "term", offset terms;
+    "blocks", the offsets inside the kernels over [x, block sums])."""
     rng = np.random.default_rng(0)
     nodes, inits, weights = [], [], {}
     outs = {}
@@ -65,7 +66,7 @@ def _attention(grid: bool, q_scalar: float | None, cache_bits: int | None):
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=10)
-    model, report = quantize_weights(model, weights, form="matmulnbits")
+    model, report = quantize_weights(model, weights, form="matmulnbits", offset_form="blocks" if grid == "blocks" else "term")
     assert report["matmulnbits"] == 3 and report["kept_source_grid"] == (3 if grid else 0)
     return model
 
@@ -81,7 +82,7 @@ def _run(model: onnx.ModelProto) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("grid,q_scalar,cache_bits", [(False, None, None), (True, 0.5, None), (True, None, 4),
-                                                      (False, 0.3, 4)])
+                                                      (False, 0.3, 4), ("blocks", 0.5, None), ("blocks", None, 4)])
 def test_packed_qkv_computes_what_three_linears_did(grid, q_scalar, cache_bits):
     model = _attention(grid, q_scalar, cache_bits)
     packed, report = pack_qkv(model)
@@ -89,7 +90,8 @@ def test_packed_qkv_computes_what_three_linears_did(grid, q_scalar, cache_bits):
     onnx.checker.check_model(packed)
     ops = [n.op_type for n in packed.graph.node]
     assert ops.count("MatMulNBits") == 1 and "Mul" not in ops
-    assert ops.count("MatMul") == (2 if grid else 0)  # one block sum, one offset term for all three
+    # one block sum and one offset term for all three; or the block sums and [x, block sums] the kernel reads
+    assert ops.count("MatMul") == {False: 0, True: 2, "blocks": 0}[grid] and ops.count("Concat") == (grid == "blocks")
     gqa = next(n for n in packed.graph.node if n.op_type == "GroupQueryAttention")
     assert list(gqa.input[1:3]) == ["", ""]
     kernel = next(n for n in packed.graph.node if n.op_type == "MatMulNBits")

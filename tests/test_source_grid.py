@@ -16,7 +16,7 @@ from rptq_onnx.models import random_llama, random_opt
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.placement import classify
 from rptq_onnx.runtime import feeds_for, make_session
-from rptq_onnx.source_grid import find_grid, weight_on_grid
+from rptq_onnx.source_grid import find_grid, fold_offset, unfold_offset, weight_on_grid
 
 
 def q4_1(w: np.ndarray, block: int = 32) -> np.ndarray:
@@ -83,6 +83,64 @@ def test_offset_codes_run_as_matmulnbits_with_a_shared_block_sum(layout):
         quantize_weights(model, weights, form="dq")
 
 
+def test_folded_offsets_keep_the_codes_and_come_within_a_small_part_of_a_step():
+    """``fold_offset``: the same codes, the kernel's default zero point everywhere, and the offsets as extra blocks
+    in two levels; through [x, block sums…] it applies the Q4_1 weight within a small part of a step — where one
+    level is off by several times more."""
+    rng = np.random.default_rng(6)
+    w = q4_1(rng.normal(size=(24, 160)).astype(np.float32) / 10)  # 5 blocks: one padded extra block per level
+    qw = weight_on_grid(w, 4)
+    folded, coarse = fold_offset(qw), fold_offset(qw, levels=1)
+    assert folded.offset is None and folded.codes.shape == (24, 160 + 64) and folded.scale.shape == (24, 7)
+    np.testing.assert_array_equal(folded.codes[:, :160], qw.codes)
+    assert (folded.zero_point == 8).all()
+    step = qw.scale.max()
+    error = np.abs(unfold_offset(folded.dequantize().astype(np.float64), 160, 32) - w).max()
+    one_level = np.abs(coarse.dequantize()[:, :160] + coarse.dequantize()[:, 160:165].repeat(32, axis=1) - w).max()
+    assert error < 0.05 * step and one_level > 3 * error
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_offset_blocks_run_as_one_matmulnbits_per_linear_over_a_shared_extended_input(layout):
+    """``offset_form="blocks"``: the block sums made once per input, then one MatMulNBits per linear without
+    zero points (no offset term, no Add but a Gemm's bias); outputs far nearer the exact x·Wᵀ than integer
+    zero points get."""
+    rng = np.random.default_rng(1)
+    k, n = 128, 40
+    ws = [q4_1(rng.normal(size=(n, k)).astype(np.float32)) for _ in range(2)]
+    nodes, inits, weights = [], [numpy_helper.from_array(np.zeros(n, np.float32) + 0.5, "b")], {}
+    for i, w in enumerate(ws):
+        if layout == "in_out":
+            nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"lin{i}"))
+            inits.append(numpy_helper.from_array(w.T.copy(), f"w{i}"))
+            lin = Linear(f"lin{i}", "MatMul", "x", f"y{i}", f"w{i}", "in_out", None, None, k, n)
+        else:
+            nodes.append(helper.make_node("Gemm", ["x", f"w{i}", "b"], [f"y{i}"], name=f"lin{i}", transB=1))
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            lin = Linear(f"lin{i}", "Gemm", "x", f"y{i}", f"w{i}", "out_in", "b", None, k, n)
+        weights[f"lin{i}"] = (lin, weight_on_grid(w, 4))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [3, n]) for i in range(2)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    out, report = quantize_weights(model, weights, form="matmulnbits", offset_form="blocks")
+    onnx.checker.check_model(out, full_check=True)
+    ops = [node.op_type for node in out.graph.node]
+    assert report["kept_source_grid"] == 2 and ops.count("MatMulNBits") == 2
+    assert all(ops.count(op) == 1 for op in ("Reshape", "ReduceSum", "Pad", "Concat"))  # the sums, made once
+    assert "MatMul" not in ops and ops.count("Add") == (2 if layout == "out_in" else 0)
+    assert all(len(node.input) == 3 for node in out.graph.node if node.op_type == "MatMulNBits")  # no zero points
+    x = rng.normal(size=(3, k)).astype(np.float32)
+    got = make_session(out.SerializeToString()).run(None, {"x": x})
+    for i, w in enumerate(ws):
+        bias = 0.5 if layout == "out_in" else 0
+        want = x @ w.T + bias
+        qw = weights[f"lin{i}"][1]  # the same codes with integer zero points (the nearest) and nothing more:
+        zp = np.clip(np.rint(qw.zero_point - qw.offset / qw.scale), 0, 15)
+        rounded_only = x @ ((qw.codes - np.repeat(zp, 32, axis=1)) * np.repeat(qw.scale, 32, axis=1)).T + bias
+        err = np.abs(got[i] - want).max()
+        assert 0 < err < np.abs(rounded_only - want).max() / 10
+
+
 def _gridded(hf) -> torch.nn.Module:
     """``hf`` with every decoder linear's weight replaced by its Q4_1 values (a GGUF loaded as float)."""
     with torch.no_grad():
@@ -129,6 +187,46 @@ def test_a_q4_1_model_compiles_to_w4_without_weight_loss(family):
     assert all(r["kind"] == "real" for r in rows if r["op"] == "MatMulNBits")
     small = [r for r in rows if "source grid" in r["verdict"]]  # an offset term per linear, block sums per input
     assert len(small) == compiled.quant.weights.kept_source_grid + 4 * len(layers)
+
+
+@pytest.mark.slow
+def test_grid_offset_blocks_compiles_a_q4_1_llama_to_one_kernel_per_linear():
+    """``--grid-offset blocks`` on a Q4_1 Llama. W4A16: the layers are found again in the compiled graph
+    (inspect reads it) and the logits sit ten times nearer the exact offset terms' than RTN's. W4A4KV with fused attention: no offset term is
+    left, one MatMulNBits per linear, and the logits sit much nearer the exact offset terms' than a requantized
+    model's."""
+    hf = random_llama(seed=3, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+    graph = to_onnx(_gridded(hf), with_past=True)
+    layers = find_layers(graph)
+    ids = np.random.default_rng(0).integers(0, 300, (2, 32))
+    calib = CalibConfig(nsamples=2, seqlen=32)
+    w4 = {form: compile_graph(graph, layers, ids, CompileConfig(
+        quant=QuantSpec(wbits=4, abits=16, group_size=32, weight_quant="rtn", grid_offset="term" if form == "requantize" else form,
+                        source_grid="requantize" if form == "requantize" else "keep"), calib=calib)).model
+          for form in ("term", "blocks", "requantize")}
+    found = find_layers(w4["blocks"])
+    assert [lin.in_features for lin in found[0].linears().values()] == [lin.in_features for lin in layers[0].linears().values()]
+    exact = _logits(w4["term"], ids, layers)
+    gap = {form: float(np.abs(_logits(w4[form], ids, layers) - exact).max()) for form in ("blocks", "requantize")}
+    assert 0 < gap["blocks"] < gap["requantize"] / 10, gap
+
+    logits, compiled = {}, {}
+    for form in ("term", "blocks", "requantize"):
+        quant = QuantSpec.for_preset("W4A4KV", grid_offset="term" if form == "requantize" else form, weight_quant="rtn",
+                                     group_size=32, source_grid="requantize" if form == "requantize" else "keep")
+        cfg = CompileConfig(preset="W4A4KV", quant=quant, calib=calib, attention="fused",
+                            clusters=ClusterCounts(R1=4, R4=4, R5=4))
+        compiled[form] = compile_graph(graph, layers, ids, cfg)
+        logits[form] = _logits(compiled[form].model, ids, layers)
+    model = compiled["blocks"].model
+    assert compiled["blocks"].quant.weights.kept_source_grid == len(layers) * len(layers[0].linears())
+    assert not any(n.name.endswith((".offset_term", ".add_offset")) for n in model.graph.node)
+    kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits" and ".with_block_sums" in n.input[0]]
+    assert len(kernels) == len(layers) * len(layers[0].linears())  # all but the 8-bit head (packing: test_pack_qkv)
+    assert sum("extra 4-bit blocks" in r["verdict"] for r in classify(model)) == len(kernels)
+    # the 4-bit cache rounds a slightly other K/V to other codes now and then, so compare mean gaps
+    gap = {form: float(np.abs(logits[form] - logits["term"]).mean()) for form in ("blocks", "requantize")}
+    assert 0 < gap["blocks"] < gap["requantize"] / 3, gap
 
 
 def test_a_grid_through_zero_takes_an_integer_zero_point_and_no_offset():

@@ -7,7 +7,8 @@ import onnx
 from rptq_onnx.anatomy.records import Linear
 from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex
-from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, LAYOUT_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX
+from rptq_onnx.source_grid import extended_input
+from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, LAYOUT_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX, WITH_BLOCK_SUMS_PREFIX
 
 # Ops that carry a tensor's values to another layout without mixing channels of different
 # tokens; the walks below pass through them. Input 0 is the data input unless listed below.
@@ -64,7 +65,8 @@ class LayerWalker:
             for node in self.g.consumers.get(name, []):
                 if predicate(node):
                     return (node, list(node.input).index(name)), []
-                if node.op_type in through or first_token_role(node) is not None:
+                if node.op_type in through or first_token_role(node) is not None or \
+                        node.name.startswith(WITH_BLOCK_SUMS_PREFIX):  # [x, block sums of x]: to the linear
                     ahead += [o for o in node.output if o]
             return None, ahead
         return _breadth_first(tensor, step, max_depth)
@@ -97,8 +99,12 @@ class LayerWalker:
         if node.op_type == "MatMulNBits":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             out_t, bias, bias_node = self._bias_output(node)
-            return Linear(node=node.name, op=node.op_type, input=node.input[0], output=out_t, weight=node.input[1],
-                          weight_layout="nbits", bias=bias, bias_node=bias_node, in_features=int(attrs["K"]),
+            x, k = node.input[0], int(attrs["K"])
+            extended = extended_input(self.g.producer, self.g.constant_value, x)
+            if extended is not None:  # [x, block sums of x]: the linear's input is x
+                x, k, _ = extended
+            return Linear(node=node.name, op=node.op_type, input=x, output=out_t, weight=node.input[1],
+                          weight_layout="nbits", bias=bias, bias_node=bias_node, in_features=k,
                           out_features=int(attrs["N"]))
         weight, dq = self.weight_source(node.input[1])
         if weight not in self.g.initializers:
@@ -152,6 +158,9 @@ class LayerWalker:
         linears reading it, passes/quantize_weights.py, are part of those linears)."""
         names = set()
         for node in self.g.value_readers(tensor):
+            if node.name.startswith(WITH_BLOCK_SUMS_PREFIX):  # [x, block sums]: read by the linears of x
+                names |= self.readers_through_qdq(node.output[0])
+                continue
             if node.name.startswith(BLOCK_SUMS_PREFIX):
                 continue
             role = first_token_role(node)
