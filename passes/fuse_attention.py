@@ -67,6 +67,7 @@ class FuseReport:
     kv_qdq_dropped: int = 0  # K/V points whose Q/DQ the kernel's own quantization replaces
     rotary_in_kernel: int = 0  # layers whose RoPE GQA applies (do_rotary)
     qkv_packed: int = 0  # layers whose q/k/v run as one MatMulNBits (passes/pack_qkv.py)
+    norms_fused: int = 0  # RMSNorms as one SimplifiedLayerNormalization (passes/fuse_norms.py)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -383,7 +384,8 @@ def _symmetric_point(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLa
             per_query = offset.reshape(layer.num_kv_heads, layer.head_dim)[heads].reshape(-1)
             w = dequantized_weight(index, layer.out_proj)  # [in, out], as the graph computes with it
             back = (per_query.astype(np.float64) @ w.astype(np.float64)).astype(np.float32)
-            _add_to_output(model, index, layer.out_proj, back, f"{ATTENTION_PREFIX}L{layer.index}.out_offset", report)
+            _add_to_output(model, index, layer.out_proj, back, f"{ATTENTION_PREFIX}L{layer.index}.out_offset", report,
+                           kernel_bias=True)
         report.offsets_folded += 1
     new_zp = helper.make_tensor(zp_init.name, zp_init.data_type, list(zp_init.dims), [mid] * int(zp.size))
     zp_init.CopyFrom(new_zp)
@@ -391,9 +393,15 @@ def _symmetric_point(model: onnx.ModelProto, index: GraphIndex, layer: DecoderLa
 
 
 def _add_to_output(model: onnx.ModelProto, index: GraphIndex, lin: Linear, delta: np.ndarray, name: str,
-                   report: FuseReport) -> None:
-    """Add ``delta`` to a linear's output: into its bias initializer (a private copy) or by a new Add."""
+                   report: FuseReport, kernel_bias: bool = False) -> None:
+    """Add ``delta`` to a linear's output: into its bias initializer (a private copy), into a MatMulNBits' own
+    bias input (``kernel_bias``; not for q/k/v, which passes/pack_qkv.py packs with their Adds) or by a new Add."""
     g = model.graph
+    kernel = index.node_by_name[lin.node]
+    if kernel_bias and not lin.bias and kernel.op_type == "MatMulNBits" and not any(kernel.input[4:]):
+        g.initializer.append(numpy_helper.from_array(delta.astype(np.float32), f"{name}.bias"))
+        kernel.input.extend([""] * (5 - len(kernel.input)) + [f"{name}.bias"])
+        return
     if lin.bias and lin.bias in index.initializers:
         bias = numpy_helper.to_array(index.initializers[lin.bias]).astype(np.float32)
         g.initializer.append(numpy_helper.from_array((bias + delta).astype(np.float32), f"{name}.bias"))

@@ -37,6 +37,7 @@ from rptq_onnx.outdir import check_writable, claim_output, input_bytes, work_dir
 from rptq_onnx.passes.base import copy_model
 from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport
 from rptq_onnx.passes.fuse_attention import FuseAttention
+from rptq_onnx.passes.fuse_norms import FuseNorms
 from rptq_onnx.passes.pack_qkv import PackQKV
 from rptq_onnx.passes.quantize_head import QuantizeHead
 from rptq_onnx.planning import amplitude_key, check_cluster_counts, plan_layer, unclustered_points
@@ -171,6 +172,7 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
         quant.attention = runner.run("fuse", FuseAttention(cache_bits=config.fused_cache_bits, rotary_positions=positions),
                                      model).report
         quant.attention.qkv_packed = runner.run("pack_qkv", PackQKV(), model).report.layers
+        quant.attention.norms_fused = runner.run("fuse_norms", FuseNorms(), model).report.fused
     if q.head_bits < 16:
         quant.head = runner.run("head", QuantizeHead(q.head_bits, accuracy_level=q.accuracy_level), model).report
     return Compiled(model=model, plans=plans, fold=fold, quant=quant, calibration=calib, config=config)

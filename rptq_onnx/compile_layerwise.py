@@ -29,6 +29,7 @@ from rptq_onnx.external_weights import WeightSink, is_external, load_initializer
 from rptq_onnx.passes.base import copy_model
 from rptq_onnx.passes.fold_reorder import FoldReorder, FoldReport
 from rptq_onnx.passes.fuse_attention import FuseAttention
+from rptq_onnx.passes.fuse_norms import FuseNorms
 from rptq_onnx.passes.pack_qkv import PackQKV, initializers_read
 from rptq_onnx.passes.quantize_head import QuantizeHead
 from rptq_onnx.planning import plan_layer
@@ -106,6 +107,8 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
             model, quant.attention = _fuse(model, sink, config, layers, resident, positions)
         with runner.stage("pack_qkv"):
             model, quant.attention.qkv_packed = _pack_qkv(model, sink, resident)
+        with runner.stage("fuse_norms"):  # reads names and shapes only (ε is a small resident constant)
+            quant.attention.norms_fused = FuseNorms().run(model, owned=True).report.fused
     if q.head_bits < 16:
         with runner.stage("head"):
             load_initializers(model, [t.name for t in model.graph.initializer

@@ -85,7 +85,8 @@ def test_fused_equals_eager_llama_over_a_symmetric_key(text_llama, tmp_path, mon
     fused, cache_type = _run(result.model_path.parent, ids, mask)
     assert cache_type == "tensor(uint8)"
     attention = result.report.quantization.attention
-    assert attention.bias_adds == 2 * 2  # no v_proj / o_proj biases in Llama
+    assert attention.bias_adds == 2  # no v_proj bias in Llama (o_proj's offset goes into its kernel's bias)
+    assert attention.norms_fused == 2 * 2 + 1  # passes/fuse_norms.py
     assert attention.rotary_in_kernel == 2 and attention.qkv_packed == 2
     graph = onnx.load(result.model_path)
     ops = [n.op_type for n in graph.graph.node]

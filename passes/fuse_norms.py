@@ -1,0 +1,97 @@
+"""Pass: each decomposed RMSNorm as one ``SimplifiedLayerNormalization`` (ONNX Runtime's fused kernel).
+
+A Llama-family export spells RMSNorm as seven nodes,
+
+    γ · (x · Reciprocal(Sqrt(ReduceMean(Pow(x, 2), axes=[-1]) + ε)))
+
+61 of them in SmolLM2, each a kernel dispatch per decode step. ``SimplifiedLayerNormalization`` (ORT's
+contrib op in the default domain, the form GenAI's builder writes) computes the same in one kernel.
+Compile runs it on fused-attention graphs, the deployment form; eager graphs keep the decomposed norm
+that ``find_layers`` walks (``rptq-onnx inspect --error`` reads compiled eager graphs again).
+
+A norm is replaced only when its inner tensors have no other reader and ε and the exponent are
+constants; anything else is left as it is (and counted in ``skipped``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from rptq_onnx.graph import GraphIndex, prune_dead_nodes
+from rptq_onnx.passes.base import Pass, PassResult
+
+_CHAIN = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul", "Mul")  # after the Pow
+
+
+@dataclass
+class NormsReport:
+    fused: int = 0  # RMSNorms now one SimplifiedLayerNormalization
+    skipped: int = 0  # x² → ReduceMean chains left as they were
+
+
+def _scalar(index: GraphIndex, name: str) -> float | None:
+    value = index.constant_value(name) if index.is_constant(name) else None
+    return float(np.asarray(value).reshape(-1)[0]) if value is not None and np.size(value) == 1 else None
+
+
+def _other(node: onnx.NodeProto, tensor: str) -> str:
+    return next(t for t in node.input if t != tensor)
+
+
+def _rms_norm(index: GraphIndex, pow_node: onnx.NodeProto, outputs: set[str]) -> tuple[list[onnx.NodeProto], str, float] | None:
+    """(the seven nodes, γ, ε) of the RMSNorm starting at ``pow_node``, or None where it is not one (``outputs``:
+    the graph's, which no inner tensor may be)."""
+    x = pow_node.input[0]
+    if _scalar(index, pow_node.input[1]) != 2.0:
+        return None
+    chain, tensor = [pow_node], pow_node.output[0]
+    for op in _CHAIN:
+        readers = index.consumers.get(tensor, [])
+        if len(readers) != 1 or readers[0].op_type != op or tensor in outputs:
+            return None
+        chain.append(readers[0])
+        tensor = readers[0].output[0]
+    mean, add, _, reciprocal, scaled, weighted = chain[1:]
+    axes = index.constant_value(mean.input[1]) if len(mean.input) > 1 else None
+    keepdims = next((a.i for a in mean.attribute if a.name == "keepdims"), 1)
+    eps = _scalar(index, _other(add, mean.output[0]))
+    gamma = _other(weighted, scaled.output[0])
+    shape = index.constant_shape(gamma) if index.is_constant(gamma) else None
+    if (axes is None or list(np.asarray(axes).reshape(-1)) != [-1] or not keepdims or eps is None
+            or _other(scaled, reciprocal.output[0]) != x
+            or shape is None or len(shape) != 1):
+        return None
+    return chain, gamma, eps
+
+
+class FuseNorms(Pass[NormsReport]):
+    """Replace every decomposed RMSNorm by SimplifiedLayerNormalization (edits in place)."""
+
+    name = "fuse_norms"
+
+    def apply(self, model: onnx.ModelProto) -> PassResult[NormsReport]:
+        g = model.graph
+        index = GraphIndex(model)
+        report = NormsReport()
+        replaced: dict[str, onnx.NodeProto] = {}  # by the norm's output tensor
+        outputs = {o.name for o in g.output}
+        for node in [n for n in g.node if n.op_type == "Pow"]:
+            found = _rms_norm(index, node, outputs)
+            if found is None:
+                report.skipped += any(r.op_type == "ReduceMean" for r in index.consumers.get(node.output[0], []))
+                continue
+            chain, gamma, eps = found
+            replaced[chain[-1].output[0]] = helper.make_node(
+                "SimplifiedLayerNormalization", [node.input[0], gamma], [chain[-1].output[0]],
+                name=f"{chain[-1].name or chain[-1].output[0]}.rms_norm", axis=-1, epsilon=eps)
+            report.fused += 1
+        if replaced:
+            kept = [replaced.get(n.output[0], n) if n.output else n for n in g.node]
+            del g.node[:]
+            g.node.extend(kept)
+            prune_dead_nodes(model)
+        return PassResult(model, report, modified=bool(replaced))
