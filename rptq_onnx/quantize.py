@@ -57,9 +57,11 @@ def folded_order(layer: DecoderLayer, tap: str, plan: dict[str, ClusterPlan], co
     return None, p.labels()
 
 
-def channel_range(calib: Calibration, layer: int, tap: str, observer: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(max, min) per channel of a point quantized to ``bits`` under ``--observer observer``."""
-    name, factor = observer_for(observer, bits)
+def channel_range(calib: Calibration, layer: int, tap: str, observer: str, bits: int,
+                  kv_cache: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(max, min) per channel of a point quantized to ``bits`` under ``--observer observer`` (``kv_cache``: K or V
+    of a KV preset, observers.observer_for)."""
+    name, factor = observer_for(observer, bits, kv_cache)
     mx, mn = calib.stats[(layer, tap)].observer(name).range()
     return mx * factor, mn * factor
 
@@ -107,7 +109,7 @@ def activation_points(layers: list[DecoderLayer], folded_layers: list[DecoderLay
             index, labels = folded_order(layer, tap, plan, config)
             if TAP_POINT[tap] in per_tensor:
                 labels = np.zeros_like(labels)
-            mx, mn = channel_range(calib, i, tap, q.observer, bits)
+            mx, mn = channel_range(calib, i, tap, q.observer, bits, kv_cache=q.kv_only)
             sample = calib.stats[(i, tap)].sample if searched(q.observer) else None
             if index is not None:
                 mx, mn = mx[index], mn[index]

@@ -100,8 +100,8 @@ def recipe_flags(recipe: str, given: dict[str, object]) -> dict[str, object]:
     return out
 
 
-def _range_words(observer: str, bits: int) -> str:
-    name, factor = observer_for(observer, bits)
+def _range_words(observer: str, bits: int, kv_cache: bool = False) -> str:
+    name, factor = observer_for(observer, bits, kv_cache)
     words = RANGE_WORDS[name] + (f" widened {factor:g}×" if factor != 1 else "")
     if searched(observer):
         words += ", each cluster's clipping searched (least squared error on sampled calibration tokens)"
@@ -120,7 +120,7 @@ def point_choices(config, rope: bool, amplitude_key: bool, skipped: frozenset[st
     out = {}
     for point, k in counts.items():
         bits = q.ln_bits if point in ("R1", "R4") else q.abits
-        ranges = _range_words(q.observer, bits)
+        ranges = _range_words(q.observer, bits, kv_cache=q.kv_only and point in ("R2", "R3"))
         per = " per K/V head" if point in ("R2", "R3") else ""
         what = {"ch": "one cluster per channel", "tensor": "one scale per tensor"}.get(k, f"{k} clusters{per}")
         if point in skipped:

@@ -57,6 +57,8 @@ def test_mean_observer_weighs_every_sample_alike():
 
 def test_auto_observer_by_bits():
     assert [observer_for("auto", b) for b in (3, 4, 7, 8, 16)] == [("mean", 1.0)] * 3 + [("minmax", 1.5)] * 2
+    assert [observer_for("auto", b, kv_cache=True) for b in (3, 4, 8)] == [("ema", 1.0)] * 3  # a KV preset's K/V
+    assert observer_for("mean", 4, kv_cache=True) == ("mean", 1.0)  # an observer asked for is kept
     assert searched("mse") and observer_for("mse", 4) == ("minmax", 1.0)
     assert not any(searched(name) for name in ("auto", "mean", "minmax", "ema"))
     assert observer_for("mean", 8) == ("mean", 1.0) and observer_for("ema", 8) == ("ema", 1.0)

@@ -84,6 +84,9 @@ def test_auto_observer_takes_min_max_at_8_bit_points_and_the_mean_below():
     a8 = CompileConfig(preset="W8A8", quant=QuantSpec.for_preset("W8A8", observer="auto"))
     choices = point_choices(a8, rope=False, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
     assert all(choices[p].endswith(", min/max widened 1.5×") for p in ("R1", "R2", "R3", "R4", "R5"))
+    kv = CompileConfig(preset="W4A4KV", quant=QuantSpec.for_preset("W4A4KV", observer="auto"))
+    choices = point_choices(kv, rope=False, amplitude_key=False, skipped=frozenset(), keeps_grid=False)
+    assert choices["R2"].endswith("EMA min/max") and choices["R3"].endswith("EMA min/max")  # the KV presets' K/V
 
 
 def test_default_recipe_picks_fused_kv_clusters_only_where_none_were_given():
