@@ -47,11 +47,9 @@ def test_q4_1_weights_are_found_exactly_and_float_weights_are_not():
     np.testing.assert_allclose(wide.dequantize(), grid, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["in_out", "out_in"])
-def test_offset_codes_run_as_matmulnbits_with_a_shared_block_sum(layout):
-    """Two linears read one input: one block-sum MatMul feeds both offset terms; outputs are x·Wᵀ (+ b)."""
-    rng = np.random.default_rng(1)
-    k, n = 128, 40
+def _two_linears(layout: str, rng: np.random.Generator, k: int = 128, n: int = 40):
+    """(model, weights, Q4_1 weights [out, in], bias): two linears reading one input x [3, k], MatMul (``in_out``)
+    or Gemm with a bias (``out_in``), each weight on a Q4_1 grid."""
     ws = [q4_1(rng.normal(size=(n, k)).astype(np.float32)) for _ in range(2)]
     b = rng.normal(size=n).astype(np.float32)
     nodes, inits, weights = [], [numpy_helper.from_array(b, "b")], {}
@@ -68,16 +66,24 @@ def test_offset_codes_run_as_matmulnbits_with_a_shared_block_sum(layout):
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
                           [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [3, n]) for i in range(2)], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return model, weights, ws, (b if layout == "out_in" else 0)
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_offset_codes_run_as_matmulnbits_with_a_shared_block_sum(layout):
+    """Two linears read one input: one block-sum MatMul feeds both offset terms; outputs are x·Wᵀ (+ b)."""
+    rng = np.random.default_rng(1)
+    model, weights, ws, bias = _two_linears(layout, rng)
     out, report = quantize_weights(model, weights, form="matmulnbits")
     onnx.checker.check_model(out, full_check=True)
     assert report["kept_source_grid"] == 2 and report["matmulnbits"] == 2
     assert sum(n.name.startswith("rptq.w.block_sums.") for n in out.graph.node) == 1
     # every zp of a kept grid is the kernel's default 8: no zero-point input (the integer kernel's symmetric path)
     assert all(len(n.input) == 3 for n in out.graph.node if n.op_type == "MatMulNBits")
-    x = rng.normal(size=(3, k)).astype(np.float32)
+    x = rng.normal(size=(3, 128)).astype(np.float32)
     got = make_session(out.SerializeToString()).run(None, {"x": x})
     for i, w in enumerate(ws):
-        want = x @ w.T + (b if layout == "out_in" else 0)
+        want = x @ w.T + bias
         np.testing.assert_allclose(got[i], want, rtol=0, atol=2e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match="matmulnbits"):
         quantize_weights(model, weights, form="dq")
@@ -106,22 +112,7 @@ def test_offset_blocks_run_as_one_matmulnbits_per_linear_over_a_shared_extended_
     zero points (no offset term, no Add but a Gemm's bias); outputs far nearer the exact x·Wᵀ than integer
     zero points get."""
     rng = np.random.default_rng(1)
-    k, n = 128, 40
-    ws = [q4_1(rng.normal(size=(n, k)).astype(np.float32)) for _ in range(2)]
-    nodes, inits, weights = [], [numpy_helper.from_array(np.zeros(n, np.float32) + 0.5, "b")], {}
-    for i, w in enumerate(ws):
-        if layout == "in_out":
-            nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"lin{i}"))
-            inits.append(numpy_helper.from_array(w.T.copy(), f"w{i}"))
-            lin = Linear(f"lin{i}", "MatMul", "x", f"y{i}", f"w{i}", "in_out", None, None, k, n)
-        else:
-            nodes.append(helper.make_node("Gemm", ["x", f"w{i}", "b"], [f"y{i}"], name=f"lin{i}", transB=1))
-            inits.append(numpy_helper.from_array(w, f"w{i}"))
-            lin = Linear(f"lin{i}", "Gemm", "x", f"y{i}", f"w{i}", "out_in", "b", None, k, n)
-        weights[f"lin{i}"] = (lin, weight_on_grid(w, 4))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
-                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [3, n]) for i in range(2)], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    model, weights, ws, bias = _two_linears(layout, rng)
     out, report = quantize_weights(model, weights, form="matmulnbits", offset_form="blocks")
     onnx.checker.check_model(out, full_check=True)
     ops = [node.op_type for node in out.graph.node]
@@ -129,10 +120,9 @@ def test_offset_blocks_run_as_one_matmulnbits_per_linear_over_a_shared_extended_
     assert all(ops.count(op) == 1 for op in ("Reshape", "ReduceSum", "Pad", "Concat"))  # the sums, made once
     assert "MatMul" not in ops and ops.count("Add") == (2 if layout == "out_in" else 0)
     assert all(len(node.input) == 3 for node in out.graph.node if node.op_type == "MatMulNBits")  # no zero points
-    x = rng.normal(size=(3, k)).astype(np.float32)
+    x = rng.normal(size=(3, 128)).astype(np.float32)
     got = make_session(out.SerializeToString()).run(None, {"x": x})
     for i, w in enumerate(ws):
-        bias = 0.5 if layout == "out_in" else 0
         want = x @ w.T + bias
         qw = weights[f"lin{i}"][1]  # the same codes with integer zero points (the nearest) and nothing more:
         zp = np.clip(np.rint(qw.zero_point - qw.offset / qw.scale), 0, 15)
