@@ -9,6 +9,10 @@ contrib op in the default domain, the form GenAI's builder writes) computes the 
 Compile runs it on fused-attention graphs, the deployment form; eager graphs keep the decomposed norm
 that ``find_layers`` walks (``rptq-onnx inspect --error`` reads compiled eager graphs again).
 
+A norm whose input is a residual sum ``a + b`` of two tensors of one declared shape becomes
+``com.microsoft:SkipSimplifiedLayerNormalization(a, b, γ)``, which also returns the sum for the next
+residual (the builder's form): one node for Add and norm.
+
 A norm is replaced only when its inner tensors have no other reader and ε and the exponent are
 constants; anything else is left as it is (and counted in ``skipped``).
 """
@@ -29,13 +33,30 @@ _CHAIN = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul", "Mul")  # after the 
 
 @dataclass
 class NormsReport:
-    fused: int = 0  # RMSNorms now one SimplifiedLayerNormalization
+    fused: int = 0  # RMSNorms now one (Skip)SimplifiedLayerNormalization
+    with_residual: int = 0  # of those, SkipSimplifiedLayerNormalization taking the residual Add too
     skipped: int = 0  # x² → ReduceMean chains left as they were
 
 
 def _scalar(index: GraphIndex, name: str) -> float | None:
     value = index.constant_value(name) if index.is_constant(name) else None
     return float(np.asarray(value).reshape(-1)[0]) if value is not None and np.size(value) == 1 else None
+
+
+def _shape(g: onnx.GraphProto, tensor: str) -> list | None:
+    for v in (*g.value_info, *g.input):
+        if v.name == tensor and v.type.tensor_type.HasField("shape"):
+            return [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+    return None
+
+
+def _residual_sum(index: GraphIndex, g: onnx.GraphProto, x: str) -> onnx.NodeProto | None:
+    """The Add making ``x`` from two tensors of one declared shape (a residual sum), else None."""
+    add = index.producer.get(x)
+    if add is None or add.op_type != "Add" or len(add.input) != 2 or any(index.is_constant(t) for t in add.input):
+        return None
+    shapes = [_shape(g, t) for t in add.input]
+    return add if shapes[0] is not None and shapes[0] == shapes[1] and len(shapes[0]) == 3 else None
 
 
 def _other(node: onnx.NodeProto, tensor: str) -> str:
@@ -77,7 +98,7 @@ class FuseNorms(Pass[NormsReport]):
         g = model.graph
         index = GraphIndex(model)
         report = NormsReport()
-        replaced: dict[str, onnx.NodeProto] = {}  # by the norm's output tensor
+        replaced: dict[str, onnx.NodeProto | None] = {}  # by output tensor (None: removed)
         outputs = {o.name for o in g.output}
         for node in [n for n in g.node if n.op_type == "Pow"]:
             found = _rms_norm(index, node, outputs)
@@ -85,13 +106,22 @@ class FuseNorms(Pass[NormsReport]):
                 report.skipped += any(r.op_type == "ReduceMean" for r in index.consumers.get(node.output[0], []))
                 continue
             chain, gamma, eps = found
-            replaced[chain[-1].output[0]] = helper.make_node(
-                "SimplifiedLayerNormalization", [node.input[0], gamma], [chain[-1].output[0]],
-                name=f"{chain[-1].name or chain[-1].output[0]}.rms_norm", axis=-1, epsilon=eps)
+            name, x, y = f"{chain[-1].name or chain[-1].output[0]}.rms_norm", node.input[0], chain[-1].output[0]
+            add = _residual_sum(index, g, x)
+            if add is not None:
+                replaced[x] = None  # the Add: the fused node returns the sum as its 4th output
+                replaced[y] = helper.make_node("SkipSimplifiedLayerNormalization", [*add.input, gamma], [y, "", "", x],
+                                               name=name, domain="com.microsoft", epsilon=eps)
+                report.with_residual += 1
+            else:
+                replaced[y] = helper.make_node("SimplifiedLayerNormalization", [x, gamma], [y], name=name, axis=-1,
+                                               epsilon=eps)
             report.fused += 1
         if replaced:
             kept = [replaced.get(n.output[0], n) if n.output else n for n in g.node]
             del g.node[:]
-            g.node.extend(kept)
-            prune_dead_nodes(model)
+            g.node.extend(n for n in kept if n is not None)
+            prune_dead_nodes(model)  # (also puts the nodes back in topological order)
+            if report.with_residual and not any(o.domain == "com.microsoft" for o in model.opset_import):
+                model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         return PassResult(model, report, modified=bool(replaced))

@@ -1,4 +1,4 @@
-"""passes/fuse_norms.py: decomposed RMSNorms as one SimplifiedLayerNormalization each, same outputs."""
+"""passes/fuse_norms.py: decomposed RMSNorms as one (Skip)SimplifiedLayerNormalization each, same outputs."""
 
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ def test_every_rms_norm_of_a_llama_becomes_one_node_with_the_same_logits():
     ops = [n.op_type for n in result.model.graph.node]
     layers = sum(n.op_type == "Softmax" for n in graph.graph.node)
     assert result.report.fused == 2 * layers + 1 and result.report.skipped == 0
-    assert ops.count("SimplifiedLayerNormalization") == 2 * layers + 1 and "Pow" not in ops and "Sqrt" not in ops
+    # every norm but the first reads a residual sum: the Add goes into the fused node, which returns the sum
+    assert result.report.with_residual == 2 * layers
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers and ops.count("SimplifiedLayerNormalization") == 1
+    assert "Pow" not in ops and "Sqrt" not in ops
     ids = np.random.default_rng(0).integers(0, 300, (2, 12))
     want, got = _run(graph, ids), _run(result.model, ids)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
