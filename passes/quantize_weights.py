@@ -38,8 +38,8 @@ from onnx import helper, numpy_helper
 from rptq_onnx.anatomy import Linear
 from rptq_onnx.graph import keep_initializers
 from rptq_onnx.passes.base import Pass, PassResult
-from rptq_onnx.quant import QuantizedWeight, pack_uint4
-from rptq_onnx.source_grid import OFFSET_LEVELS, fold_offset, offset_columns
+from rptq_onnx.quant import OFFSET_LEVELS, QuantizedWeight, offset_columns, pack_uint4
+from rptq_onnx.source_grid import fold_offset
 from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX, WITH_BLOCK_SUMS_PREFIX, uint_container
 from rptq_onnx.vocabulary import storage_bits as nbits_kernel_bits  # MatMulNBits' bits attribute: 4 or 8
 

@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from rptq_onnx.errors import RptqError
 from rptq_onnx.outdir import staging_prefix, write_error
+from rptq_onnx.vocabulary import WITH_BLOCK_SUMS_PREFIX
 
 # Above this serialized size a model is saved with its weights in an external data file
 # (protobuf cannot hold more than 2 GiB in one message; below that, external weights still let
@@ -343,3 +344,14 @@ def keep_initializers(graph: onnx.GraphProto, names: Container[str]) -> None:
     """Remove the initializers not in ``names``, in place (re-adding the kept ones would copy them)."""
     for i in reversed([i for i, t in enumerate(graph.initializer) if t.name not in names]):
         del graph.initializer[i]
+
+
+def extended_input(index: GraphIndex, tensor: str) -> tuple[str, int, int] | None:
+    """(x, k, block) where ``tensor`` is x extended by its block sums (passes/quantize_weights.py, ``--grid-offset
+    blocks``: a Concat whose last input is a ReduceSum over Reshape(x, [..., k / block, block])), else None."""
+    cat = index.producer.get(tensor)
+    if cat is None or cat.op_type != "Concat" or not cat.name.startswith(WITH_BLOCK_SUMS_PREFIX):
+        return None
+    reshape = index.producer[index.producer[cat.input[-1]].input[0]]
+    shape = np.asarray(index.constant_value(reshape.input[1])).reshape(-1)
+    return cat.input[0], int(shape[-2] * shape[-1]), int(shape[-1])

@@ -215,6 +215,35 @@ def unpack_uint4(packed: np.ndarray, count: int) -> np.ndarray:
     return both[..., :count]
 
 
+# ``source_grid.fold_offset`` (``--grid-offset blocks``): a kept grid's per-block offsets as extra blocks of codes
+# over the input's block sums, in this many levels (the second holds what the first rounded off)
+OFFSET_LEVELS = 2
+
+
+def offset_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> tuple[int, int]:
+    """(padded, used) extra input columns ``fold_offset`` adds to a linear with ``k`` inputs: each level holds
+    the k / block block sums in whole blocks (``padded``); the input carries the last level unpadded
+    (``used``), MatMulNBits reading the final block as a partial one."""
+    sums = k // block
+    per_level = -(-sums // block) * block
+    return levels * per_level, (levels - 1) * per_level + sums
+
+
+def block_sum_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> np.ndarray:
+    """[k, used]: x · it = the extra columns ``fold_offset``'s codes read (the block sums, per level)."""
+    padded, used = offset_columns(k, block, levels)
+    member = np.zeros((k, used), np.float32)
+    for level in range(levels):
+        member[np.arange(k), level * (padded // levels) + np.arange(k) // block] = 1
+    return member
+
+
+def unfold_offset(extended: np.ndarray, k: int, block: int) -> np.ndarray:
+    """The weight [out, k] that ``extended`` [out, k + used (or padded)] applies to x through its extended input."""
+    member = block_sum_columns(k, block)
+    return extended[:, :k] + extended[:, k:k + member.shape[1]] @ member.T
+
+
 def dequantize_matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int,
                            bits: int, block_size: int) -> np.ndarray:
     """The float weight [N, K] that a ``com.microsoft:MatMulNBits`` node multiplies by."""
@@ -249,9 +278,9 @@ def dequantized_weight(index, lin) -> np.ndarray:
         offset = f"{node.name.removesuffix('.matmulnbits')}.offset"  # [K/bs, N], codes kept from a source grid
         if offset in index.initializers:
             w = w + np.repeat(const(offset).T, attrs["block_size"], axis=1)
-        from rptq_onnx.source_grid import extended_input, unfold_offset
+        from rptq_onnx.graph import extended_input
 
-        extended = extended_input(index.producer, index.constant_value, node.input[0])
+        extended = extended_input(index, node.input[0])
         if extended is not None:  # the offsets as extra blocks over the input's block sums
             w = unfold_offset(w, extended[1], extended[2])
         return w.T

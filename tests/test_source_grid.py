@@ -16,7 +16,8 @@ from rptq_onnx.models import random_llama, random_opt
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.placement import classify
 from rptq_onnx.runtime import feeds_for, make_session
-from rptq_onnx.source_grid import find_grid, fold_offset, unfold_offset, weight_on_grid
+from rptq_onnx.quant import unfold_offset
+from rptq_onnx.source_grid import find_grid, fold_offset, weight_on_grid
 
 
 def q4_1(w: np.ndarray, block: int = 32) -> np.ndarray:

@@ -6,8 +6,7 @@ import onnx
 
 from rptq_onnx.anatomy.records import Linear
 from rptq_onnx.errors import RptqError
-from rptq_onnx.graph import GraphIndex
-from rptq_onnx.source_grid import extended_input
+from rptq_onnx.graph import GraphIndex, extended_input
 from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, LAYOUT_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX, WITH_BLOCK_SUMS_PREFIX
 
 # Ops that carry a tensor's values to another layout without mixing channels of different
@@ -100,7 +99,7 @@ class LayerWalker:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             out_t, bias, bias_node = self._bias_output(node)
             x, k = node.input[0], int(attrs["K"])
-            extended = extended_input(self.g.producer, self.g.constant_value, x)
+            extended = extended_input(self.g, x)
             if extended is not None:  # [x, block sums of x]: the linear's input is x
                 x, k, _ = extended
             return Linear(node=node.name, op=node.op_type, input=x, output=out_t, weight=node.input[1],
