@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "takes the largest power of two ≥ 16 that does")
     p.add_argument("--observer", default=None, choices=OBSERVERS,
                    help="activation ranges: auto (default: at points of 8 bits and more the calibration min/max "
-                        "widened by half, below the mean of the windows' ranges), the reference's EMA min/max (ema, "
+                        "widened by half, below the mean of the windows' ranges; the EMA at the KV presets' K/V), "
+                        "the reference's EMA min/max (ema, "
                         "--recipe paper), plain min/max, mean "
                         "(each channel's min/max averaged over the calibration windows), or mse (each cluster's "
                         "min/max shrunk to the least squared error on sampled calibration tokens, at every point); "

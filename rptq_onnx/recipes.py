@@ -9,7 +9,7 @@
   (``--propagate quantized``, a layer-wise compile).
 - ``default`` — rptq-onnx's choices, each measured against ``paper`` on sotu-test and on held-out
   text (README): activation ranges by the point's bits (``--observer auto``: the calibration min/max
-  widened by half at 8 bits and more, the mean of the windows' ranges below), one cluster per channel
+  widened by half at 8 bits and more, the mean of the windows' ranges below, the EMA at the KV presets' K/V), one cluster per channel
   at q/K/V and the out_proj input under eager 8-bit attention, 8 per K/V head at q/K and 64 at the
   down_proj/fc2 input under eager 4-bit attention (``EAGER_CLUSTERS``), the softmax output quantized per
   row relative to the row's largest probability (``--softmax-scale row``), the first token of each sequence
