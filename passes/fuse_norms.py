@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from rptq_onnx.graph import GraphIndex, prune_dead_nodes
+from rptq_onnx.graph import GraphIndex, declared_shape, prune_dead_nodes
 from rptq_onnx.passes.base import Pass, PassResult
 
 _CHAIN = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul", "Mul")  # after the Pow
@@ -43,19 +43,12 @@ def _scalar(index: GraphIndex, name: str) -> float | None:
     return float(np.asarray(value).reshape(-1)[0]) if value is not None and np.size(value) == 1 else None
 
 
-def _shape(g: onnx.GraphProto, tensor: str) -> list | None:
-    for v in (*g.value_info, *g.input):
-        if v.name == tensor and v.type.tensor_type.HasField("shape"):
-            return [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
-    return None
-
-
 def _residual_sum(index: GraphIndex, g: onnx.GraphProto, x: str) -> onnx.NodeProto | None:
     """The Add making ``x`` from two tensors of one declared shape (a residual sum), else None."""
     add = index.producer.get(x)
     if add is None or add.op_type != "Add" or len(add.input) != 2 or any(index.is_constant(t) for t in add.input):
         return None
-    shapes = [_shape(g, t) for t in add.input]
+    shapes = [declared_shape(g, t) for t in add.input]
     return add if shapes[0] is not None and shapes[0] == shapes[1] and len(shapes[0]) == 3 else None
 
 

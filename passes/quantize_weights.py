@@ -36,7 +36,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from rptq_onnx.anatomy import Linear
-from rptq_onnx.graph import keep_initializers
+from rptq_onnx.graph import declared_shape, keep_initializers
 from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.quant import OFFSET_LEVELS, QuantizedWeight, offset_columns, pack_uint4
 from rptq_onnx.source_grid import fold_offset
@@ -102,7 +102,8 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
     bs = matmulnbits_block(qw)
     x, shared = node.input[0], []
     n, k = qw.codes.shape
-    rank = _rank(g, x)
+    shape = declared_shape(g, x)
+    rank = None if shape is None else len(shape)
     if qw.offset is not None and offset_form == "blocks" and rank is not None:  # (rank unknown: the offset term)
         x, shared = _with_block_sums(g, x, rank, k, bs, made)
         qw = fold_offset(qw)
@@ -163,14 +164,6 @@ def _offset_term(g: onnx.GraphProto, x: str, offset: np.ndarray, bs: int, prefix
     g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(offset.T.astype(np.float32)), f"{prefix}.offset"))
     return helper.make_node("MatMul", [f"{x}.block_sums{bs}", f"{prefix}.offset"], [f"{prefix}.offset_term"],
                             name=f"{prefix}.offset_term")
-
-
-def _rank(g: onnx.GraphProto, x: str) -> int | None:
-    """The rank of ``x`` where the graph declares it (value_info, inputs), else None."""
-    for v in (*g.value_info, *g.input):
-        if v.name == x and v.type.tensor_type.HasField("shape"):
-            return len(v.type.tensor_type.shape.dim)
-    return None
 
 
 def _with_block_sums(g: onnx.GraphProto, x: str, rank: int, k: int, bs: int,

@@ -355,3 +355,11 @@ def extended_input(index: GraphIndex, tensor: str) -> tuple[str, int, int] | Non
     reshape = index.producer[index.producer[cat.input[-1]].input[0]]
     shape = np.asarray(index.constant_value(reshape.input[1])).reshape(-1)
     return cat.input[0], int(shape[-2] * shape[-1]), int(shape[-1])
+
+
+def declared_shape(graph: onnx.GraphProto, tensor: str) -> list[int | str] | None:
+    """``tensor``'s shape where the graph declares it (value_info, inputs; a dim as its value or its name), else None."""
+    for v in (*graph.value_info, *graph.input):
+        if v.name == tensor and v.type.tensor_type.HasField("shape"):
+            return [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+    return None
