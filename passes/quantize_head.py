@@ -2,10 +2,14 @@
 
 Both read the vocabulary table W [vocab, hidden] (one initializer when tied, as OPT and
 SmolLM2 export it: ``Gather(W, input_ids)`` and ``MatMul(x, Transpose(W))``). The table is
-quantized once, RTN and asymmetric in blocks of ``block_size`` along the hidden axis, and the
-same codes feed two ONNX Runtime contrib kernels that keep them packed in memory:
+quantized once in blocks of ``block_size`` along the hidden axis (8 bits: RTN, asymmetric; 4 bits:
+symmetric, as GenAI's builder does, each block's step the one of a few shrinks with the least squared
+error), and the same codes feed two ONNX Runtime contrib kernels that keep them packed in memory:
 
-- the head: ``com.microsoft:MatMulNBits`` (N = vocab, K = hidden);
+- the head: ``com.microsoft:MatMulNBits`` (N = vocab, K = hidden); a 4-bit head has no zero-point
+  input, which keeps the kernel on its symmetric path: at accuracy level 4 a zero-point input costs
+  about a quarter more per call (SmolLM2: the head decodes 0.2–0.3 ms/token faster; perplexity
+  26.86 → 27.20 against the asymmetric codes, docs/genai.md);
 - the embedding: ``com.microsoft:GatherBlockQuantized`` (gather_axis 0, quantize_axis 1), which
   gathers the rows and dequantizes only those.
 
@@ -35,7 +39,8 @@ from rptq_onnx.errors import RptqError
 from rptq_onnx.graph import GraphIndex, node_attr, prune_dead_nodes
 from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.passes.quantize_weights import INT8_ACCURACY_LEVEL
-from rptq_onnx.quant import pack_uint4, quantize_rtn
+from rptq_onnx.observers import SHRINKS
+from rptq_onnx.quant import pack_uint4, quantize_rtn, quantize_symmetric
 from rptq_onnx.vocabulary import EMBEDDING_PREFIX, HEAD_PREFIX
 
 DEFAULT_BLOCK = 32
@@ -93,10 +98,12 @@ def embedding_gather(index: GraphIndex) -> onnx.NodeProto | None:
 
 def _codes(table: np.ndarray, bits: int, block: int, rows: int = 4096):
     """(codes as the kernels store them [vocab, hidden·bits/8], scales [vocab, blocks], zero points), made
-    ``rows`` rows at a time (rows are independent; the float temporaries stay small for a 50k vocabulary)."""
+    ``rows`` rows at a time (rows are independent; the float temporaries stay small for a 50k vocabulary).
+    4 bits: symmetric, each block's step the best of ``observers.SHRINKS``; 8 bits: asymmetric RTN."""
     parts = []
     for r in range(0, len(table), rows):
-        qw = quantize_rtn(table[r:r + rows], bits, block)
+        part = table[r:r + rows]
+        qw = quantize_symmetric(part, bits, block, SHRINKS) if bits == 4 else quantize_rtn(part, bits, block)
         codes, zp = qw.codes.astype(np.uint8), qw.zero_point.astype(np.uint8)
         if bits == 4:
             codes, zp = pack_uint4(codes), pack_uint4(zp)  # two per byte, low nibble first, per row
@@ -154,15 +161,18 @@ class QuantizeHead(Pass[HeadReport]):
         blocks = hidden // block_size
         p = HEAD_PREFIX
         new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes.reshape(vocab, blocks, -1)), f"{p}B"),
-                      numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{p}scales"),
-                      numpy_helper.from_array(np.ascontiguousarray(zp), f"{p}zero_points")]
+                      numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{p}scales")]
+        inputs = [tables.head.input[0], f"{p}B", f"{p}scales"]
+        if bits != 4:  # 4-bit codes are symmetric: the kernel's default zero point, no input (its faster path)
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(zp), f"{p}zero_points"))
+            inputs.append(f"{p}zero_points")
         attrs = dict(K=hidden, N=vocab, bits=bits, block_size=block_size)
         level = INT8_ACCURACY_LEVEL if bits == 8 else self.accuracy_level
         if level:
             attrs["accuracy_level"] = level
         head = tables.head
-        replaced[head.name] = helper.make_node("MatMulNBits", [head.input[0], f"{p}B", f"{p}scales", f"{p}zero_points"],
-                                               [head.output[0]], name=f"{p}matmulnbits", domain="com.microsoft", **attrs)
+        replaced[head.name] = helper.make_node("MatMulNBits", inputs, [head.output[0]], name=f"{p}matmulnbits",
+                                               domain="com.microsoft", **attrs)
         report = HeadReport(bits=bits, block_size=block_size, vocab=vocab, hidden=hidden, tied=tables.tied,
                             head="MatMulNBits")
         if tables.embedding is not None:

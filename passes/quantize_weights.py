@@ -19,8 +19,9 @@ zero points run 20–50× slower on the CPU). They run as MatMulNBits plus one s
 
 where the block sums of an input are made once and shared by every linear reading it. With
 ``offset_form="blocks"`` (``--grid-offset blocks``) the offsets run inside the kernel instead, as extra
-4-bit blocks over the block sums (``source_grid.fold_offset``): a linear is one MatMulNBits over
-``Concat(x, block sums of x …)``, the sums made once per input (Reshape, ReduceSum, Pad, Concat).
+4-bit blocks over the block means (``source_grid.fold_offset``): a linear is one MatMulNBits over
+``Concat(x, M, M, …)``, M = AveragePool(x) the block means, made once per input (two nodes; the offset
+term's MatMul is not made).
 
 ORT constant-folds ``DequantizeLinear`` of a constant weight into a float initializer when it
 creates a session, so the ``dq`` form is low-bit in the file only; ``matmulnbits`` is the default.
@@ -38,7 +39,7 @@ from onnx import helper, numpy_helper
 from rptq_onnx.anatomy import Linear
 from rptq_onnx.graph import declared_shape, keep_initializers
 from rptq_onnx.passes.base import Pass, PassResult
-from rptq_onnx.quant import OFFSET_LEVELS, QuantizedWeight, offset_columns, pack_uint4
+from rptq_onnx.quant import QuantizedWeight, offset_columns, offset_copies, pack_uint4
 from rptq_onnx.source_grid import fold_offset
 from rptq_onnx.vocabulary import BLOCK_SUMS_PREFIX, OFFSET_ADD_SUFFIX, WEIGHT_PREFIX, WITH_BLOCK_SUMS_PREFIX, uint_container
 from rptq_onnx.vocabulary import storage_bits as nbits_kernel_bits  # MatMulNBits' bits attribute: 4 or 8
@@ -104,10 +105,10 @@ def _matmulnbits_form(node: onnx.NodeProto, lin: Linear, qw: QuantizedWeight, pr
     n, k = qw.codes.shape
     shape = declared_shape(g, x)
     rank = None if shape is None else len(shape)
-    if qw.offset is not None and offset_form == "blocks" and rank is not None:  # (rank unknown: the offset term)
-        x, shared = _with_block_sums(g, x, rank, k, bs, made)
+    if qw.offset is not None and offset_form == "blocks" and rank in BLOCK_MEAN_RANKS:  # (else: the offset term)
+        x, shared = _with_block_means(g, x, rank, k, bs, made)
         qw = fold_offset(qw)
-        k += offset_columns(k, bs)[1]  # the extended input; its last block a partial one
+        k += offset_columns(k, bs)  # the extended input; its last block may be a partial one
     blocks = qw.codes.shape[1] // bs
     scale, zp = qw.scale, qw.zero_point  # [N, groups]; per channel: one group, repeated over the blocks
     if qw.group_size is None:
@@ -166,29 +167,29 @@ def _offset_term(g: onnx.GraphProto, x: str, offset: np.ndarray, bs: int, prefix
                             name=f"{prefix}.offset_term")
 
 
-def _with_block_sums(g: onnx.GraphProto, x: str, rank: int, k: int, bs: int,
-                     made: dict[tuple, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]]:
-    """(``x`` extended by its block sums as ``source_grid.fold_offset``'s codes read them, [x, S, 0…, S]; the
-    nodes making it: Reshape to blocks, ReduceSum, Pad to whole blocks, Concat), made once per input tensor."""
+BLOCK_MEAN_RANKS = (2, 3, 4, 5)  # inputs whose block means AveragePool makes (rank 2 through a [N, 1, K] view)
+
+
+def _with_block_means(g: onnx.GraphProto, x: str, rank: int, k: int, bs: int,
+                      made: dict[tuple, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]]:
+    """(``x`` extended by copies of its block means as ``source_grid.fold_offset``'s codes read them, [x, M, M, …];
+    the nodes making it: an AveragePool over the last axis (blocks of ``bs``, no padding) and a Concat, made once
+    per input tensor; a rank-2 input pools through a [N, 1, K] view)."""
     if (x, bs, "blocks") not in made:
-        sums, per_level = k // bs, offset_columns(k, bs)[0] // OFFSET_LEVELS
-        shape, axes, pads = (f"{WEIGHT_PREFIX}blocks_shape.{rank}.{sums}x{bs}", f"{WEIGHT_PREFIX}last_axis",
-                             f"{WEIGHT_PREFIX}pad_last.{rank}.{per_level - sums}")
-        have = {t.name for t in g.initializer}
-        for name, value in ((shape, [0] * (rank - 1) + [sums, bs]), (axes, [-1]),
-                            (pads, [0] * (2 * rank - 1) + [per_level - sums])):
-            if name not in have:
-                g.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
-        p = f"{BLOCK_SUMS_PREFIX}{x}.{bs}"
-        nodes = [helper.make_node("Reshape", [x, shape], [f"{x}.blocks{bs}"], name=f"{p}.reshape"),
-                 helper.make_node("ReduceSum", [f"{x}.blocks{bs}", axes], [f"{x}.block_sums{bs}"], name=f"{p}.sum",
-                                  keepdims=0)]
-        padded = f"{x}.block_sums{bs}"
-        if per_level > sums and OFFSET_LEVELS > 1:
-            padded = f"{x}.padded_block_sums{bs}"
-            nodes.append(helper.make_node("Pad", [f"{x}.block_sums{bs}", pads], [padded], name=f"{p}.pad"))
-        parts = [x] + [padded] * (OFFSET_LEVELS - 1) + [f"{x}.block_sums{bs}"]
-        nodes.append(helper.make_node("Concat", parts, [f"{x}.with_block_sums{bs}"],
+        p, means = f"{BLOCK_SUMS_PREFIX}{x}.{bs}", f"{x}.block_means{bs}"
+        window = dict(kernel_shape=[1] * max(rank - 3, 0) + [bs], strides=[1] * max(rank - 3, 0) + [bs])
+        if rank == 2:
+            have = {t.name for t in g.initializer}
+            for name, value in ((f"{WEIGHT_PREFIX}rows_1_{k}", [0, 1, k]), (f"{WEIGHT_PREFIX}rows_{k // bs}", [0, k // bs])):
+                if name not in have:
+                    g.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+            nodes = [helper.make_node("Reshape", [x, f"{WEIGHT_PREFIX}rows_1_{k}"], [f"{x}.rows"], name=f"{p}.view"),
+                     helper.make_node("AveragePool", [f"{x}.rows"], [f"{means}.rows"], name=f"{p}.pool", **window),
+                     helper.make_node("Reshape", [f"{means}.rows", f"{WEIGHT_PREFIX}rows_{k // bs}"], [means],
+                                      name=f"{p}.unview")]
+        else:
+            nodes = [helper.make_node("AveragePool", [x], [means], name=f"{p}.pool", **window)]
+        nodes.append(helper.make_node("Concat", [x] + [means] * offset_copies(k, bs), [f"{x}.with_block_means{bs}"],
                                       name=f"{WITH_BLOCK_SUMS_PREFIX}{x}.{bs}", axis=-1))
         made[(x, bs, "blocks")] = nodes
     return made[(x, bs, "blocks")][-1].output[0], made[(x, bs, "blocks")]

@@ -385,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "MatMulNBits (packed in memory)")
     p.add_argument("--head-bits", type=int, default=None, choices=(4, 8, 16),
                    help="token embedding and LM head as MatMulNBits + GatherBlockQuantized codes (blocks of 32): 8 "
-                        "(default when the preset quantizes weights; no measurable loss), 4 (smaller, costs "
-                        "perplexity), or 16 (float; the default for W16 presets and with --no-matmulnbits)")
+                        "(default when the preset quantizes weights; no measurable loss), 4 (symmetric, as GenAI's "
+                        "builder: smaller and faster, costs perplexity), or 16 (float; the default for W16 presets and with --no-matmulnbits)")
     p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 4),
                    help="4-bit MatMulNBits: 0 (default) multiplies the weights' exact values in float; 4 quantizes "
                         "each linear's input to int8 per block inside the kernel and multiplies in integers, as "
@@ -396,9 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-offset", default="term", choices=("term", "blocks"),
                    help="how codes kept from a grid with a float minimum per block (GGUF Q4_1; --source-grid keep) "
                         "carry it: term (default: exact, one small float MatMul and Add per linear over the input's "
-                        "block sums) or blocks (inside the same MatMulNBits: integer zero points, the rest of the "
-                        "minimum as extra 4-bit blocks over the block sums; one kernel per linear, SmolLM2's weights "
-                        "within 0.5 %% of exact; faster decoding, README *Weights already on a grid*)")
+                        "block sums) or blocks (inside the same MatMulNBits, no zero-point input: the minimum as two "
+                        "levels of extra 4-bit blocks over the input's block means, an AveragePool and a Concat per "
+                        "input; one kernel per linear, SmolLM2's weights within 0.26 %% of exact; the fast form for "
+                        "GenAI, README *Weights already on a grid*)")
     p.add_argument("--source-grid", default=None, choices=("keep", "requantize"),
                    help="keep (default): a linear whose float weights already sit on a wbits-bit block grid (a GGUF "
                         "Q4_0/Q4_1 dequantized on load, a GPTQ/AWQ checkpoint) keeps those exact codes as "

@@ -346,15 +346,19 @@ def keep_initializers(graph: onnx.GraphProto, names: Container[str]) -> None:
         del graph.initializer[i]
 
 
-def extended_input(index: GraphIndex, tensor: str) -> tuple[str, int, int] | None:
-    """(x, k, block) where ``tensor`` is x extended by its block sums (passes/quantize_weights.py, ``--grid-offset
-    blocks``: a Concat whose last input is a ReduceSum over Reshape(x, [..., k / block, block])), else None."""
+def extended_input(index: GraphIndex, tensor: str, k_ext: int) -> tuple[str, int, int] | None:
+    """(x, k, block) where ``tensor`` is x extended by copies of its block means for a MatMulNBits of K = ``k_ext``
+    (passes/quantize_weights.py, ``--grid-offset blocks``: ``Concat(x, M, M, …)``, M an AveragePool over blocks of
+    ``block``, directly or through a [N, 1, K] view), else None."""
     cat = index.producer.get(tensor)
     if cat is None or cat.op_type != "Concat" or not cat.name.startswith(WITH_BLOCK_SUMS_PREFIX):
         return None
-    reshape = index.producer[index.producer[cat.input[-1]].input[0]]
-    shape = np.asarray(index.constant_value(reshape.input[1])).reshape(-1)
-    return cat.input[0], int(shape[-2] * shape[-1]), int(shape[-1])
+    pool = index.producer[cat.input[1]]
+    if pool.op_type != "AveragePool":  # the rank-2 view: Reshape(AveragePool(Reshape(x)))
+        pool = index.producer[pool.input[0]]
+    block = int(next(a.ints for a in pool.attribute if a.name == "kernel_shape")[-1])
+    copies = len(cat.input) - 1
+    return cat.input[0], k_ext // (block + copies) * block, block  # k_ext = k + copies · k / block
 
 
 def declared_shape(graph: onnx.GraphProto, tensor: str) -> list[int | str] | None:

@@ -69,7 +69,7 @@ def _gemm_verdict(index: GraphIndex, node: onnx.NodeProto) -> dict:
             verdict += ", input quantized to int8 per block (integer GEMM)"
         extended = index.producer.get(node.input[0])
         if extended is not None and extended.name.startswith(WITH_BLOCK_SUMS_PREFIX):
-            verdict += "; a source grid's per-block offsets in extra 4-bit blocks over the input's block sums"
+            verdict += "; a source grid's per-block offsets in extra 4-bit blocks over the input's block means"
         return {"kind": "real", "verdict": verdict}
     producers = [_source_dq(index, t) for t in node.input[:2]]
     weight_dq = [p for p in producers if p is not None and index.is_constant(p.input[0])]

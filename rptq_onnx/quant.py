@@ -131,6 +131,27 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int | None = None) -> Qua
     return QuantizedWeight(codes.astype(np.uint8), scales.astype(np.float32), zps.astype(np.uint8), bits, group_size)
 
 
+def quantize_symmetric(w: np.ndarray, bits: int, group_size: int, shrinks=(1.0,)) -> QuantizedWeight:
+    """Round-to-nearest of ``w`` [out, in] on a symmetric grid per block of ``group_size`` inputs (every zero point
+    2^(bits−1), as MatMulNBits assumes without a zero-point input): each block's step is the smallest that clips
+    nothing, shrunk by the factor of ``shrinks`` with the least squared error."""
+    w = np.asarray(w, np.float64)
+    out, cols = w.shape
+    mid = 1 << (bits - 1)
+    blocks = w.reshape(out, _groups(cols, group_size), group_size)
+    full = np.maximum(blocks.max(axis=-1) / (mid - 1), -blocks.min(axis=-1) / mid)
+    full = np.where(full > 0, full, 1.0)
+    best, step = np.full(full.shape, np.inf), full
+    for shrink in shrinks:
+        s = full * shrink
+        err = ((np.clip(np.rint(blocks / s[..., None]), -mid, mid - 1) * s[..., None] - blocks) ** 2).sum(axis=-1)
+        better = err < best
+        best, step = np.where(better, err, best), np.where(better, s, step)
+    codes = np.clip(np.rint(blocks / step[..., None]), -mid, mid - 1) + mid
+    return QuantizedWeight(codes.reshape(out, cols).astype(np.uint8), step.astype(np.float32),
+                           np.full(step.shape, mid, np.uint8), bits, group_size)
+
+
 def _weight_grid_t(w, bits: int):
     """``weight_grid`` on a torch tensor."""
     import torch
@@ -216,31 +237,41 @@ def unpack_uint4(packed: np.ndarray, count: int) -> np.ndarray:
 
 
 # ``source_grid.fold_offset`` (``--grid-offset blocks``): a kept grid's per-block offsets as extra blocks of codes
-# over the input's block sums, in this many levels (the second holds what the first rounded off)
+# over the input's block means, in this many levels (the second holds what the first rounded off)
 OFFSET_LEVELS = 2
 
 
-def offset_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> tuple[int, int]:
-    """(padded, used) extra input columns ``fold_offset`` adds to a linear with ``k`` inputs: each level holds
-    the k / block block sums in whole blocks (``padded``); the input carries the last level unpadded
-    (``used``), MatMulNBits reading the final block as a partial one."""
-    sums = k // block
-    per_level = -(-sums // block) * block
-    return levels * per_level, (levels - 1) * per_level + sums
+def offset_copies(k: int, block: int, levels: int = OFFSET_LEVELS) -> int:
+    """How many copies of x's k / block block means follow x in the extended input ``fold_offset``'s codes read:
+    enough that each level starts on a whole block and the last one still sees every mean once."""
+    means = k // block
+    per_level = -(-means // block) * block  # the whole blocks a level holds, all but the last
+    return -(-((levels - 1) * per_level + means) // means)
 
 
-def block_sum_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> np.ndarray:
-    """[k, used]: x · it = the extra columns ``fold_offset``'s codes read (the block sums, per level)."""
-    padded, used = offset_columns(k, block, levels)
-    member = np.zeros((k, used), np.float32)
-    for level in range(levels):
-        member[np.arange(k), level * (padded // levels) + np.arange(k) // block] = 1
-    return member
+def offset_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> int:
+    """The extra input columns ``fold_offset`` adds to a linear with ``k`` inputs (the kernel's K grows by it;
+    its last block may be a partial one)."""
+    return offset_copies(k, block, levels) * (k // block)
+
+
+def offset_levels(k: int, block: int, levels: int = OFFSET_LEVELS) -> list[range]:
+    """The extra columns of each level: whole blocks, the last level to the end."""
+    means, width = k // block, offset_columns(k, block, levels)
+    per_level = -(-means // block) * block
+    return [range(i * per_level, width if i == levels - 1 else (i + 1) * per_level) for i in range(levels)]
+
+
+def block_mean_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> np.ndarray:
+    """[k, extra columns]: x · it = the extended input's columns after x (each block mean, copy after copy)."""
+    width, means = offset_columns(k, block, levels), k // block
+    return (np.arange(k)[:, None] // block == np.arange(width)[None, :] % means).astype(np.float32) / block
 
 
 def unfold_offset(extended: np.ndarray, k: int, block: int) -> np.ndarray:
-    """The weight [out, k] that ``extended`` [out, k + used (or padded)] applies to x through its extended input."""
-    member = block_sum_columns(k, block)
+    """The weight [out, k] that ``extended`` [out, k + extra columns (or more)] applies to x through its
+    extended input."""
+    member = block_mean_columns(k, block)
     return extended[:, :k] + extended[:, k:k + member.shape[1]] @ member.T
 
 
@@ -280,8 +311,8 @@ def dequantized_weight(index, lin) -> np.ndarray:
             w = w + np.repeat(const(offset).T, attrs["block_size"], axis=1)
         from rptq_onnx.graph import extended_input
 
-        extended = extended_input(index, node.input[0])
-        if extended is not None:  # the offsets as extra blocks over the input's block sums
+        extended = extended_input(index, node.input[0], attrs["K"])
+        if extended is not None:  # the offsets as extra blocks over the input's block means
             w = unfold_offset(w, extended[1], extended[2])
         return w.T
     producer = index.producer.get(node.input[1])

@@ -14,21 +14,24 @@ sums. Where every block's grid passes through 0 (Q4_0, Q8_0, integer zero points
 is an integer and there is no offset.
 
 ``fold_offset`` carries the offset inside the kernel instead (``--grid-offset blocks``): the offsets
-[out, blocks] become extra input columns of the same kernel, multiplying the input's block sums S(x),
+[out, blocks] become extra input columns of the same kernel, multiplying the input's block means M(x)
+(= block sums / B),
 
-    W·x = (codes − zero_point)·scale·x + offset·S(x),   x_ext = [x, S(x), 0…, S(x)]
+    W·x = (codes − zero_point)·scale·x + B·offset·M(x),   x_ext = [x, M(x), M(x), …]
 
 quantized on the kernel's own symmetric 4-bit grid in two levels (the second holds what the first
 rounded off), so one MatMulNBits with no zero-point input (its fast integer path) runs the whole
 linear; the codes are untouched and the error is the rounding of the second level (SmolLM2: 0.26 %
-of the weights' norm; one level: 4 %; integer zero points instead, 8 %).
+of the weights' norm; one level: 4 %; integer zero points instead, 8 %). Each level starts on a
+whole block of x_ext and codes each mean once; repeating M(x) (``quant.offset_copies``) instead of
+padding it makes x_ext two nodes per input: an AveragePool and a Concat.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from rptq_onnx.quant import OFFSET_LEVELS, QuantizedWeight, offset_columns
+from rptq_onnx.quant import OFFSET_LEVELS, QuantizedWeight, offset_columns, offset_levels
 
 GRID_BLOCKS = (128, 64, 32, 16)  # tried largest first: a grid of 128-blocks is also one of 32-blocks
 STEP_TOLERANCE = 1e-3  # of one step
@@ -96,26 +99,34 @@ def weight_on_grid(w: np.ndarray, bits: int) -> QuantizedWeight | None:
 
 def fold_offset(qw: QuantizedWeight, levels: int = OFFSET_LEVELS) -> QuantizedWeight:
     """``qw`` (codes with a float ``offset`` per block, the kernel's default zero point) with the offsets as
-    extra blocks of codes over the input extended by its block sums (module docstring): [out, k + padded]
-    columns, every zero point the default."""
+    extra blocks of codes over the input extended by its block means (module docstring): [out, k + extra,
+    rounded up to whole blocks] columns, every zero point the default. Each level codes every block's mean
+    once, at its first column in the level; the level's other columns (repeated means) get code zero."""
     n, k = qw.codes.shape
     bs, mid = qw.group_size, 1 << (qw.bits - 1)
-    sums = k // bs
-    padded, _ = offset_columns(k, bs, levels)
-    per_level = padded // levels
+    means = k // bs
+    padded = -(-offset_columns(k, bs, levels) // bs) * bs
     codes = np.full((n, padded), mid, np.float64)
     scale = np.ones((n, padded // bs))
-    rest = qw.offset.astype(np.float64)
-    for level in range(levels):
-        for first in range(0, sums, bs):
-            cols = np.arange(first, min(sums, first + bs))
-            part = rest[:, cols]
+    rest = qw.offset.astype(np.float64) * bs  # the coefficient of each block's mean: offset × block sum
+    for columns in offset_levels(k, bs, levels):
+        seen: set[int] = set()
+        for first in range(columns.start, columns.stop, bs):
+            cols = []
+            for c in range(first, min(columns.stop, first + bs)):
+                if c % means not in seen:
+                    seen.add(c % means)
+                    cols.append(c)
+            if not cols:
+                continue
+            which = np.array(cols) % means
+            part = rest[:, which]
             step = np.maximum(part.max(axis=1) / (mid - 1), -part.min(axis=1) / mid)
             step = np.where(step > 0, step, 1.0)
             q = np.clip(np.rint(part / step[:, None]), -mid, mid - 1)
-            codes[:, level * per_level + cols] = q + mid
-            scale[:, (level * per_level + first) // bs] = step
-            rest[:, cols] = part - q * step[:, None]
+            codes[:, cols] = q + mid
+            scale[:, first // bs] = step
+            rest[:, which] = part - q * step[:, None]
     return QuantizedWeight(codes=np.concatenate([qw.codes, codes], axis=1).astype(np.uint8),
                            scale=np.concatenate([qw.scale, scale], axis=1).astype(np.float32),
                            zero_point=np.full((n, (k + padded) // bs), mid, np.uint8), bits=qw.bits, group_size=bs)

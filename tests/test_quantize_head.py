@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from rptq_onnx.runtime import feeds_for
 from rptq_onnx.errors import RptqError
 from rptq_onnx.passes.quantize_head import find_vocab_tables, quantize_head
-from rptq_onnx.quant import quantize_rtn
+from rptq_onnx.observers import SHRINKS
+from rptq_onnx.quant import quantize_symmetric
 from rptq_onnx.runtime import make_session
 
 VOCAB, HIDDEN = 96, 64
@@ -59,8 +60,10 @@ def test_four_bit_head_and_embedding_equal_the_dequantized_tables(tied):
     assert "Gather" not in ops and "Transpose" not in ops and "MatMul" not in ops
     assert {t.name for t in out.graph.initializer}.isdisjoint({"embed", "head_w"}), "the float tables must be gone"
     assert report["tied"] == tied and report["embedding"] == "GatherBlockQuantized"
-    e = quantize_rtn(emb, 4, 32).dequantize().astype(np.float32)
-    w = e if tied else quantize_rtn(head, 4, 32).dequantize().astype(np.float32)
+    head_node = next(n for n in out.graph.node if n.op_type == "MatMulNBits")
+    assert len(head_node.input) == 3, "4-bit codes are symmetric: no zero-point input (the kernel's faster path)"
+    e = quantize_symmetric(emb, 4, 32, SHRINKS).dequantize().astype(np.float32)
+    w = e if tied else quantize_symmetric(head, 4, 32, SHRINKS).dequantize().astype(np.float32)
     expected = np.tanh(e[IDS]) @ w.T
     np.testing.assert_allclose(run(out, IDS), expected, rtol=1e-4, atol=1e-4)
     assert not np.allclose(expected, np.tanh(emb[IDS]) @ head.T, atol=1e-3), "4-bit codes must differ from float"

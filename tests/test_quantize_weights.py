@@ -14,7 +14,7 @@ from rptq_onnx.errors import RptqError
 from rptq_onnx.export import to_onnx
 from rptq_onnx.models import random_opt
 from rptq_onnx.passes.quantize_weights import quantize_weights
-from rptq_onnx.quant import dequantize_matmulnbits, pack_uint4, quantize_gptq, quantize_rtn
+from rptq_onnx.quant import dequantize_matmulnbits, pack_uint4, quantize_gptq, quantize_rtn, quantize_symmetric
 from rptq_onnx.runtime import feeds_for, make_session
 
 IN, OUT = 256, 96
@@ -84,6 +84,19 @@ def test_matmulnbits_equals_dq_matmul(layout, bits, block):
 
 def test_pack_uint4_low_nibble_first():
     np.testing.assert_array_equal(pack_uint4(np.array([1, 2, 15, 0, 7])), [0x21, 0x0F, 0x07])
+
+
+def test_symmetric_blocks_clip_nothing_unless_a_shrink_lowers_the_error():
+    """``quantize_symmetric``: every zero point the kernel's default; without shrinks no block clips (its extremes
+    are within half a step of their codes); the searched steps give less squared error, none a larger step."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(3, size=(64, 128)) / 10  # heavy tails: clipping the largest value pays in most blocks
+    plain, searched = quantize_symmetric(w, 4, 32), quantize_symmetric(w, 4, 32, (1.0, 0.9, 0.8, 0.7))
+    assert (plain.zero_point == 8).all() and (searched.zero_point == 8).all()
+    assert np.abs(plain.dequantize() - w).max() <= plain.scale.max() / 2 + 1e-7
+    err = lambda q: ((q.dequantize() - w) ** 2).reshape(64, 4, 32).sum(-1)  # noqa: E731
+    assert (err(searched) <= err(plain) + 1e-12).all() and err(searched).sum() < 0.99 * err(plain).sum()
+    assert (searched.scale <= plain.scale + 1e-9).all() and (searched.scale < plain.scale).any()
 
 
 def test_gptq_reduces_output_error_against_rtn_on_correlated_inputs():

@@ -16,7 +16,7 @@ from rptq_onnx.models import random_llama, random_opt
 from rptq_onnx.passes.quantize_weights import quantize_weights
 from rptq_onnx.placement import classify
 from rptq_onnx.runtime import feeds_for, make_session
-from rptq_onnx.quant import unfold_offset
+from rptq_onnx.quant import offset_columns, unfold_offset
 from rptq_onnx.source_grid import find_grid, fold_offset, weight_on_grid
 
 
@@ -48,9 +48,9 @@ def test_q4_1_weights_are_found_exactly_and_float_weights_are_not():
     np.testing.assert_allclose(wide.dequantize(), grid, rtol=0, atol=1e-6)
 
 
-def _two_linears(layout: str, rng: np.random.Generator, k: int = 128, n: int = 40):
-    """(model, weights, Q4_1 weights [out, in], bias): two linears reading one input x [3, k], MatMul (``in_out``)
-    or Gemm with a bias (``out_in``), each weight on a Q4_1 grid."""
+def _two_linears(layout: str, rng: np.random.Generator, k: int = 128, n: int = 40, rank: int = 2):
+    """(model, weights, Q4_1 weights [out, in], bias): two linears reading one input x [3, k] (rank 3: [1, 3, k]),
+    MatMul (``in_out``) or Gemm with a bias (``out_in``), each weight on a Q4_1 grid."""
     ws = [q4_1(rng.normal(size=(n, k)).astype(np.float32)) for _ in range(2)]
     b = rng.normal(size=n).astype(np.float32)
     nodes, inits, weights = [], [numpy_helper.from_array(b, "b")], {}
@@ -64,8 +64,9 @@ def _two_linears(layout: str, rng: np.random.Generator, k: int = 128, n: int = 4
             inits.append(numpy_helper.from_array(w, f"w{i}"))
             lin = Linear(f"lin{i}", "Gemm", "x", f"y{i}", f"w{i}", "out_in", "b", None, k, n)
         weights[f"lin{i}"] = (lin, weight_on_grid(w, 4))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
-                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [3, n]) for i in range(2)], inits)
+    lead = [1, 3] if rank == 3 else [3]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, lead + [k])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, lead + [n]) for i in range(2)], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     return model, weights, ws, (b if layout == "out_in" else 0)
 
@@ -92,10 +93,10 @@ def test_offset_codes_run_as_matmulnbits_with_a_shared_block_sum(layout):
 
 def test_folded_offsets_keep_the_codes_and_come_within_a_small_part_of_a_step():
     """``fold_offset``: the same codes, the kernel's default zero point everywhere, and the offsets as extra blocks
-    in two levels; through [x, block sums…] it applies the Q4_1 weight within a small part of a step — where one
-    level is off by several times more."""
+    in two levels; through [x, block means…] it applies the Q4_1 weight within a small part of a step — where one
+    level is off by several times more. Each level starts on a whole block and codes each mean once."""
     rng = np.random.default_rng(6)
-    w = q4_1(rng.normal(size=(24, 160)).astype(np.float32) / 10)  # 5 blocks: one padded extra block per level
+    w = q4_1(rng.normal(size=(24, 160)).astype(np.float32) / 10)  # 5 blocks: one extra block per level
     qw = weight_on_grid(w, 4)
     folded, coarse = fold_offset(qw), fold_offset(qw, levels=1)
     assert folded.offset is None and folded.codes.shape == (24, 160 + 64) and folded.scale.shape == (24, 7)
@@ -103,25 +104,31 @@ def test_folded_offsets_keep_the_codes_and_come_within_a_small_part_of_a_step():
     assert (folded.zero_point == 8).all()
     step = qw.scale.max()
     error = np.abs(unfold_offset(folded.dequantize().astype(np.float64), 160, 32) - w).max()
-    one_level = np.abs(coarse.dequantize()[:, :160] + coarse.dequantize()[:, 160:165].repeat(32, axis=1) - w).max()
+    one_level = np.abs(coarse.dequantize()[:, :160] + (coarse.dequantize()[:, 160:165] / 32).repeat(32, axis=1)
+                       - w).max()
     assert error < 0.05 * step and one_level > 3 * error
+    # [x, M ×8] = 160 + 40 columns: level 1 the block at 160 (means 0–4, then repeats coded 0), level 2 from 192
+    assert offset_columns(160, 32) == 40
+    coded = folded.codes[:, 160:] != 8
+    assert not coded[:, 5:32].any() and not coded[:, 32 + 5:].any()
 
 
-@pytest.mark.parametrize("layout", ["in_out", "out_in"])
-def test_offset_blocks_run_as_one_matmulnbits_per_linear_over_a_shared_extended_input(layout):
-    """``offset_form="blocks"``: the block sums made once per input, then one MatMulNBits per linear without
-    zero points (no offset term, no Add but a Gemm's bias); outputs far nearer the exact x·Wᵀ than integer
-    zero points get."""
+@pytest.mark.parametrize("layout,rank", [("in_out", 2), ("out_in", 2), ("in_out", 3)])
+def test_offset_blocks_run_as_one_matmulnbits_per_linear_over_a_shared_extended_input(layout, rank):
+    """``offset_form="blocks"``: the block means made once per input (an AveragePool, through a [N, 1, K] view at
+    rank 2), then one MatMulNBits per linear without zero points (no offset term, no Add but a Gemm's bias);
+    outputs far nearer the exact x·Wᵀ than integer zero points get."""
     rng = np.random.default_rng(1)
-    model, weights, ws, bias = _two_linears(layout, rng)
+    model, weights, ws, bias = _two_linears(layout, rng, rank=rank)
     out, report = quantize_weights(model, weights, form="matmulnbits", offset_form="blocks")
     onnx.checker.check_model(out, full_check=True)
     ops = [node.op_type for node in out.graph.node]
     assert report["kept_source_grid"] == 2 and ops.count("MatMulNBits") == 2
-    assert all(ops.count(op) == 1 for op in ("Reshape", "ReduceSum", "Pad", "Concat"))  # the sums, made once
+    assert ops.count("AveragePool") == 1 and ops.count("Concat") == 1  # the means, made once
+    assert ops.count("Reshape") == (2 if rank == 2 else 0) and "ReduceSum" not in ops and "Pad" not in ops
     assert "MatMul" not in ops and ops.count("Add") == (2 if layout == "out_in" else 0)
     assert all(len(node.input) == 3 for node in out.graph.node if node.op_type == "MatMulNBits")  # no zero points
-    x = rng.normal(size=(3, 128)).astype(np.float32)
+    x = rng.normal(size=(3, 128) if rank == 2 else (1, 3, 128)).astype(np.float32)
     got = make_session(out.SerializeToString()).run(None, {"x": x})
     for i, w in enumerate(ws):
         want = x @ w.T + bias
@@ -212,7 +219,7 @@ def test_grid_offset_blocks_compiles_a_q4_1_llama_to_one_kernel_per_linear():
     model = compiled["blocks"].model
     assert compiled["blocks"].quant.weights.kept_source_grid == len(layers) * len(layers[0].linears())
     assert not any(n.name.endswith((".offset_term", ".add_offset")) for n in model.graph.node)
-    kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits" and ".with_block_sums" in n.input[0]]
+    kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits" and ".with_block_means" in n.input[0]]
     assert len(kernels) == len(layers) * len(layers[0].linears())  # all but the 8-bit head (packing: test_pack_qkv)
     assert sum("extra 4-bit blocks" in r["verdict"] for r in classify(model)) == len(kernels)
     # the 4-bit cache rounds a slightly other K/V to other codes now and then, so compare mean gaps

@@ -65,7 +65,7 @@ class LayerWalker:
                 if predicate(node):
                     return (node, list(node.input).index(name)), []
                 if node.op_type in through or first_token_role(node) is not None or \
-                        node.name.startswith(WITH_BLOCK_SUMS_PREFIX):  # [x, block sums of x]: to the linear
+                        node.name.startswith(WITH_BLOCK_SUMS_PREFIX):  # [x, block means of x …]: to the linear
                     ahead += [o for o in node.output if o]
             return None, ahead
         return _breadth_first(tensor, step, max_depth)
@@ -99,8 +99,8 @@ class LayerWalker:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             out_t, bias, bias_node = self._bias_output(node)
             x, k = node.input[0], int(attrs["K"])
-            extended = extended_input(self.g, x)
-            if extended is not None:  # [x, block sums of x]: the linear's input is x
+            extended = extended_input(self.g, x, k)
+            if extended is not None:  # [x, block means of x …]: the linear's input is x
                 x, k, _ = extended
             return Linear(node=node.name, op=node.op_type, input=x, output=out_t, weight=node.input[1],
                           weight_layout="nbits", bias=bias, bias_node=bias_node, in_features=k,
@@ -153,11 +153,11 @@ class LayerWalker:
         return tensor
 
     def readers_through_qdq(self, tensor: str) -> set[str]:
-        """Names of the nodes reading ``tensor``, looking through a Q/DQ chain (block sums made for the
+        """Names of the nodes reading ``tensor``, looking through a Q/DQ chain (block sums or means made for the
         linears reading it, passes/quantize_weights.py, are part of those linears)."""
         names = set()
         for node in self.g.value_readers(tensor):
-            if node.name.startswith(WITH_BLOCK_SUMS_PREFIX):  # [x, block sums]: read by the linears of x
+            if node.name.startswith(WITH_BLOCK_SUMS_PREFIX):  # [x, block means …]: read by the linears of x
                 names |= self.readers_through_qdq(node.output[0])
                 continue
             if node.name.startswith(BLOCK_SUMS_PREFIX):
