@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -248,11 +249,13 @@ def decode_once(folder: Path, prompt: list[int], new_tokens: int) -> dict:
 
 def decode_rounds(folders: list[Path], prompt: list[int], new_tokens: int, repeats: int) -> list[dict]:
     """``repeats`` rounds over every model in turn (so load from other processes hits them alike):
-    per model the fastest round's ms/token and the highest peak RSS of its rounds."""
+    per model the fastest round's ms/token, every round's (``rounds``), and the highest peak RSS of its rounds."""
     best: list[dict | None] = [None] * len(folders)
+    rounds: list[list[float]] = [[] for _ in folders]
     for _ in range(repeats):
         for i, folder in enumerate(folders):
             result = decode_once(folder, prompt, new_tokens)
+            rounds[i].append(result["ms_per_token"])
             if best[i] is None:
                 best[i] = result
             else:
@@ -260,7 +263,19 @@ def decode_rounds(folders: list[Path], prompt: list[int], new_tokens: int, repea
                 if result["ms_per_token"] < best[i]["ms_per_token"]:
                     best[i] = result
                 best[i]["peak_rss_mb"] = rss
+    for result, times in zip(best, rounds):
+        result["rounds"] = times
     return best
+
+
+def round_ratio(ours: dict, anchor: dict) -> str:
+    """The decode ratio round by round (each round times both back to back, so a slow spell of the shared
+    machine hits both): median and range; a fastest-vs-fastest ratio can pair an anchor's lucky round with
+    an ordinary one of ours, or the reverse."""
+    ratios = sorted(a / b for a, b in zip(ours["rounds"], anchor["rounds"]))
+    if len(ratios) < 2:
+        return ""
+    return f" (round by round: median {statistics.median(ratios):.2f}×, {ratios[0]:.2f}–{ratios[-1]:.2f}×)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if anchor is not None:
         for name, _, ppl, dec in results:
             if name.startswith("rptq-onnx"):
-                print(f"\n{name} ÷ GenAI int4-kv4: decode {dec['ms_per_token'] / anchor[3]['ms_per_token']:.2f}×, "
+                print(f"\n{name} ÷ GenAI int4-kv4: decode {dec['ms_per_token'] / anchor[3]['ms_per_token']:.2f}×"
+                      f"{round_ratio(dec, anchor[3])}, "
                       f"peak RSS {dec['peak_rss_mb'] / anchor[3]['peak_rss_mb']:.2f}×, "
                       f"perplexity {ppl:.2f} vs {anchor[2]:.2f}")
     return 0
