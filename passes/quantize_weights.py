@@ -179,14 +179,14 @@ def _with_block_means(g: onnx.GraphProto, x: str, rank: int, k: int, bs: int,
         p, means = f"{BLOCK_SUMS_PREFIX}{x}.{bs}", f"{x}.block_means{bs}"
         window = dict(kernel_shape=[1] * max(rank - 3, 0) + [bs], strides=[1] * max(rank - 3, 0) + [bs])
         if rank == 2:
+            view, unview = f"{WEIGHT_PREFIX}rows_1_{k}", f"{WEIGHT_PREFIX}rows_{k // bs}"
             have = {t.name for t in g.initializer}
-            for name, value in ((f"{WEIGHT_PREFIX}rows_1_{k}", [0, 1, k]), (f"{WEIGHT_PREFIX}rows_{k // bs}", [0, k // bs])):
+            for name, value in ((view, [0, 1, k]), (unview, [0, k // bs])):
                 if name not in have:
                     g.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
-            nodes = [helper.make_node("Reshape", [x, f"{WEIGHT_PREFIX}rows_1_{k}"], [f"{x}.rows"], name=f"{p}.view"),
+            nodes = [helper.make_node("Reshape", [x, view], [f"{x}.rows"], name=f"{p}.view"),
                      helper.make_node("AveragePool", [f"{x}.rows"], [f"{means}.rows"], name=f"{p}.pool", **window),
-                     helper.make_node("Reshape", [f"{means}.rows", f"{WEIGHT_PREFIX}rows_{k // bs}"], [means],
-                                      name=f"{p}.unview")]
+                     helper.make_node("Reshape", [f"{means}.rows", unview], [means], name=f"{p}.unview")]
         else:
             nodes = [helper.make_node("AveragePool", [x], [means], name=f"{p}.pool", **window)]
         nodes.append(helper.make_node("Concat", [x] + [means] * offset_copies(k, bs), [f"{x}.with_block_means{bs}"],

@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-bits", type=int, default=None, choices=(4, 8, 16),
                    help="token embedding and LM head as MatMulNBits + GatherBlockQuantized codes (blocks of 32): 8 "
                         "(default when the preset quantizes weights; no measurable loss), 4 (symmetric, as GenAI's "
-                        "builder: smaller and faster, costs perplexity), or 16 (float; the default for W16 presets and with --no-matmulnbits)")
+                        "builder: smaller and faster, costs perplexity), or 16 (float; the default for W16 presets "
+                        "and with --no-matmulnbits)")
     p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 4),
                    help="4-bit MatMulNBits: 0 (default) multiplies the weights' exact values in float; 4 quantizes "
                         "each linear's input to int8 per block inside the kernel and multiplies in integers, as "
