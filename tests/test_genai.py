@@ -157,3 +157,14 @@ def test_genai_config_from_the_graph_and_config(tmp_path):
     assert not write_genai_config(_graph(TensorProto.FLOAT, [], layers=0), tmp_path)
     assert not (tmp_path / GENAI_CONFIG_NAME).exists()
     assert write_genai_config(packed, tmp_path) and (tmp_path / GENAI_CONFIG_NAME).is_file()
+
+
+def test_bench_genai_pairs_each_round_with_the_anchor_of_the_same_round():
+    """The round-by-round ratio pairs round i of ours with round i of the anchor (the shared machine's slow spells
+    hit both), not fastest with fastest; one round gives no such ratio."""
+    from rptq_onnx.tools.bench_genai import round_ratio
+
+    ours, anchor = {"rounds": [12.0, 11.0, 15.6]}, {"rounds": [10.0, 10.0, 12.0]}
+    assert round_ratio(ours, anchor) == " (round by round: median 1.20×, 1.10–1.30×)"
+    assert min(ours["rounds"]) / min(anchor["rounds"]) == 1.1  # what fastest-vs-fastest would say
+    assert round_ratio({"rounds": [12.0]}, {"rounds": [10.0]}) == ""
