@@ -241,12 +241,16 @@ def unpack_uint4(packed: np.ndarray, count: int) -> np.ndarray:
 OFFSET_LEVELS = 2
 
 
+def _level_width(k: int, block: int) -> int:
+    """The extra columns of each level but the last: the whole blocks that hold the k / block means once."""
+    return -(-(k // block) // block) * block
+
+
 def offset_copies(k: int, block: int, levels: int = OFFSET_LEVELS) -> int:
     """How many copies of x's k / block block means follow x in the extended input ``fold_offset``'s codes read:
     enough that each level starts on a whole block and the last one still sees every mean once."""
     means = k // block
-    per_level = -(-means // block) * block  # the whole blocks a level holds, all but the last
-    return -(-((levels - 1) * per_level + means) // means)
+    return -(-((levels - 1) * _level_width(k, block) + means) // means)
 
 
 def offset_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> int:
@@ -257,8 +261,7 @@ def offset_columns(k: int, block: int, levels: int = OFFSET_LEVELS) -> int:
 
 def offset_levels(k: int, block: int, levels: int = OFFSET_LEVELS) -> list[range]:
     """The extra columns of each level: whole blocks, the last level to the end."""
-    means, width = k // block, offset_columns(k, block, levels)
-    per_level = -(-means // block) * block
+    width, per_level = offset_columns(k, block, levels), _level_width(k, block)
     return [range(i * per_level, width if i == levels - 1 else (i + 1) * per_level) for i in range(levels)]
 
 
