@@ -131,14 +131,11 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int | None = None) -> Qua
     return QuantizedWeight(codes.astype(np.uint8), scales.astype(np.float32), zps.astype(np.uint8), bits, group_size)
 
 
-def quantize_symmetric(w: np.ndarray, bits: int, group_size: int, shrinks=(1.0,)) -> QuantizedWeight:
-    """Round-to-nearest of ``w`` [out, in] on a symmetric grid per block of ``group_size`` inputs (every zero point
-    2^(bits−1), as MatMulNBits assumes without a zero-point input): each block's step is the smallest that clips
-    nothing, shrunk by the factor of ``shrinks`` with the least squared error."""
-    w = np.asarray(w, np.float64)
-    out, cols = w.shape
+def symmetric_grid(blocks: np.ndarray, bits: int, shrinks=(1.0,)) -> tuple[np.ndarray, np.ndarray]:
+    """(signed codes −2^(bits−1) … 2^(bits−1) − 1 like ``blocks`` [..., block], step [...]) on a symmetric grid
+    per block: the smallest step that clips nothing, shrunk by the factor of ``shrinks`` with the least squared
+    error."""
     mid = 1 << (bits - 1)
-    blocks = w.reshape(out, _groups(cols, group_size), group_size)
     full = np.maximum(blocks.max(axis=-1) / (mid - 1), -blocks.min(axis=-1) / mid)
     full = np.where(full > 0, full, 1.0)
     best, step = np.full(full.shape, np.inf), full
@@ -147,8 +144,17 @@ def quantize_symmetric(w: np.ndarray, bits: int, group_size: int, shrinks=(1.0,)
         err = ((np.clip(np.rint(blocks / s[..., None]), -mid, mid - 1) * s[..., None] - blocks) ** 2).sum(axis=-1)
         better = err < best
         best, step = np.where(better, err, best), np.where(better, s, step)
-    codes = np.clip(np.rint(blocks / step[..., None]), -mid, mid - 1) + mid
-    return QuantizedWeight(codes.reshape(out, cols).astype(np.uint8), step.astype(np.float32),
+    return np.clip(np.rint(blocks / step[..., None]), -mid, mid - 1), step
+
+
+def quantize_symmetric(w: np.ndarray, bits: int, group_size: int, shrinks=(1.0,)) -> QuantizedWeight:
+    """Round-to-nearest of ``w`` [out, in] on a symmetric grid per block of ``group_size`` inputs (every zero point
+    2^(bits−1), as MatMulNBits assumes without a zero-point input; each block's step from ``symmetric_grid``)."""
+    w = np.asarray(w, np.float64)
+    out, cols = w.shape
+    mid = 1 << (bits - 1)
+    codes, step = symmetric_grid(w.reshape(out, _groups(cols, group_size), group_size), bits, shrinks)
+    return QuantizedWeight((codes + mid).reshape(out, cols).astype(np.uint8), step.astype(np.float32),
                            np.full(step.shape, mid, np.uint8), bits, group_size)
 
 

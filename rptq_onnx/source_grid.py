@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rptq_onnx.quant import OFFSET_LEVELS, QuantizedWeight, offset_columns, offset_levels
+from rptq_onnx.quant import OFFSET_LEVELS, QuantizedWeight, offset_columns, offset_levels, symmetric_grid
 
 GRID_BLOCKS = (128, 64, 32, 16)  # tried largest first: a grid of 128-blocks is also one of 32-blocks
 STEP_TOLERANCE = 1e-3  # of one step
@@ -121,9 +121,7 @@ def fold_offset(qw: QuantizedWeight, levels: int = OFFSET_LEVELS) -> QuantizedWe
                 continue
             which = np.array(cols) % means
             part = rest[:, which]
-            step = np.maximum(part.max(axis=1) / (mid - 1), -part.min(axis=1) / mid)
-            step = np.where(step > 0, step, 1.0)
-            q = np.clip(np.rint(part / step[:, None]), -mid, mid - 1)
+            q, step = symmetric_grid(part, qw.bits)
             codes[:, cols] = q + mid
             scale[:, first // bs] = step
             rest[:, which] = part - q * step[:, None]
