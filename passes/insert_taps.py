@@ -104,9 +104,10 @@ class InsertTaps(Pass[TapReport]):
 
     def __init__(self, layers: list[DecoderLayer], batch_source: str = "input_ids", hessians: bool = False,
                  sample_taps: frozenset[str] = frozenset(), sample_every: int = SAMPLE_EVERY,
-                 skip_first: frozenset[str] = frozenset()):
+                 skip_first: frozenset[str] = frozenset(), keep: tuple[str, ...] = ()):
         self.layers, self.batch_source, self.hessians = layers, batch_source, hessians
         self.sample_taps, self.sample_every, self.skip_first = sample_taps, sample_every, skip_first
+        self.keep = keep  # graph tensors also kept as outputs (the LM head's input, for a 4-bit head's GPTQ)
 
     def requires(self, model: onnx.ModelProto) -> str | None:
         if self.batch_source not in {i.name for i in model.graph.input}:
@@ -133,6 +134,7 @@ class InsertTaps(Pass[TapReport]):
         batch = f"{TAP_PREFIX}batch"
         nodes.append(helper.make_node("Shape", [self.batch_source], [batch], start=0, end=1, name=batch))
         del g.output[:]
+        g.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in self.keep)
         for tap in taps:
             src, axes = tap.tensor, f"{TAP_PREFIX}axes1"
             prefix = f"{TAP_PREFIX}L{tap.layer}.{tap.name}"
@@ -174,12 +176,11 @@ class InsertTaps(Pass[TapReport]):
 
 def insert_taps(model: onnx.ModelProto, layers: list[DecoderLayer], batch_source: str = "input_ids",
                 hessians: bool = False, sample_taps: frozenset[str] = frozenset(),
-                sample_every: int = SAMPLE_EVERY, skip_first: frozenset[str] = frozenset()
+                sample_every: int = SAMPLE_EVERY, skip_first: frozenset[str] = frozenset(), keep: tuple[str, ...] = ()
                 ) -> tuple[onnx.ModelProto, list[Tap]]:
-    """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums, token samples).
-
-    ``model`` is not modified."""
-    result = InsertTaps(layers, batch_source, hessians, sample_taps, sample_every, skip_first).run(model)
+    """A new model whose outputs are the taps' per-sample max/min rows (and XᵀX sums, token samples), and the
+    tensors named in ``keep``. ``model`` is not modified."""
+    result = InsertTaps(layers, batch_source, hessians, sample_taps, sample_every, skip_first, keep).run(model)
     return result.model, result.report.taps
 
 

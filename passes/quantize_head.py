@@ -40,7 +40,7 @@ from rptq_onnx.graph import GraphIndex, node_attr, prune_dead_nodes
 from rptq_onnx.passes.base import Pass, PassResult
 from rptq_onnx.passes.quantize_weights import INT8_ACCURACY_LEVEL
 from rptq_onnx.observers import SHRINKS
-from rptq_onnx.quant import pack_uint4, quantize_rtn, quantize_symmetric
+from rptq_onnx.quant import pack_uint4, quantize_gptq, quantize_rtn, quantize_symmetric
 from rptq_onnx.vocabulary import EMBEDDING_PREFIX, HEAD_PREFIX
 
 DEFAULT_BLOCK = 32
@@ -96,14 +96,17 @@ def embedding_gather(index: GraphIndex) -> onnx.NodeProto | None:
     return None
 
 
-def _codes(table: np.ndarray, bits: int, block: int, rows: int = 4096):
+def _codes(table: np.ndarray, bits: int, block: int, rows: int = 4096, hessian: np.ndarray | None = None):
     """(codes as the kernels store them [vocab, hidden·bits/8], scales [vocab, blocks], zero points), made
     ``rows`` rows at a time (rows are independent; the float temporaries stay small for a 50k vocabulary).
-    4 bits: symmetric, each block's step the best of ``observers.SHRINKS``; 8 bits: asymmetric RTN."""
+    4 bits: symmetric, each block's step the best of ``observers.SHRINKS``, and with ``hessian`` (the head
+    input's 2·XᵀX / tokens) the codes on those steps chosen by GPTQ; 8 bits: asymmetric RTN."""
     parts = []
     for r in range(0, len(table), rows):
         part = table[r:r + rows]
         qw = quantize_symmetric(part, bits, block, SHRINKS) if bits == 4 else quantize_rtn(part, bits, block)
+        if bits == 4 and hessian is not None:
+            qw = quantize_gptq(part, hessian, bits, block, grid=(qw.scale, qw.zero_point))
         codes, zp = qw.codes.astype(np.uint8), qw.zero_point.astype(np.uint8)
         if bits == 4:
             codes, zp = pack_uint4(codes), pack_uint4(zp)  # two per byte, low nibble first, per row
@@ -123,6 +126,7 @@ class HeadReport:
     vocab: int | None = None
     hidden: int | None = None
     tied: bool | None = None  # the embedding and the head read one table
+    codes: str | None = None  # how the 4-bit codes were chosen: "gptq" (on the head input's Hessian) or "rtn"
     head: str | None = None  # the head's kernel
     embedding: str | None = None  # the embedding's kernel; None: no embedding Gather found
 
@@ -135,8 +139,9 @@ class QuantizeHead(Pass[HeadReport]):
 
     name = "quantize_head"
 
-    def __init__(self, bits: int, block_size: int = DEFAULT_BLOCK, accuracy_level: int = 0):
-        self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
+    def __init__(self, bits: int, block_size: int = DEFAULT_BLOCK, accuracy_level: int = 0,
+                 hessian: np.ndarray | None = None):
+        self.bits, self.block_size, self.accuracy_level, self.hessian = bits, block_size, accuracy_level, hessian
 
     def requires(self, model: onnx.ModelProto) -> str | None:
         return None if self.bits in HEAD_BITS else f"--head-bits {self.bits} is not supported; use 4, 8 or 16 (float)"
@@ -155,7 +160,7 @@ class QuantizeHead(Pass[HeadReport]):
             table = numpy_helper.to_array(inits[name]).astype(np.float32, copy=False)
             table = table if transposed else table.T  # [vocab, hidden]
             check_block(table.shape[1], block_size)
-            return table.shape, _codes(table, bits, block_size)
+            return table.shape, _codes(table, bits, block_size, hessian=self.hessian)
 
         (vocab, hidden), (codes, scale, zp) = quantized(tables.head_weight, tables.head_transposed)
         blocks = hidden // block_size
@@ -174,7 +179,7 @@ class QuantizeHead(Pass[HeadReport]):
         replaced[head.name] = helper.make_node("MatMulNBits", inputs, [head.output[0]], name=f"{p}matmulnbits",
                                                domain="com.microsoft", **attrs)
         report = HeadReport(bits=bits, block_size=block_size, vocab=vocab, hidden=hidden, tied=tables.tied,
-                            head="MatMulNBits")
+                            head="MatMulNBits", codes="gptq" if bits == 4 and self.hessian is not None else "rtn")
         if tables.embedding is not None:
             e = EMBEDDING_PREFIX
             if not tables.tied:
@@ -196,6 +201,11 @@ class QuantizeHead(Pass[HeadReport]):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         prune_dead_nodes(model)  # the float table and its Transpose
         return PassResult(model, report)
+
+
+def head_input(model: onnx.ModelProto) -> str:
+    """The tensor the LM head multiplies (the final norm's output): where a 4-bit head's Hessian is gathered."""
+    return find_vocab_tables(model).head.input[0]
 
 
 def quantize_head(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_BLOCK,

@@ -58,6 +58,7 @@ class Calibration:
     xtx: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
     tokens: int = 0
     skipped_first: frozenset[str] = frozenset()  # the taps whose ranges leave out each window's first token
+    head_xtx: np.ndarray | None = None  # XᵀX of the LM head's input (float64), when asked for (a 4-bit head's GPTQ)
 
     def hessian(self, layer: int, tap: str, spend: bool = False) -> np.ndarray:
         """GPTQ's H = 2·XᵀX / tokens in float32, in the original channel order: a fresh array, or with
@@ -70,9 +71,20 @@ class Calibration:
         return h
 
 
+    def head_hessian(self) -> np.ndarray | None:
+        """GPTQ's H = 2·XᵀX / tokens of the LM head's input (float32), or None where it was not gathered."""
+        return None if self.head_xtx is None else (self.head_xtx * (2.0 / max(self.tokens, 1))).astype(np.float32)
+
+    def absorb_head(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        add = x.T @ x
+        self.head_xtx = add if self.head_xtx is None else self.head_xtx + add
+
+
 def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int = 4,
               progress: bool = True, model_dir: Path | None = None, hessians: bool = False,
-              sample_taps: frozenset[str] = frozenset(), skip_first: frozenset[str] = frozenset()) -> Calibration:
+              sample_taps: frozenset[str] = frozenset(), skip_first: frozenset[str] = frozenset(),
+              head_input: str | None = None) -> Calibration:
     """Per-channel range statistics for every tap of every layer, keyed by (layer, tap name).
 
     ``model`` may be a skeleton loaded without its external weights (``model_dir`` is where
@@ -80,8 +92,10 @@ def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.nd
     runs as the layer-wise compile's do (no arena, no prepacked weights), so both give the same numbers.
     ``sample_taps``: also keep every ``observers.SAMPLE_EVERY``-th token at those taps (``ChannelStats.sample``).
     ``skip_first``: those taps leave out each window's first token (``--first-token float``).
+    ``head_input``: also sum XᵀX of this tensor, the LM head's input (``Calibration.head_hessian``).
     """
-    tapped, taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps, skip_first=skip_first)
+    tapped, taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps, skip_first=skip_first,
+                               keep=(head_input,) if head_input else ())
     result = _empty_result(taps, skip_first)
     with work_dir("calib") as tmp:
         if weights_loaded(tapped):
@@ -99,6 +113,8 @@ def calibrate(model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.nd
             batch = windows[start:start + batch_size]
             values = dict(zip(names, run_into(session, names, feeds_for(session, batch, layers), into)))
             _absorb(result, taps, values, hessians)
+            if head_input:
+                result.absorb_head(values[head_input])
             result.tokens += int(batch.size)
             del values
         del session
@@ -149,17 +165,18 @@ class LayerwiseCalibration:
 
     def __init__(self, model: onnx.ModelProto, layers: list[DecoderLayer], windows: np.ndarray, batch_size: int,
                  model_dir: Path | None, hessians: bool = False, sample_taps: frozenset[str] = frozenset(),
-                 skip_first: frozenset[str] = frozenset()):
+                 skip_first: frozenset[str] = frozenset(), head_input: str | None = None):
         from rptq_onnx.layerwise import LayerStream, find_cut
 
         self.layers, self.hessians, self.model_dir = layers, hessians, model_dir
         self.tapped, self.taps = insert_taps(model, layers, hessians=hessians, sample_taps=sample_taps,
-                                             skip_first=skip_first)
+                                             skip_first=skip_first, keep=(head_input,) if head_input else ())
         self.outputs = frozenset(o.name for o in self.tapped.graph.output)
         self.cut = find_cut(model, layers)
         self.stream = LayerStream(model, layers, self.cut, windows, batch_size, model_dir)
         self.result = _empty_result(self.taps, skip_first)
         self.result.tokens = int(windows.size)
+        self.head_input = head_input  # observed with the last layer (its model computes it from that layer's stream)
 
     def layer(self, i: int, keep_input: bool = True) -> list[np.ndarray]:
         """Observe layer ``i``; returns the float stream leaving it. ``keep_input=False``: that stream replaces
@@ -169,9 +186,12 @@ class LayerwiseCalibration:
         taps = [t for t in self.taps if t.layer == i]
         last = i == len(self.layers) - 1
         wanted = tap_outputs(taps, self.hessians, self.outputs) + ([] if last else [self.cut.outputs[i]])
+        wanted += [self.head_input] if last and self.head_input else []
         out = self.stream.stream if not keep_input else []
         for b, (_, values) in enumerate(self.stream.run(self.tapped, wanted, into=_xtx_buffers(taps, self.hessians))):
             _absorb(self.result, taps, values, self.hessians)
+            if last and self.head_input:
+                self.result.absorb_head(values[self.head_input])
             if not last and keep_input:
                 out.append(values[self.cut.outputs[i]])
             elif not last:

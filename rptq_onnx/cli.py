@@ -7,7 +7,7 @@ import errno
 import json
 import sys
 
-from rptq_onnx.config import FIRST_TOKENS, OBSERVERS, SOFTMAX_SCALES
+from rptq_onnx.config import FIRST_TOKENS, OBSERVERS, SOFTMAX_SCALES, SOURCE_GRID
 from rptq_onnx.errors import RptqError
 
 
@@ -158,7 +158,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if kept:
         how = ("exactly" if config.quant.grid_offset == "term" else
                "(codes exact, per-block offsets as extra 4-bit blocks: --grid-offset blocks)")
-        print(f"{kept} linear(s) kept their source's {config.quant.wbits}-bit grid {how} (--source-grid keep)")
+        print(f"{kept} linear(s) kept their source's {config.quant.wbits}-bit grid {how} (--source-grid "
+              f"{config.quant.source_grid})")
     if args.report:
         print(f"report → {result.model_path.parent / 'report.md'}")
     return 0
@@ -401,11 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "levels of extra 4-bit blocks over the input's block means, an AveragePool and a Concat per "
                         "input; one kernel per linear, SmolLM2's weights within 0.26 %% of exact; the fast form for "
                         "GenAI, README *Weights already on a grid*)")
-    p.add_argument("--source-grid", default=None, choices=("keep", "requantize"),
+    p.add_argument("--source-grid", default=None, choices=SOURCE_GRID,
                    help="keep (default): a linear whose float weights already sit on a wbits-bit block grid (a GGUF "
                         "Q4_0/Q4_1 dequantized on load, a GPTQ/AWQ checkpoint) keeps those exact codes as "
                         "MatMulNBits plus a per-block offset term, without GPTQ; float weights are quantized as usual. "
-                        "requantize: quantize every weight again")
+                        "keep-mlp: the MLP linears keep their codes, the attention linears take new ones (GPTQ) on "
+                        "the source's blocks and steps with each block's zero point rounded to a whole code, so their "
+                        "inputs need no offset (with --grid-offset blocks: fewer extra blocks and nodes per step, "
+                        "decoding faster at some perplexity; docs/genai.md); requantize: quantize every weight again")
     p.add_argument("--attention", default=None, choices=("auto", "eager", "fused"),
                    help="fused: each layer's attention and KV cache as one com.microsoft:GroupQueryAttention, a real "
                         "int4/int8 cache kernel (KV presets, and presets that quantize no activations); eager: the "

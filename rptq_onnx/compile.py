@@ -150,11 +150,12 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
     with runner.stage("calibrate"):
         calib = calibration
         samples, first = quantize.sampled_taps(config), quantize.first_token_taps(config)
+        head = quantize.gptq_head_input(graph, config)
         if (calib is None or (hessians and not calib.xtx) or (samples and not _has_samples(calib))
-                or calib.skipped_first != first):
+                or calib.skipped_first != first or (head and calib.head_xtx is None)):
             calib = calibrate(graph, layers, windows, batch_size=config.calib.batch_size, progress=progress,
                               model_dir=model_path.parent if model_path else None, hessians=hessians,
-                              sample_taps=samples, skip_first=first)
+                              sample_taps=samples, skip_first=first, head_input=head)
     with runner.stage("cluster"):
         plans = [plan_layer(layer, calib.stats, config)
                  for layer in tqdm(layers, desc="clustering", unit="layer", disable=not progress or None, leave=False)]
@@ -174,7 +175,8 @@ def compile_graph(graph: onnx.ModelProto, layers: list[DecoderLayer], windows, c
         quant.attention.qkv_packed = runner.run("pack_qkv", PackQKV(), model).report.layers
         quant.attention.norms_fused = runner.run("fuse_norms", FuseNorms(), model).report.fused
     if q.head_bits < 16:
-        quant.head = runner.run("head", QuantizeHead(q.head_bits, accuracy_level=q.accuracy_level), model).report
+        quant.head = runner.run("head", QuantizeHead(q.head_bits, accuracy_level=q.accuracy_level,
+                                                     hessian=calib.head_hessian() if head else None), model).report
     return Compiled(model=model, plans=plans, fold=fold, quant=quant, calibration=calib, config=config)
 
 

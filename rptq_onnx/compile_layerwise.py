@@ -55,8 +55,9 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
     model = copy_model(graph)  # a skeleton: small tensors only
     resident = {t.name for t in model.graph.initializer if not is_external(t)}
     with runner.stage("prologue"):
+        head = quantize.gptq_head_input(graph, config)
         run = LayerwiseCalibration(graph, layers, windows, config.calib.batch_size, source, hessians,
-                                   quantize.sampled_taps(config), quantize.first_token_taps(config))
+                                   quantize.sampled_taps(config), quantize.first_token_taps(config), head)
     calib = run.result
     plans, fold, quant = [], FoldReport(layout=config.layout), QuantizationReport(name=config.name)
     spent: dict[str, float] = {}
@@ -113,7 +114,8 @@ def compile_layerwise(graph: onnx.ModelProto, layers: list[DecoderLayer], window
         with runner.stage("head"):
             load_initializers(model, [t.name for t in model.graph.initializer
                                       if is_external(t) and t.name not in sink.sunk], source)
-            quant.head = runner.apply("head", QuantizeHead(q.head_bits, accuracy_level=q.accuracy_level), model).report
+            quant.head = runner.apply("head", QuantizeHead(q.head_bits, accuracy_level=q.accuracy_level,
+                                                           hessian=calib.head_hessian() if head else None), model).report
             model = _compact(model, sink, resident)
     return model, plans, fold, quant, calib
 

@@ -27,7 +27,8 @@ ABITS = (3, 4, 5, 6, 7, 8, 16)
 WEIGHT_QUANT = ("gptq", "rtn")
 OBSERVERS = ("ema", "minmax", "mean", "mse", "auto")  # rptq_onnx/observers.py (auto: by the point's bits)
 LAYOUTS = ("zero-copy", "contiguous")
-SOURCE_GRID = ("keep", "requantize")
+SOURCE_GRID = ("keep", "keep-mlp", "requantize")
+KEEPS_GRID = ("keep", "keep-mlp")  # the values under which weights on a grid keep it (all, or the MLP's)
 GRID_OFFSETS = ("term", "blocks")  # how kept codes carry a float offset per block (passes/quantize_weights.py)
 SOFTMAX_SCALES = ("row", "fixed")  # the softmax output P: step max(row)/255, or 1/255 (the reference)
 # the first token of each sequence (the attention sink) at the norm outputs and the out_proj/down_proj inputs:
@@ -180,7 +181,7 @@ class QuantSpec:
         if self.first_token not in FIRST_TOKENS:
             raise RptqError(f"--first-token {self.first_token} is unknown; use {' or '.join(FIRST_TOKENS)}")
         if self.source_grid not in SOURCE_GRID:
-            raise RptqError(f"--source-grid {self.source_grid} is unknown; use keep or requantize")
+            raise RptqError(f"--source-grid {self.source_grid} is unknown; use {', '.join(SOURCE_GRID)}")
         if self.grid_offset not in GRID_OFFSETS:
             raise RptqError(f"--grid-offset {self.grid_offset} is unknown; use {' or '.join(GRID_OFFSETS)}")
         if self.head_bits not in HEAD_BITS:

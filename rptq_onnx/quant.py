@@ -131,6 +131,16 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int | None = None) -> Qua
     return QuantizedWeight(codes.astype(np.uint8), scales.astype(np.float32), zps.astype(np.uint8), bits, group_size)
 
 
+def quantize_on_grid(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int,
+                     group_size: int | None) -> QuantizedWeight:
+    """Round-to-nearest of ``w`` [out, in] on a given grid: ``scale``/``zero_point`` [out, groups]."""
+    g = w.shape[1] if group_size is None else group_size
+    s, z = np.repeat(scale, g, axis=1).astype(np.float64), np.repeat(zero_point, g, axis=1).astype(np.float64)
+    codes = np.clip(np.rint(np.asarray(w, np.float64) / s) + z, 0, (1 << bits) - 1)
+    return QuantizedWeight(codes.astype(np.uint8), scale.astype(np.float32), zero_point.astype(np.uint8), bits,
+                           group_size)
+
+
 def symmetric_grid(blocks: np.ndarray, bits: int, shrinks=(1.0,)) -> tuple[np.ndarray, np.ndarray]:
     """(signed codes −2^(bits−1) … 2^(bits−1) − 1 like ``blocks`` [..., block], step [...]) on a symmetric grid
     per block: the smallest step that clips nothing, shrunk by the factor of ``shrinks`` with the least squared
@@ -170,7 +180,8 @@ def _weight_grid_t(w, bits: int):
 
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None = None,
-                  damp: float = 0.01, block: int = 128, overwrite_hessian: bool = False) -> QuantizedWeight:
+                  damp: float = 0.01, block: int = 128, overwrite_hessian: bool = False,
+                  grid: tuple[np.ndarray, np.ndarray] | None = None) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): quantize columns in order, compensating each column's error
     on the not-yet-quantized columns through the inverse Hessian (H = 2·XᵀX of the input).
 
@@ -181,6 +192,8 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     Dampening: ``damp × mean(diag H)`` is added to the diagonal. Columns whose input was never
     active (diag H = 0) are zeroed, as in the reference. ``overwrite_hessian``: a float32 ``hessian``
     is used as scratch (it ends holding H⁻¹'s factor) instead of copied (268 MB saved for 8,192 inputs).
+    ``grid``: (scale, zero point) [out, groups] fixed in advance (a 4-bit head's symmetric steps,
+    passes/quantize_head.py); GPTQ then only chooses the codes.
     """
     import torch
 
@@ -203,7 +216,10 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     ng = _groups(cols, group_size)
     g = cols // ng
     scales, zps = torch.empty((out, ng)), torch.empty((out, ng))
-    if group_size is None:
+    fixed = grid is not None
+    if fixed:
+        scales, zps = (torch.tensor(np.asarray(a, np.float32).reshape(out, ng)) for a in grid)
+    elif group_size is None:
         scales[:, 0], zps[:, 0] = _weight_grid_t(w_t, bits)
     codes = torch.empty_like(w_t)
     for b0 in range(0, cols, block):
@@ -213,7 +229,7 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            if group_size is not None and col % g == 0:  # the group's grid from its columns as updated so far
+            if group_size is not None and col % g == 0 and not fixed:  # the group's grid from its columns as updated so far
                 ahead = torch.cat([wb[:, i:], w_t[:, b1:b1 + max(0, g - (b1 - b0 - i))]], 1)[:, :g]
                 scales[:, col // g], zps[:, col // g] = _weight_grid_t(ahead, bits)
             s, z = scales[:, col // g], zps[:, col // g]

@@ -28,20 +28,21 @@ from tqdm import tqdm
 from rptq_onnx.anatomy import DecoderLayer, Linear
 from rptq_onnx.calibrate import Calibration
 from rptq_onnx.clustering import ClusterPlan
-from rptq_onnx.config import MIN_GROUP, CompileConfig
+from rptq_onnx.config import KEEPS_GRID, MIN_GROUP, CompileConfig
 from rptq_onnx.compile_report import ActivationQuantization, QuantizationReport, WeightQuantization
 from rptq_onnx.observers import observer_for, searched
 from rptq_onnx.passes.base import copy_model
 from rptq_onnx.passes.emit_qdq import EmitQdq, QuantPoint
 from rptq_onnx.passes.fold_reorder import folded_points
+from rptq_onnx.passes.quantize_head import head_input
 from rptq_onnx.passes.quantize_kv_cache import CacheTensor, QuantizeKvCache
 from rptq_onnx.passes.quantize_weights import QuantizeWeights
 from rptq_onnx.range_search import searched_range
-from rptq_onnx.quant import (QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_rtn,
+from rptq_onnx.quant import (QParams, QuantizedWeight, activation_qparams, quantize_gptq, quantize_on_grid, quantize_rtn,
                              symmetric_activation_qparams)
-from rptq_onnx.source_grid import weight_on_grid
+from rptq_onnx.source_grid import integer_zero_points, weight_on_grid
 from rptq_onnx.passes.insert_taps import FIRST_TOKEN_TAPS, SAMPLED_TAPS
-from rptq_onnx.vocabulary import LINEAR_INPUT_TAP, QUERY_HEAD_TAPS, TAP_POINT
+from rptq_onnx.vocabulary import LINEAR_INPUT_TAP, MLP_LINEARS, QUERY_HEAD_TAPS, TAP_POINT
 
 
 def tap_plan(layer: DecoderLayer, plan: dict[str, ClusterPlan], tap: str) -> ClusterPlan:
@@ -132,8 +133,15 @@ def _weight_out_in(model_inits: dict[str, onnx.TensorProto], lin: Linear, base_d
 
 
 def keeps_source_grid(config: CompileConfig) -> bool:
-    """Weights already on a grid keep their codes (``--source-grid keep``, resolved by ``resolve_source_grid``)."""
-    return config.quant.quantizes_weights and config.quant.source_grid == "keep"
+    """Weights already on a grid keep their codes (``--source-grid keep`` or ``keep-mlp``, resolved by
+    ``resolve_source_grid``)."""
+    return config.quant.quantizes_weights and config.quant.source_grid in KEEPS_GRID
+
+
+def keeps_role(config: CompileConfig, role: str) -> bool:
+    """Does linear ``role`` keep exact codes from a grid with a float offset per block? ``keep``: every linear;
+    ``keep-mlp``: the MLP's (the attention linears take integer zero points instead, docs/genai.md)."""
+    return config.quant.source_grid == "keep" or role in MLP_LINEARS
 
 
 def kept_grid(w: np.ndarray, bits: int) -> QuantizedWeight | None:
@@ -158,12 +166,18 @@ def resolve_source_grid(config: CompileConfig, model: onnx.ModelProto, layers: l
     block keeps its inputs), and the first layer's weights on a ``wbits``-bit grid. Otherwise it
     resolves to ``requantize``. Returns (config, first layer's role → on grid)."""
     q = config.quant
-    if q.source_grid != "keep" or not q.quantizes_weights:
+    if q.source_grid not in KEEPS_GRID or not q.quantizes_weights:
         return config, {}
     found = source_grid_roles(model, layers[0], q.wbits, base_dir) if q.matmulnbits and config.layout == "zero-copy" else {}
     if not any(found.values()):
         return dataclasses.replace(config, quant=dataclasses.replace(q, source_grid="requantize")), found
     return config, found
+
+
+def gptq_head_input(graph: onnx.ModelProto, config: CompileConfig) -> str | None:
+    """The LM head's input where calibration gathers its XᵀX: a 4-bit head under GPTQ (``QuantizeHead``)."""
+    q = config.quant
+    return head_input(graph) if q.head_bits == 4 and q.weight_quant == "gptq" else None
 
 
 def effective_group(in_features: int, group_size: int | None) -> int | None:
@@ -194,9 +208,16 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
         w = _weight_out_in(inits, lin)
         group = effective_group(w.shape[1], q.group_size)
         kept = kept_grid(w, q.wbits) if keeps_source_grid(config) else None
+        if kept is not None and kept.offset is not None and not keeps_role(config, role):
+            # an attention linear under --source-grid keep-mlp: the source's blocks and steps, each block's zero point
+            # rounded to a whole code, its values rounded onto that grid (GPTQ there measured worse: docs/genai.md)
+            out[lin.node] = (lin, quantize_on_grid(kept.dequantize(), *integer_zero_points(kept), kept.bits,
+                                                   kept.group_size))
+            continue
         if kept is not None:  # already quantized: its own codes, exactly (GPTQ would only move them)
-            qw = kept
-        elif q.weight_quant == "gptq" and (key := (fl.index, LINEAR_INPUT_TAP[role])) in calib.xtx:
+            out[lin.node] = (lin, kept)
+            continue
+        if q.weight_quant == "gptq" and (key := (fl.index, LINEAR_INPUT_TAP[role])) in calib.xtx:
             h = calib.hessian(*key, spend=spend_hessians and last_use[key] == lin.node)  # GPTQ's scratch
             index, _ = folded_order(fl, key[1], plan, config)
             if index is not None:

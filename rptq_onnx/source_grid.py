@@ -128,3 +128,18 @@ def fold_offset(qw: QuantizedWeight, levels: int = OFFSET_LEVELS) -> QuantizedWe
     return QuantizedWeight(codes=np.concatenate([qw.codes, codes], axis=1).astype(np.uint8),
                            scale=np.concatenate([qw.scale, scale], axis=1).astype(np.float32),
                            zero_point=np.full((n, (k + padded) // bs), mid, np.uint8), bits=qw.bits, group_size=bs)
+
+
+def integer_zero_points(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) [out, blocks] of ``qw``'s grid (codes with a float ``offset`` per block) with each block's
+    zero point rounded to a whole code (the attention linears under ``--source-grid keep-mlp``): the grid keeps its
+    step and moves by less than half a step, so a MatMulNBits with an integer zero-point input carries it, with no
+    offset; a block whose values all have one sign (its zero point off the codes) takes the step that reaches its
+    far end from 0 instead."""
+    top, mid = (1 << qw.bits) - 1, 1 << (qw.bits - 1)
+    scale = qw.scale.astype(np.float64)
+    lo = qw.offset.astype(np.float64) - mid * scale  # the block's value at code 0
+    hi = lo + top * scale
+    zp = np.rint(-lo / scale)
+    scale = np.where(zp < 0, hi / top, np.where(zp > top, -lo / top, scale))
+    return scale.astype(np.float32), np.clip(zp, 0, top).astype(np.uint8)

@@ -28,6 +28,7 @@ QUERY_HEAD_TAPS = {"q", "out_in"}
 HESSIAN_TAPS = {"attn_ln": ("q_proj", "k_proj", "v_proj"), "out_in": ("out_proj",), "ffn_ln": ("fc1", "up_proj"),
                 "fc2_in": ("fc2",)}
 LINEAR_INPUT_TAP = {linear: tap for tap, linears in HESSIAN_TAPS.items() for linear in linears}
+MLP_LINEARS = HESSIAN_TAPS["ffn_ln"] + HESSIAN_TAPS["fc2_in"]  # fc1 (Llama: gate_proj), up_proj, fc2 (down_proj)
 # point → (the tap whose per-channel (max, min) `rptq-onnx ranges` plots, what it is)
 POINT_TAPS = {"R1": ("attn_ln", "attention-norm output"), "R2": ("k_attn", "K (as at QKᵀ)"),
               "R3": ("out_in", "out_proj / o_proj input (V channels)"),

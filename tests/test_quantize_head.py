@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rptq_onnx.runtime import feeds_for
 from rptq_onnx.errors import RptqError
-from rptq_onnx.passes.quantize_head import find_vocab_tables, quantize_head
+from rptq_onnx.passes.quantize_head import QuantizeHead, find_vocab_tables, quantize_head
 from rptq_onnx.observers import SHRINKS
 from rptq_onnx.quant import quantize_symmetric
 from rptq_onnx.runtime import make_session
@@ -150,3 +150,27 @@ def test_head_bits_flag_is_checked_before_any_work(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--head-bits" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_four_bit_head_with_a_hessian_takes_gptq_codes_on_the_same_steps():
+    """Given the head input's Hessian, the 4-bit codes are GPTQ's on the RTN steps: the same scales, other codes,
+    and a smaller output error on inputs like the Hessian's (correlated channels)."""
+    model, emb, _ = lm(tied=True, seed=3)
+    rng = np.random.default_rng(5)
+    mix = rng.standard_normal((HIDDEN, HIDDEN)) * np.linspace(0.1, 3, HIDDEN)
+    x = rng.standard_normal((4096, HIDDEN)) @ mix  # correlated, uneven channels: where GPTQ pays
+    hessian = (2 * x.T @ x / len(x)).astype(np.float32)
+    rtn, rtn_report = quantize_head(model, 4, block_size=32)
+    gptq = QuantizeHead(4, 32, hessian=hessian).run(model)
+    report = gptq.report
+    assert (rtn_report["codes"], report.codes) == ("rtn", "gptq")
+    init = lambda m, n: numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == n))  # noqa: E731
+    np.testing.assert_array_equal(init(gptq.model, "rptq.head.scales"), init(rtn, "rptq.head.scales"))
+    assert not np.array_equal(init(gptq.model, "rptq.head.B"), init(rtn, "rptq.head.B"))
+
+    def weights(m):  # the head's dequantized table from the kernel's own initializers
+        from rptq_onnx.quant import dequantize_matmulnbits
+        return dequantize_matmulnbits(init(m, "rptq.head.B"), init(m, "rptq.head.scales"), None, HIDDEN, VOCAB, 4, 32)
+
+    err = {name: float(np.linalg.norm(x @ (weights(m) - emb).T)) for name, m in (("rtn", rtn), ("gptq", gptq.model))}
+    assert err["gptq"] < 0.95 * err["rtn"], err

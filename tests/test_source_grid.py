@@ -248,3 +248,59 @@ def test_at_8_bits_only_a_grid_without_offsets_is_kept():
     assert kept_grid(w, 4) is not None and kept_grid(w, 8) is None
     q8 = (rng.integers(-127, 128, (8, 64)) * 1e-3).astype(np.float32)
     assert kept_grid(q8, 8) is not None and kept_grid(q8, 8).offset is None
+
+
+def test_integer_zero_points_move_each_q4_1_grid_by_under_half_a_step():
+    """``--source-grid keep-mlp``'s grid for the attention linears: each Q4_1 block's step, its zero point rounded to a
+    whole code (so codes on it are off the source's values by under half a step); a block of one sign takes the
+    step reaching its far end from 0 instead."""
+    from rptq_onnx.quant import quantize_gptq, quantize_on_grid
+    from rptq_onnx.source_grid import integer_zero_points
+
+    rng = np.random.default_rng(7)
+    w = q4_1(rng.standard_normal((24, 128)).astype(np.float32))
+    w[0, :32] = np.abs(w[0, :32]) + 0.5  # a block above 0
+    w = q4_1(w)
+    kept = find_grid(w, 4, 32)
+    scale, zp = integer_zero_points(kept)
+    assert zp.dtype == np.uint8 and zp.max() <= 15
+    ordinary = np.ones_like(zp, bool)
+    ordinary[0, 0] = False
+    np.testing.assert_array_equal(scale[ordinary], kept.scale[ordinary])
+    assert zp[0, 0] == 0 and np.isclose(scale[0, 0], w[0, :32].max() / 15)
+    on = quantize_on_grid(w, scale, zp, 4, 32)
+    step = np.repeat(scale, 32, axis=1)
+    assert np.all(np.abs(on.dequantize() - w)[:, 32:] <= 0.5 * step[:, 32:] + 1e-6)
+    # GPTQ with the grid fixed chooses codes only: same scales and zero points; the identity Hessian gives RTN's codes
+    fixed = quantize_gptq(w, np.eye(128, dtype=np.float32), 4, 32, grid=(scale, zp))
+    np.testing.assert_array_equal(fixed.scale, scale)
+    np.testing.assert_array_equal(fixed.zero_point, zp)
+    np.testing.assert_array_equal(fixed.codes, on.codes)
+
+
+@pytest.mark.slow
+def test_keep_mlp_gives_the_attention_linears_integer_zero_points_and_their_inputs_no_extension():
+    """``--source-grid keep-mlp`` with ``--grid-offset blocks`` on a Q4_1 Llama. W4A4KV, fused: the MLP's MatMulNBits
+    read extended inputs (exact codes), the attention's the plain input with a zero-point input, and the 4-bit head's
+    codes are GPTQ's. W4A16: the logits sit between the exact model's and a fully requantized one's."""
+    hf = random_llama(seed=3, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+    graph = to_onnx(_gridded(hf), with_past=True)
+    layers = find_layers(graph)
+    ids = np.random.default_rng(0).integers(0, 300, (2, 32))
+    calib = CalibConfig(nsamples=2, seqlen=32)
+    quant = QuantSpec.for_preset("W4A4KV", grid_offset="blocks", group_size=32, source_grid="keep-mlp", head_bits=4)
+    compiled = compile_graph(graph, layers, ids, CompileConfig(preset="W4A4KV", quant=quant, calib=calib,
+                                                               attention="fused", clusters=ClusterCounts(R1=4, R4=4, R5=4)))
+    assert compiled.quant.weights.kept_source_grid == 3 * len(layers)  # gate, up, down
+    kernels = [n for n in compiled.model.graph.node if n.op_type == "MatMulNBits" and not n.name.startswith("rptq.head")]
+    extended = [n for n in kernels if ".with_block_means" in n.input[0]]
+    plain = [n for n in kernels if n not in extended]
+    assert len(extended) == 3 * len(layers) and len(plain) == 4 * len(layers)  # q, k, v, o (packing: test_pack_qkv)
+    assert all(len(n.input) > 3 and n.input[3] for n in plain), "the attention's codes carry integer zero points"
+    assert compiled.quant.head.codes == "gptq"
+
+    logits = {grid: _logits(compile_graph(graph, layers, ids, CompileConfig(quant=QuantSpec(
+        wbits=4, abits=16, group_size=32, grid_offset="blocks", source_grid=grid), calib=calib)).model, ids, layers)
+        for grid in ("keep", "keep-mlp", "requantize")}
+    gap = {g: float(np.abs(logits[g] - logits["keep"]).mean()) for g in ("keep-mlp", "requantize")}
+    assert 0 < gap["keep-mlp"] < gap["requantize"], gap
