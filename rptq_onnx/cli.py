@@ -406,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep (default): a linear whose float weights already sit on a wbits-bit block grid (a GGUF "
                         "Q4_0/Q4_1 dequantized on load, a GPTQ/AWQ checkpoint) keeps those exact codes as "
                         "MatMulNBits plus a per-block offset term, without GPTQ; float weights are quantized as usual. "
-                        "keep-mlp: the MLP linears keep their codes, the attention linears take new ones (GPTQ) on "
-                        "the source's blocks and steps with each block's zero point rounded to a whole code, so their "
+                        "keep-mlp: the MLP linears keep their codes, the attention linears are rounded onto the "
+                        "source's blocks and steps with each block's zero point rounded to a whole code, so their "
                         "inputs need no offset (with --grid-offset blocks: fewer extra blocks and nodes per step, "
                         "decoding faster at some perplexity; docs/genai.md); requantize: quantize every weight again")
     p.add_argument("--attention", default=None, choices=("auto", "eager", "fused"),
