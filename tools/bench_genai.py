@@ -1,7 +1,8 @@
 """rptq-onnx against ONNX Runtime GenAI's own model builder, through the same GenAI decode loop.
 
     python -m rptq_onnx.tools.bench_genai [--model smollm2|HF_DIR|FILE.gguf|tiny] [--workdir runs/bench-genai]
-        [--anchors fp32,int4,int4-kv4] [--preset W4A4KV] [--ours DIR ...] [--eval-tokens 16384] [--seqlen 512]
+        [--anchors fp32,int4,int4-kv4] [--preset W4A4KV] [--flags "..."] [--ours DIR ...] [--eval-tokens 16384]
+        [--seqlen 512]
         [--new-tokens 64] [--prompt-tokens 37]
 
 From one source model (a GGUF such as ``smollm2`` is dequantized to an fp32 Hugging Face directory
@@ -10,8 +11,9 @@ onnxruntime_genai.models.builder`` on the CPU — ``fp32``; ``int4`` (``-p int4`
 32, embedding and LM head 4-bit too); ``int4-kv4`` / ``int4-kv8`` (int4 plus
 ``kv_cache_quant_scheme=int4/int8_per_channel``, its scales from GenAI's own
 ``kv_cache_calibration`` run on the int4 build) — and ``rptq-onnx compile --preset PRESET --calib
-sotu-train`` (CLI defaults: GPTQ weights, fused attention). Every build is kept in ``--workdir``
-and reused by the next run.
+sotu-train FLAGS``, FLAGS by default the deployment form (``DEPLOY_FLAGS``: int8 activations inside
+the kernels, a 4-bit head, the Q4_1 offsets as extra blocks, the attention on integer zero points;
+``--flags ""`` gives the CLI defaults). Every build is kept in ``--workdir`` and reused by the next run.
 
 Each model is then measured the same way:
 
@@ -40,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+# the form compiled for GenAI against the builder's int4 builds (README, *Against GenAI's own builder*)
+DEPLOY_FLAGS = "--accuracy-level 4 --head-bits 4 --grid-offset blocks --source-grid keep-mlp"
 ANCHORS = {  # name → (builder precision, KV cache scheme or None)
     "fp32": ("fp32", None),
     "int4": ("int4", None),
@@ -132,12 +136,14 @@ def build_anchor(name: str, hf_dir: Path, workdir: Path, calib_seq: int) -> Path
     return out
 
 
-def build_ours(hf_dir: Path, workdir: Path, preset: str, calib: str) -> Path:
-    out = workdir / f"rptq-{preset}"
+def build_ours(hf_dir: Path, workdir: Path, preset: str, calib: str, flags: str = DEPLOY_FLAGS) -> Path:
+    """``rptq-onnx compile --preset PRESET --calib CALIB FLAGS`` into ``workdir`` (named by preset and flags)."""
+    tag = "deploy" if flags == DEPLOY_FLAGS else "".join(c if c.isalnum() else "-" for c in flags.replace("--", "")).strip("-")
+    out = workdir / (f"rptq-{preset}-{tag}" if tag else f"rptq-{preset}")
     if (out / "genai_config.json").is_file():
         return out
     run([sys.executable, "-m", "rptq_onnx", "compile", str(hf_dir), "-o", str(out), "--preset", preset, "--calib", calib,
-         "-q"], f"rptq-onnx compile {preset}")
+         *flags.split(), "-q"], f"rptq-onnx compile {preset} {flags}".strip())
     return out
 
 
@@ -285,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchors", default="fp32,int4,int4-kv4", help=f"of {', '.join(ANCHORS)}")
     parser.add_argument("--preset", default="W4A4KV", help="rptq-onnx preset to compile (CLI defaults otherwise)")
     parser.add_argument("--calib", default="sotu-train")
+    parser.add_argument("--flags", default=DEPLOY_FLAGS,
+                        help=f'more compile flags for the model compiled here (default "{DEPLOY_FLAGS}", the deployment '
+                             'form; "" for the CLI defaults)')
     parser.add_argument("--ours", type=Path, nargs="*", default=None,
                         help="already compiled rptq-onnx directories to measure instead of compiling --preset")
     parser.add_argument("--eval-tokens", type=int, default=16384)
@@ -304,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     seqlen = min(args.seqlen, int(config.get("max_position_embeddings") or args.seqlen))
     rows = [(f"GenAI builder {name}", build_anchor(name, hf_dir, args.workdir, seqlen))
             for name in filter(None, args.anchors.split(","))]
-    ours = args.ours if args.ours is not None else [build_ours(hf_dir, args.workdir, args.preset, args.calib)]
+    ours = args.ours if args.ours is not None else [build_ours(hf_dir, args.workdir, args.preset, args.calib, args.flags)]
     rows += [(f"rptq-onnx {d.name}", d) for d in ours]
     if args.accuracy_level is not None:
         rows += [(f"rptq-onnx {d.name}, accuracy_level {args.accuracy_level}", with_accuracy_level(d, args.accuracy_level))
