@@ -196,7 +196,8 @@ def quantized_weights(folded: onnx.ModelProto, folded_layers: list[DecoderLayer]
                       calib: Calibration, config: CompileConfig, progress: bool = False,
                       spend_hessians: bool = False) -> dict[str, tuple[Linear, QuantizedWeight]]:
     """Codes for the linears of every layer (weights and Hessians in folded order): kept from a source
-    grid where ``--source-grid keep`` applies, else GPTQ (RTN where calibration gathered no Hessian).
+    grid where ``--source-grid keep`` applies (under ``keep-mlp`` the attention linears rounded onto that grid with
+    integer zero points, ``keeps_role``), else GPTQ (RTN where calibration gathered no Hessian).
     ``spend_hessians``: each XᵀX sum is used up by its last linear (``calib`` cannot quantize again)."""
     q = config.quant
     inits = {t.name: t for t in folded.graph.initializer}
